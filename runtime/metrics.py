@@ -1,0 +1,111 @@
+"""Multi-label metrics as the literature reports them: mAP and CP, CR, CF1, OP, OR, OF1 (numpy only).
+
+    python -c "import numpy as np; from runtime.metrics import multilabel_metrics as m; \
+print(m(np.random.rand(100, 5), np.random.rand(100, 5) > .7)['mAP'])"
+
+AP is non-interpolated, as ASL (helper_functions.py) and ML-GCN (util.py) compute it:
+precision averaged at the rank of each positive. Tied scores are handled the way
+sklearn.metrics.average_precision_score handles them: a run of equal scores is one
+threshold, and every positive in it gets the precision at the end of the run. So the value
+does not depend on the order of tied items (FP16 outputs near 1.0 tie often), and on
+tie-free scores it equals the plain rank formula.
+
+CP/CR/CF1/OP/OR/OF1 follow ML-GCN's definitions: predict label k when p_k >= threshold;
+CP and CR are the means of per-class precision and recall (a class never predicted counts
+precision 0), CF1 = 2*CP*CR/(CP+CR) (not the mean of per-class F1s); OP/OR pool all
+decisions, OF1 likewise. "_top3" variants first keep only each image's 3 highest scores.
+Classes with no positive target have no AP or recall: they are skipped from every
+class-averaged figure, and reported in "skipped_classes".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-class non-interpolated AP of (N, C) scores against (N, C) {0,1} targets.
+
+    Returns (C,) float64, NaN for classes without positives. Vectorized over classes.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets) > 0
+    n, c = scores.shape
+    if n == 0:
+        return np.full(c, np.nan)
+    order = np.argsort(-scores, axis=0, kind="stable")          # (N, C) ranks, best first
+    s = np.take_along_axis(scores, order, axis=0)               # (N, C) sorted scores
+    t = np.take_along_axis(targets, order, axis=0)              # (N, C) sorted targets
+    tp = np.cumsum(t, axis=0, dtype=np.float64)                 # true positives up to rank i
+    # Index of the last item of each run of tied scores: runs end where the next score differs.
+    rows = np.arange(n)[:, None]
+    is_end = np.ones((n, c), dtype=bool)
+    is_end[:-1] = s[:-1] != s[1:]
+    end = np.where(is_end, rows, n - 1)
+    end = np.minimum.accumulate(end[::-1], axis=0)[::-1]        # (N, C) run end for each rank
+    precision_at_end = np.take_along_axis(tp, end, axis=0) / (end + 1)
+    npos = t.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(t, precision_at_end, 0.0).sum(axis=0) / npos
+    ap[npos == 0] = np.nan
+    return ap
+
+
+def _safe_div(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def threshold_metrics(pred: np.ndarray, targets: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """CP, CR, CF1 over the class indices `classes`; OP, OR, OF1 over all decisions."""
+    pred, targets = np.asarray(pred, bool), np.asarray(targets) > 0
+    nc = (pred & targets).sum(axis=0)       # (C,) correct positive predictions
+    npred = pred.sum(axis=0)                # (C,) predicted positives
+    ngt = targets.sum(axis=0)               # (C,) ground-truth positives
+    cp = float(_safe_div(nc[classes], npred[classes]).mean()) if len(classes) else 0.0
+    cr = float(_safe_div(nc[classes], ngt[classes]).mean()) if len(classes) else 0.0
+    op = float(_safe_div(nc.sum(), npred.sum()))
+    orr = float(_safe_div(nc.sum(), ngt.sum()))
+    return {"CP": cp, "CR": cr, "CF1": _f1(cp, cr), "OP": op, "OR": orr, "OF1": _f1(op, orr)}
+
+
+def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """(N, C) bool: True at each row's k highest scores (ties broken by lower index)."""
+    n, c = scores.shape
+    k = min(k, c)
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    mask = np.zeros((n, c), dtype=bool)
+    np.put_along_axis(mask, idx, True, axis=1)
+    return mask
+
+
+def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """All the figures the multi-label literature reports, as fractions in 0..1.
+
+    scores: (N, C) probabilities; targets: (N, C) multi-hot {0, 1}.
+    Returns "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", the same with "_top3", "AP" (a
+    per-class list, None for skipped classes), "skipped_classes" (indices without
+    positives), "num_images", "num_classes_evaluated" and "threshold".
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets)
+    if scores.ndim != 2 or scores.shape != targets.shape:
+        raise ValueError(f"scores and targets must both be (N, C), got {scores.shape} and {targets.shape}")
+    ap = average_precision(scores, targets)
+    evaluated = np.flatnonzero(~np.isnan(ap))
+    out: dict[str, Any] = {"mAP": float(ap[evaluated].mean()) if len(evaluated) else float("nan")}
+    out.update(threshold_metrics(scores >= threshold, targets, evaluated))
+    top3 = threshold_metrics((scores >= threshold) & top_k_mask(scores, 3), targets, evaluated)
+    out.update({f"{k}_top3": v for k, v in top3.items()})
+    out["AP"] = [None if np.isnan(a) else float(a) for a in ap]
+    out["skipped_classes"] = [int(i) for i in np.flatnonzero(np.isnan(ap))]
+    out["num_images"] = int(scores.shape[0])
+    out["num_classes_evaluated"] = int(len(evaluated))
+    out["threshold"] = float(threshold)
+    return out

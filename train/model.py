@@ -1,0 +1,70 @@
+"""The model: torchvision's ResNet with its 1000-way fc replaced by a C-way linear head.
+
+    python -c "from train.model import build_model; print(build_model('resnet101', 80))"
+
+The network outputs logits (N, C); one sigmoid per label turns them into independent
+Bernoulli probabilities. Training applies BCE-with-logits; export appends the sigmoid.
+Nothing here ever downloads weights: ImageNet initialisation comes from a local file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# Where torchvision's own ImageNet weights come from (IMAGENET1K_V1 / V2 file names).
+PRETRAINED_HINT = (
+    "download torchvision's ImageNet weights on a machine with internet, e.g. "
+    "https://download.pytorch.org/models/resnet101-cbd1c6e8.pth (V1) or resnet101-63fe2227.pth (V2), "
+    "and pass the local file with --pretrained"
+)
+
+
+class PretrainedWeightsError(ValueError):
+    """The --pretrained file is missing or is not a matching torchvision state_dict."""
+
+
+def build_model(arch: str = "resnet101", num_classes: int = 80, pretrained: str | Path | None = None) -> nn.Module:
+    """A torchvision ResNet with a `num_classes`-way head (logits).
+
+    pretrained: a local torchvision ImageNet state_dict (.pth) for the backbone; the fc
+    layer is re-initialised for the new head. Loaded with weights_only=True.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    model = getattr(torchvision.models, arch)(weights=None)
+    if pretrained is not None:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"--pretrained {path}: no such file; {PRETRAINED_HINT}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt or non-torch file
+            raise PretrainedWeightsError(f"--pretrained {path}: not a loadable state_dict ({e.__class__.__name__})") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise PretrainedWeightsError(
+                f"--pretrained {path}: does not match {arch} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+            )
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+class WithSigmoid(nn.Module):
+    """logits -> probabilities, the form that is exported and served."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N,3,S,S) -> (N,C)
+        return torch.sigmoid(self.model(images))
