@@ -13,7 +13,7 @@ tie-free scores it equals the plain rank formula.
 CP/CR/CF1/OP/OR/OF1 follow ML-GCN's definitions: predict label k when p_k >= threshold;
 CP and CR are the means of per-class precision and recall (a class never predicted counts
 precision 0), CF1 = 2*CP*CR/(CP+CR) (not the mean of per-class F1s); OP/OR pool all
-decisions, OF1 likewise. "_top3" variants first keep only each image's 3 highest scores.
+decisions, OF1 likewise. "_top3" variants first keep only each image's 3 highest scores (and any tied with the 3rd).
 Classes with no positive target have no AP or recall: they are skipped from every
 class-averaged figure, and reported in "skipped_classes".
 """
@@ -28,27 +28,31 @@ import numpy as np
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per-class non-interpolated AP of (N, C) scores against (N, C) {0,1} targets.
 
-    Returns (C,) float64, NaN for classes without positives. Vectorized over classes.
+    Returns (C,) float64, NaN for classes without positives. Vectorized over classes;
+    works on (C, N) rows so each class's sort runs over contiguous memory.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets) > 0
-    n, c = scores.shape
+    s = np.ascontiguousarray(np.asarray(scores).T)            # (C, N), float32 stays float32
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
+    t = np.ascontiguousarray(np.asarray(targets).T > 0)       # (C, N) bool
+    c, n = s.shape
     if n == 0:
         return np.full(c, np.nan)
-    order = np.argsort(-scores, axis=0, kind="stable")          # (N, C) ranks, best first
-    s = np.take_along_axis(scores, order, axis=0)               # (N, C) sorted scores
-    t = np.take_along_axis(targets, order, axis=0)              # (N, C) sorted targets
-    tp = np.cumsum(t, axis=0, dtype=np.float64)                 # true positives up to rank i
+    # Any sort order will do (no stable sort needed): tied runs are scored as one threshold.
+    order = np.argsort(-s, axis=1)                            # (C, N) best first
+    s = np.take_along_axis(s, order, axis=1)
+    t = np.take_along_axis(t, order, axis=1)
+    tp = np.cumsum(t, axis=1, dtype=np.float64)               # true positives up to rank i
     # Index of the last item of each run of tied scores: runs end where the next score differs.
-    rows = np.arange(n)[:, None]
-    is_end = np.ones((n, c), dtype=bool)
-    is_end[:-1] = s[:-1] != s[1:]
-    end = np.where(is_end, rows, n - 1)
-    end = np.minimum.accumulate(end[::-1], axis=0)[::-1]        # (N, C) run end for each rank
-    precision_at_end = np.take_along_axis(tp, end, axis=0) / (end + 1)
-    npos = t.sum(axis=0)
+    cols = np.broadcast_to(np.arange(n), (c, n))
+    is_end = np.ones((c, n), dtype=bool)
+    is_end[:, :-1] = s[:, :-1] != s[:, 1:]
+    end = np.where(is_end, cols, n - 1)
+    end = np.minimum.accumulate(end[:, ::-1], axis=1)[:, ::-1]  # (C, N) run end for each rank
+    precision_at_end = np.take_along_axis(tp, end, axis=1) / (end + 1)
+    npos = t.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ap = np.where(t, precision_at_end, 0.0).sum(axis=0) / npos
+        ap = np.where(t, precision_at_end, 0.0).sum(axis=1) / npos
     ap[npos == 0] = np.nan
     return ap
 
@@ -76,13 +80,14 @@ def threshold_metrics(pred: np.ndarray, targets: np.ndarray, classes: np.ndarray
 
 
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
-    """(N, C) bool: True at each row's k highest scores (ties broken by lower index)."""
-    n, c = scores.shape
-    k = min(k, c)
-    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    mask = np.zeros((n, c), dtype=bool)
-    np.put_along_axis(mask, idx, True, axis=1)
-    return mask
+    """(N, C) bool: True where a score is among its row's k highest.
+
+    A score tied with the k-th highest is kept too, so the result never depends on the
+    order of tied labels.
+    """
+    k = min(k, scores.shape[1])
+    kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k:].min(axis=1, keepdims=True)
+    return scores >= kth
 
 
 def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
@@ -93,7 +98,7 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float
     per-class list, None for skipped classes), "skipped_classes" (indices without
     positives), "num_images", "num_classes_evaluated" and "threshold".
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.asarray(scores)
     targets = np.asarray(targets)
     if scores.ndim != 2 or scores.shape != targets.shape:
         raise ValueError(f"scores and targets must both be (N, C), got {scores.shape} and {targets.shape}")

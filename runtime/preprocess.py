@@ -20,17 +20,21 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence, Union
 
-import cv2
-import numpy as np
+# Refuse images over this many pixels before OpenCV allocates them: its decoders check
+# the header against OPENCV_IO_MAX_IMAGE_PIXELS (default 2^30 pixels, 3 GiB of BGR). 2^28
+# (16384 x 16384) is still far beyond any camera frame and keeps one bad file from costing
+# gigabytes. OpenCV reads the variable when it loads, so it only takes effect when this
+# module is the first to import cv2 (as in probres-infer); the check after decoding below
+# holds the same limit either way.
+MAX_IMAGE_PIXELS = 1 << 28
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
-from runtime.contract import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+import cv2  # noqa: E402  (after the environment variable above)
+import numpy as np  # noqa: E402
+
+from runtime.contract import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec  # noqa: E402
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
-
-# Refuse images over this many pixels before OpenCV allocates them. OpenCV's own limit
-# (CV_IO_MAX_IMAGE_PIXELS) is 2^30 pixels, 3 GiB of BGR; 2^28 (16384 x 16384) is still far
-# beyond any camera frame and keeps one bad file from costing gigabytes.
-MAX_IMAGE_PIXELS = 1 << 28
 
 
 class ImageDecodeError(ValueError):
@@ -72,9 +76,10 @@ def decode_bgr(src: ImageSource, name: str | None = None) -> np.ndarray:
     buf = read_bytes(src, name)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    except cv2.error as e:  # e.g. OpenCV's own pixel limit on a decompression bomb
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "decoder error"
-        raise ImageDecodeError(f"{_name(src, name)}: cannot decode image ({msg})") from None
+    except cv2.error as e:
+        if "MAX_IMAGE_PIXELS" in str(e):  # the header claims more pixels than the limit
+            raise ImageDecodeError(f"{_name(src, name)}: image too large (header claims more than {MAX_IMAGE_PIXELS} pixels)") from None
+        raise ImageDecodeError(f"{_name(src, name)}: cannot decode image (OpenCV decoder error)") from None
     if img is None or img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
         raise ImageDecodeError(f"{_name(src, name)}: not a decodable image (corrupt, truncated or unsupported format)")
     if img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
