@@ -1,0 +1,236 @@
+"""Build a TensorRT engine (plan) from the exported ONNX, with a manifest beside it. TensorRT 10.x and 11.x.
+
+    python -m export.tensorrt --onnx model_fp16.onnx --output model.plan --fp16 [--min-batch 1]
+        [--opt-batch 8] [--max-batch 32] [--workspace-gib 4] [--timing-cache PATH]
+        [--hardware-compatible] [--version-compatible]
+
+FP16, by TensorRT version (export/trt_build.py: build_plan):
+  - TensorRT >= 10.12 and 11.x build STRONGLY TYPED networks: precision comes from the ONNX dtypes,
+    so --fp16 needs the FP16 graph (model_fp16.onnx from `python -m export.onnx --fp16`, float32
+    I/O, FP32 head, verified against PyTorch). Given the FP32 model.onnx with --fp16 this refuses
+    (exit 2) instead of silently building FP32 (the failure rf-detr #1453 hit on TensorRT 11).
+  - TensorRT 10.0-10.11 (e.g. JetPack 6): weakly typed network + BuilderFlag.FP16 on model.onnx.
+  - no --fp16: an FP32 reference engine from model.onnx, with TF32 disabled.
+After the build the engine inspector's per-layer dtypes are checked: an FP32 engine where FP16 was
+asked for fails loudly (exit 1). Writes OUTPUT (a pure TensorRT plan: trtexec and Triton load it)
+and OUTPUT.json (runtime/trt_manifest.py), each atomically. Build on the GPU that will run it.
+
+Exit codes: 0 ok; 1 build failed or wrong precision; 2 usage error, or no TensorRT / no CUDA GPU here.
+NOTE: no machine this project is developed on has TensorRT; this file follows NVIDIA's 10.x/11.x
+docs and samples (sampleOnnxMNIST / onnx_resnet50.py), and only its TensorRT-free half is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from export.trt_build import (EnginePrecisionError, UsageError, build_plan, check_engine_precision, check_output_path,
+                              check_profile, layer_precisions, load_timing_cache, onnx_facts, profile_shapes,
+                              save_timing_cache, timing_cache_key, workspace_bytes)
+from runtime.fileio import atomic_write_bytes, sha256_file
+
+NEED_TRT = ("error: TensorRT is not installed here (Python package `tensorrt`): install TensorRT 10.x or 11.x "
+            "(pip install tensorrt, which fetches NVIDIA's wheels; on Jetson it comes with JetPack) and "
+            "cuda-python (pip install cuda-python), then build on the GPU that will run the engine")
+NEED_CUDA = "error: cuda-python is not installed (pip install cuda-python, the `gpu` extra): it reads the GPU's identity"
+NEED_GPU = "error: no CUDA GPU is visible ({why}): TensorRT builds engines on the GPU they will run on"
+
+
+class BuildError(RuntimeError):
+    """TensorRT failed to parse or build; the message carries TensorRT's own errors."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m export.tensorrt", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--onnx", required=True, help="model.onnx (FP32) or model_fp16.onnx (FP16, for --fp16)")
+    ap.add_argument("--output", required=True, help="model.plan; the manifest goes to model.plan.json")
+    ap.add_argument("--fp16", action="store_true", help="FP16 engine (see the module docstring)")
+    ap.add_argument("--min-batch", type=int, default=1)
+    ap.add_argument("--opt-batch", type=int, default=8, help="the batch size kernels are tuned for")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--workspace-gib", type=float, default=4.0)
+    ap.add_argument("--timing-cache", default=None, help="loaded if it matches this GPU/TensorRT, then saved")
+    ap.add_argument("--hardware-compatible", action="store_true", help="AMPERE_PLUS engine (runs on CC >= 8.0)")
+    ap.add_argument("--version-compatible", action="store_true", help="runs on later TensorRT runtimes")
+    return ap.parse_args(argv)
+
+
+def import_tensorrt() -> tuple[Any, Any]:
+    """(tensorrt, cudart); SystemExit(2) with a one-line message saying what to install."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        print(NEED_TRT, file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        from cuda.bindings import runtime as cudart   # cuda-python >= 12.6 (NVIDIA samples, 10.16 / 11.1)
+    except ImportError:
+        try:
+            from cuda import cudart                   # older cuda-python
+        except ImportError:
+            print(NEED_CUDA, file=sys.stderr)
+            raise SystemExit(2) from None
+    return trt, cudart
+
+
+def gpu_and_cuda(cudart: Any) -> tuple[str, str, str]:
+    """(GPU name, compute capability "major.minor", CUDA runtime "12.8"); SystemExit(2) without a GPU.
+
+    The name and capability come from runtime.backends.tensorrt.gpu_identity, so the manifest holds exactly
+    what the runtime will compare against.
+    """
+    from runtime.backends.base import BackendError
+    from runtime.backends.tensorrt import cuda_check, gpu_identity
+
+    try:
+        count = cuda_check(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        if not count:
+            raise BackendError("cudaGetDeviceCount returned 0")
+        name, cc = gpu_identity(cudart)
+        ver = cuda_check(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")   # 1000*major + 10*minor
+    except BackendError as e:
+        print(NEED_GPU.format(why=e), file=sys.stderr)
+        raise SystemExit(2) from None
+    return name, cc, f"{ver // 1000}.{(ver % 1000) // 10}"
+
+
+def build_engine(trt: Any, args: argparse.Namespace, plan: Any, facts: Any, shapes: tuple, cache: bytes,
+                 logger: Any) -> tuple[bytes, bytes]:
+    """Parse the ONNX and build the serialized engine; returns (plan bytes, timing cache bytes)."""
+    builder = trt.Builder(logger)
+    flags = 0
+    if plan.network_flags == "strongly_typed":
+        # 10.12 .. 10.x: opt in to strong typing. In 11.x the flag is deprecated and ignored (always on),
+        # and EXPLICIT_BATCH is gone (NVIDIA, 10.x -> 11.x Python API reference), so 11.x passes 0.
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(args.onnx)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"{args.onnx}: the ONNX parser failed: {errors[:1000]}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes(args.workspace_gib))
+    # DETAILED: the inspector then reports per-layer dtypes, which the FP16 check below reads.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if plan.fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)          # 10.x < 10.12 only: BuilderFlag.FP16 is removed in 11.0
+    if plan.disable_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)        # FP32 reference: TF32 is on by default (NVIDIA/TensorRT #4492)
+    if args.hardware_compatible:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if args.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+
+    profile = builder.create_optimization_profile()
+    profile.set_shape(facts.input_name, *shapes)       # (min, opt, max) NCHW; kernels are tuned for opt
+    config.add_optimization_profile(profile)
+
+    timing_cache = config.create_timing_cache(cache)   # b"" -> an empty cache
+    if not config.set_timing_cache(timing_cache, False):   # ignore_mismatch=False, as Polygraphy does
+        raise BuildError(f"TensorRT rejected the timing cache {args.timing_cache} (device mismatch); delete it")
+
+    serialized = builder.build_serialized_network(network, config)   # None on failure (errors go to the logger)
+    if serialized is None:
+        raise BuildError("build_serialized_network failed (see the TensorRT errors above)")
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+
+
+def inspect_engine(trt: Any, plan_bytes: bytes, facts: Any, opt_shape: tuple, logger: Any,
+                   version_compatible: bool = False) -> str:
+    """Engine inspector JSON with concrete shapes; also checks the engine's I/O names and dtypes."""
+    runtime = trt.Runtime(logger)
+    if version_compatible:
+        # A version-compatible plan embeds its lean runtime, which IRuntime loads only when allowed
+        # (setEngineHostCodeAllowed; Python: engine_host_code_allowed), "Version Compatibility", 10.x docs.
+        runtime.engine_host_code_allowed = True
+    engine = runtime.deserialize_cuda_engine(plan_bytes)
+    if engine is None:
+        raise BuildError("the freshly built plan does not deserialize")
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    if sorted(names) != sorted([facts.input_name, facts.output_name]):
+        raise BuildError(f"engine I/O are {names}, expected {facts.input_name} and {facts.output_name}")
+    for name in names:
+        if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+            raise BuildError(f"engine tensor {name} is {engine.get_tensor_dtype(name)}, expected float32 I/O")
+    context = engine.create_execution_context()
+    context.set_input_shape(facts.input_name, opt_shape)
+    inspector = engine.create_engine_inspector()
+    # Without a context whose input shapes are set, dynamic-shape layers print "N/A due to dynamic shapes".
+    # Python attribute: `execution_context` (10.x/11.x docs); TensorRT 8.x called it `context`.
+    setattr(inspector, "execution_context" if hasattr(inspector, "execution_context") else "context", context)
+    return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = check_output_path(args.output)
+        check_profile(args.min_batch, args.opt_batch, args.max_batch)
+        workspace_bytes(args.workspace_gib)
+        facts = onnx_facts(args.onnx)
+        check_profile(args.min_batch, args.opt_batch, args.max_batch, facts.batch_dim)
+        from runtime.onnx_meta import OnnxMetaError, read_onnx_meta
+
+        try:
+            meta = read_onnx_meta(args.onnx)
+        except OnnxMetaError as e:
+            raise UsageError(f"--onnx {e}") from None
+        if meta.contract.preprocess.size != facts.image_size:
+            raise UsageError(f"--onnx {args.onnx}: input size {facts.image_size} != the contract's "
+                             f"{meta.contract.preprocess.size}")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    trt, cudart = import_tensorrt()
+    gpu_name, cc, cuda_version = gpu_and_cuda(cudart)
+    key = timing_cache_key(trt.__version__, gpu_name, cc, cuda_version, args.hardware_compatible)
+    try:
+        plan = build_plan(trt.__version__, facts.precision, args.fp16, str(args.onnx))
+        cache, cache_msg = load_timing_cache(args.timing_cache, key)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shapes = profile_shapes(args.min_batch, args.opt_batch, args.max_batch, facts.image_size)
+    print(f"TensorRT {trt.__version__} on {gpu_name} (CC {cc}, CUDA {cuda_version}): {plan.mode}ly typed, "
+          f"{plan.precision.upper()} from {args.onnx} ({facts.precision} graph); profile {shapes}; {cache_msg}")
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    t0 = time.time()
+    try:
+        plan_bytes, cache_out = build_engine(trt, args, plan, facts, shapes, cache, logger)
+        info = inspect_engine(trt, plan_bytes, facts, shapes[1], logger, args.version_compatible)
+        try:
+            counts = layer_precisions(info)
+        except ValueError:
+            counts = None                                   # not JSON: fall back on the size check
+        summary = check_engine_precision(plan.precision, counts, len(plan_bytes), facts.fp32_weight_bytes)
+    except (BuildError, EnginePrecisionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"built in {time.time() - t0:.0f}s; {summary}")
+
+    from runtime.trt_manifest import TrtManifest, write_manifest
+
+    atomic_write_bytes(out, plan_bytes)
+    manifest = TrtManifest(
+        tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc, cuda_version=cuda_version,
+        precision=plan.precision, input_name=facts.input_name, output_name=facts.output_name,
+        min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch, image_size=facts.image_size,
+        onnx_sha256=sha256_file(args.onnx), plan_sha256=sha256_file(out), contract=meta.contract,
+        hardware_compatible=args.hardware_compatible, version_compatible=args.version_compatible,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    mpath = write_manifest(out, manifest)
+    if args.timing_cache:
+        save_timing_cache(args.timing_cache, cache_out, key)
+    print(f"wrote {out} ({len(plan_bytes) / 1e6:.1f} MB) and {mpath}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The TensorRT-free half of the engine builder: argument checks, version dispatch, profile shapes,
+timing-cache policy, engine precision check, manifest assembly. Tested without TensorRT.
+
+    python -m export.tensorrt --onnx model_fp16.onnx --output model.plan --fp16   # uses these
+
+Version dispatch (NVIDIA, "Migrating from TensorRT 10.x to 11.x" and the 10.12 release notes):
+  TensorRT < 10         unsupported (the name-based I/O API this project uses is 10+)
+  10.0 .. 10.11         "weak": weakly typed network; FP16 via BuilderFlag.FP16 on the FP32 ONNX
+  10.12 .. 10.x         "strong": create_network(1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED);
+                        FP16 comes from the FP16 ONNX (weak typing is deprecated since 10.12)
+  11.x and later        "strong": every network is strongly typed; BuilderFlag.FP16 is removed and
+                        the STRONGLY_TYPED flag is deprecated and ignored (create_network(0))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.fileio import atomic_write_bytes, atomic_write_text
+
+MAX_BATCH_LIMIT = 4096
+STRONG_TYPING_SINCE = (10, 12)
+FP16_ONNX_HINT = ("make it with python -m export.onnx --checkpoint best.pt --output model.onnx --fp16 "
+                  "(writes model_fp16.onnx, verified against PyTorch), or python -m export.fp16 model.onnx")
+
+
+class UsageError(ValueError):
+    """Bad arguments or inputs: one line, exit code 2."""
+
+
+class EnginePrecisionError(RuntimeError):
+    """An engine was built, but not in the precision that was asked for."""
+
+
+# ---------------------------------------------------------------- versions and build mode
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """'10.13.3.9' -> (10, 13, 3, 9); UsageError for anything else."""
+    if not isinstance(version, str) or not re.fullmatch(r"\d+(\.\d+)*", version.strip()):
+        raise UsageError(f"cannot parse TensorRT version {version!r}")
+    return tuple(int(x) for x in version.strip().split("."))
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How to build, decided from the TensorRT version, the ONNX precision and --fp16."""
+
+    mode: str                # "strong" | "weak"
+    network_flags: str       # "strongly_typed" (10.12+: set the flag) | "none" (<10.12 and 11+: 0)
+    fp16_flag: bool          # set BuilderFlag.FP16 (weak mode only)
+    disable_tf32: bool       # clear BuilderFlag.TF32: FP32 reference engines compare with ONNX Runtime
+    precision: str           # what the engine will be: "fp16" | "fp32"
+
+
+def build_plan(trt_version: str, onnx_precision: str, fp16: bool, onnx_name: str = "the ONNX") -> BuildPlan:
+    """Decide the build from the TensorRT version, the ONNX graph's precision ("fp16"|"fp32") and --fp16.
+
+    Raises UsageError for combinations that would silently build the wrong thing: --fp16 on an FP32
+    graph where networks are strongly typed (that yields an FP32 engine: roboflow/rf-detr #1453), and an
+    FP16 graph without --fp16.
+    """
+    v = parse_version(trt_version)
+    if v[0] < 10:
+        raise UsageError(f"TensorRT {trt_version} is too old: TensorRT 10.x or 11.x is needed")
+    if onnx_precision not in ("fp16", "fp32"):
+        raise ValueError(f"onnx_precision must be fp16 or fp32, got {onnx_precision!r}")
+    strong = v[:2] >= STRONG_TYPING_SINCE
+    if onnx_precision == "fp16" and not fp16:
+        raise UsageError(f"{onnx_name} is an FP16 graph: add --fp16 (or pass the FP32 model.onnx for an FP32 engine)")
+    if strong and fp16 and onnx_precision == "fp32":
+        raise UsageError(
+            f"TensorRT {trt_version} builds strongly typed networks, so precision comes from the ONNX dtypes and "
+            f"{onnx_name} is FP32: --fp16 needs the FP16 graph; {FP16_ONNX_HINT}")
+    return BuildPlan(
+        mode="strong" if strong else "weak",
+        network_flags="strongly_typed" if strong and v[0] == 10 else "none",
+        fp16_flag=fp16 and not strong,
+        disable_tf32=not fp16,
+        precision="fp16" if fp16 else "fp32",
+    )
+
+
+# ---------------------------------------------------------------- arguments
+
+def check_profile(min_batch: int, opt_batch: int, max_batch: int, onnx_batch: int | str | None = None) -> None:
+    """UsageError unless 1 <= min <= opt <= max <= MAX_BATCH_LIMIT and the ONNX batch dim allows it.
+
+    onnx_batch: the ONNX input's dim 0: a name (symbolic: any profile), an int (fixed: min = opt = max
+    = that int), or None (unknown).
+    """
+    for flag, v in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UsageError(f"{flag} {v}: must be a positive integer")
+    if not min_batch <= opt_batch <= max_batch:
+        raise UsageError(f"batch profile must satisfy --min-batch <= --opt-batch <= --max-batch, "
+                         f"got {min_batch} / {opt_batch} / {max_batch}")
+    if max_batch > MAX_BATCH_LIMIT:
+        raise UsageError(f"--max-batch {max_batch}: at most {MAX_BATCH_LIMIT}")
+    if isinstance(onnx_batch, int) and onnx_batch > 0 and not (min_batch == opt_batch == max_batch == onnx_batch):
+        raise UsageError(f"the ONNX input has a fixed batch of {onnx_batch}: re-export it (python -m export.onnx "
+                         f"gives a symbolic batch) or use --min-batch = --opt-batch = --max-batch = {onnx_batch}")
+
+
+def profile_shapes(min_batch: int, opt_batch: int, max_batch: int, size: int,
+                   channels: int = 3) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) NCHW shapes for IOptimizationProfile.set_shape on the "images" input."""
+    check_profile(min_batch, opt_batch, max_batch)
+    return tuple((b, channels, size, size) for b in (min_batch, opt_batch, max_batch))  # type: ignore[return-value]
+
+
+def workspace_bytes(gib: float) -> int:
+    """--workspace-gib -> bytes for set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)."""
+    if not (0 < gib <= 1024):
+        raise UsageError(f"--workspace-gib {gib}: must be in (0, 1024]")
+    return int(gib * (1 << 30))
+
+
+def check_output_path(output: str | Path) -> Path:
+    p = Path(output)
+    if p.suffix not in (".plan", ".engine", ".trt"):
+        raise UsageError(f"--output {p}: use a .plan (or .engine/.trt) file name")
+    if p.is_dir():
+        raise UsageError(f"--output {p}: is a directory")
+    return p
+
+
+# ---------------------------------------------------------------- ONNX facts (onnx package, no TensorRT)
+
+@dataclass(frozen=True)
+class OnnxFacts:
+    input_name: str
+    output_name: str
+    batch_dim: int | str          # name when symbolic
+    image_size: int
+    precision: str                # "fp16" when most weights are FP16
+    fp32_weight_bytes: int        # what the weights would take in FP32 (engine size reference)
+
+
+def onnx_facts(path: str | Path) -> OnnxFacts:
+    """Read the graph's single input/output, batch dim, precision and weight volume; UsageError naming the file."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--onnx {path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:
+        raise UsageError(f"--onnx {path}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise UsageError(f"--onnx {path}: expected one input and one output, got {len(inputs)} and "
+                         f"{len(model.graph.output)}")
+    dims = [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or dims[1] != 3 or dims[2] != dims[3] or not isinstance(dims[2], int) or dims[2] <= 0:
+        raise UsageError(f"--onnx {path}: input {inputs[0].name} has shape {dims}, expected [N, 3, S, S]")
+    n = n16 = 0
+    for t in model.graph.initializer:
+        count = 1
+        for d in t.dims:
+            count *= d
+        n += count
+        n16 += count if t.data_type == onnx.TensorProto.FLOAT16 else 0
+    return OnnxFacts(inputs[0].name, model.graph.output[0].name, dims[0], int(dims[2]),
+                     "fp16" if n and n16 / n >= 0.5 else "fp32", 4 * n)
+
+
+# ---------------------------------------------------------------- timing cache
+
+def timing_cache_key(trt_version: str, gpu_name: str, compute_capability: str, cuda_version: str,
+                     hardware_compatible: bool = False) -> dict[str, Any]:
+    """What a timing cache is specific to: TensorRT version, GPU, CUDA, and the hardware-compat tactic set."""
+    return {"tensorrt_version": trt_version, "gpu_name": gpu_name, "compute_capability": compute_capability,
+            "cuda_version": cuda_version, "hardware_compatible": bool(hardware_compatible)}
+
+
+def cache_key_path(cache_path: str | Path) -> Path:
+    p = Path(cache_path)
+    return p.with_name(p.name + ".key.json")
+
+
+def load_timing_cache(cache_path: str | Path | None, key: dict[str, Any]) -> tuple[bytes, str]:
+    """The cache bytes to start from (b"" = empty) and a sentence for the log.
+
+    A cache is used only when its sidecar key (CACHE.key.json) equals `key`. A cache without a key, or
+    with another key, is refused (UsageError), never silently reused and never overwritten: timings from
+    another GPU or TensorRT version pick wrong tactics (Polygraphy passes ignore_mismatch=False too).
+    """
+    if cache_path is None:
+        return b"", "no timing cache (pass --timing-cache PATH to speed up rebuilds)"
+    p, kp = Path(cache_path), cache_key_path(cache_path)
+    if not p.exists():
+        return b"", f"timing cache {p}: new, will be created"
+    if not p.is_file():
+        raise UsageError(f"--timing-cache {p}: not a file")
+    try:
+        stored = json.loads(kp.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--timing-cache {p}: no key file {kp.name} says which GPU and TensorRT made it; "
+                         f"delete it or choose another path") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--timing-cache {p}: unreadable key file {kp.name} ({e}); delete both or choose another path") from None
+    if stored != key:
+        diff = ", ".join(f"{k} {stored.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(stored) | set(key))
+                         if stored.get(k) != key.get(k))
+        raise UsageError(f"--timing-cache {p} was made for another setup ({diff}); "
+                         f"use a separate cache per GPU and TensorRT version, or delete it")
+    return p.read_bytes(), f"timing cache {p}: loaded ({p.stat().st_size} bytes, key matches)"
+
+
+def save_timing_cache(cache_path: str | Path, data: bytes, key: dict[str, Any]) -> None:
+    """Write the cache and its key sidecar, each atomically (key last: a cache never has a wrong key)."""
+    atomic_write_bytes(cache_path, data)
+    atomic_write_text(cache_key_path(cache_path), json.dumps(key, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- engine precision check
+
+COMPUTE_LAYER = re.compile(r"conv|gemm|matrixmultiply|fullyconnected|myelin", re.I)
+
+
+def _dtype_of(text: str) -> str | None:
+    """'Channel major FP16 format ...' / 'Half' / 'Row major linear FP32' / 'Float' -> 'fp16' | 'fp32' | other | None."""
+    t = text.lower()
+    if re.search(r"\b(fp16|half|float16)\b", t):
+        return "fp16"
+    if re.search(r"\b(bf16|bfloat16)\b", t):
+        return "bf16"
+    if re.search(r"\b(int8|fp8|int4|fp4)\b", t):
+        return "int8"
+    if re.search(r"\b(fp32|float|float32)\b", t):
+        return "fp32"
+    return None
+
+
+def layer_precisions(inspector_json: str | dict[str, Any]) -> dict[str, int]:
+    """Count compute layers (conv/gemm) by the dtype of their tensors, from IEngineInspector JSON.
+
+    Schema: {"Layers": [{"Name", "LayerType", "Inputs": [{...}], "Outputs": [...], "Weights": {"Type"}}]}.
+    A tensor's dtype is in "Format/Datatype" (TensorRT 10.x) or "DataType" + "Format" (11.x: the field
+    was split; NVIDIA, "Migrating IEngineInspector Usage from TensorRT 10.x to 11.x"). With dynamic
+    shapes the inspector prints "N/A due to dynamic shapes" unless an execution context with input
+    shapes is attached, which export.tensorrt does. Returns counts for "fp16", "fp32", "bf16", "int8",
+    "unknown" (layers without a readable dtype) and "layers" (compute layers seen).
+    """
+    data = json.loads(inspector_json) if isinstance(inspector_json, str) else inspector_json
+    counts = {"fp16": 0, "fp32": 0, "bf16": 0, "int8": 0, "unknown": 0, "layers": 0}
+    for layer in data.get("Layers", []) if isinstance(data, dict) else []:
+        if not isinstance(layer, dict):        # ProfilingVerbosity.LAYER_NAMES_ONLY: plain names
+            continue
+        kind = f"{layer.get('LayerType', '')} {layer.get('ParameterType', '')}"
+        if not COMPUTE_LAYER.search(kind):
+            continue
+        counts["layers"] += 1
+        texts = [str(t.get(k, "")) for t in layer.get("Outputs", []) + layer.get("Inputs", []) if isinstance(t, dict)
+                 for k in ("DataType", "Format/Datatype", "Format")]
+        if isinstance(layer.get("Weights"), dict):
+            texts.insert(0, str(layer["Weights"].get("Type", "")))
+        found = [d for d in map(_dtype_of, texts) if d]
+        # a layer counts as FP16 when any of its tensors or weights is FP16 (mixed FP16/FP32 I/O at casts)
+        best = "fp16" if "fp16" in found else (found[0] if found else "unknown")
+        counts[best] += 1
+    return counts
+
+
+def check_engine_precision(want: str, counts: dict[str, int] | None, plan_bytes: int, fp32_weight_bytes: int) -> str:
+    """Fail loudly when the engine is not what was asked for; returns a one-line summary.
+
+    FP16 asked: at least half the conv/gemm layers must be FP16 by the inspector. Without inspector
+    dtypes (no DETAILED verbosity), fall back on size: FP16 weights take half the bytes, so an FP16
+    engine should be well under 0.75 x the FP32 weight volume (rf-detr #1454 saw the engine halve).
+    """
+    layers = (counts or {}).get("layers", 0)
+    known = layers - (counts or {}).get("unknown", 0) if counts else 0
+    size = f"plan {plan_bytes / 1e6:.1f} MB vs FP32 weights {fp32_weight_bytes / 1e6:.1f} MB"
+    if counts and known > 0:
+        n16 = counts["fp16"]
+        summary = f"{n16}/{layers} conv/gemm layers FP16, {counts['fp32']} FP32 ({size})"
+        if want == "fp16" and n16 < 0.5 * known:
+            raise EnginePrecisionError(f"asked for FP16 but the engine is mostly FP32: {summary}")
+        if want == "fp32" and n16 > 0:
+            raise EnginePrecisionError(f"asked for FP32 but the engine has FP16 layers: {summary}")
+        return summary
+    ratio = plan_bytes / max(fp32_weight_bytes, 1)
+    if want == "fp16" and ratio >= 0.75:
+        raise EnginePrecisionError(f"asked for FP16 but the engine is as large as FP32 weights ({size}); "
+                                   f"it is most likely an FP32 engine")
+    return f"no per-layer dtypes from the inspector; {size} ({ratio:.2f}x)"
