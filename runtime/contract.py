@@ -93,8 +93,10 @@ class PreprocessSpec:
     Decode to RGB uint8 (EXIF orientation applied), resize to size x size (no crop, no
     aspect preservation: the multi-label COCO recipes squash), then
     (x / 255 - mean) / std per channel, float32, NCHW.
-    `interpolation`: "area" uses cv2.INTER_AREA when shrinking (anti-aliased) and
-    cv2.INTER_LINEAR when enlarging; "linear" always uses cv2.INTER_LINEAR.
+    `interpolation`: "area" uses the exact box filter (each output pixel the mean of the
+    source under its footprint, as cv2.INTER_AREA computes when both sides shrink, without
+    rounding to uint8) whenever the image shrinks on a side, and cv2.INTER_LINEAR when it grows
+    on both; "linear" always uses cv2.INTER_LINEAR. runtime/preprocess.py implements both.
     """
 
     size: int = 448

@@ -36,9 +36,10 @@ def test_matches_an_independent_float64_reference(tmp_path):
     path.write_bytes(_jpeg(rgb))
     out = preprocess([str(path), path.read_bytes()], size=448)
     assert out.shape == (2, 3, 448, 448) and out.dtype == np.float32
-    # Reference: cv2.imread (another decode entry point), INTER_AREA shrink, float64 math.
+    # Reference: cv2.imread (another decode entry point), cv2's INTER_AREA on float64 (the
+    # exact box mean when both sides shrink; on uint8 cv2 would round the mean), float64 math.
     ref = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-    ref = cv2.resize(ref, (448, 448), interpolation=cv2.INTER_AREA).astype(np.float64) / 255.0
+    ref = cv2.resize(ref.astype(np.float64), (448, 448), interpolation=cv2.INTER_AREA) / 255.0
     ref = ((ref - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)
     np.testing.assert_allclose(out[0], ref, atol=2e-6)
     np.testing.assert_array_equal(out[0], out[1])          # path and bytes give the same tensor

@@ -1,0 +1,208 @@
+"""runtime._fastnorm (the fused C preprocessing kernel) against its numpy twin and independent references."""
+
+import math
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+import runtime.preprocess as pp
+from runtime.contract import PreprocessSpec
+from runtime.preprocess import normalize_coefficients, preprocess, resize, resize_normalize_into
+
+fastnorm = pp._fastnorm
+needs_ext = pytest.mark.skipif(fastnorm is None, reason="runtime._fastnorm not built (no C compiler at install)")
+
+SCALE, BIAS = normalize_coefficients((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+ARGS = (tuple(map(float, SCALE)), tuple(map(float, BIAS)))
+
+# (H, W) -> (h, w): shrink both, shrink one / grow the other (COCO's 640x427 -> 448), identity,
+# sizes that are not multiples of the 8-wide SIMD tiles, a 1-pixel output, big shrink factors.
+SHAPES = [((480, 640), (448, 448)), ((427, 640), (448, 448)), ((640, 427), (64, 64)), ((61, 67), (61, 67)),
+          ((97, 203), (19, 45)), ((33, 35), (1, 1)), ((300, 29), (23, 17)), ((1000, 750), (37, 29)),
+          ((20, 500), (16, 16)), ((9, 9), (8, 3))]
+
+
+def _img(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _area_mean_f64(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Independent exact box filter: replicate every pixel w/g times (g = gcd(W, w)) so each
+    output column owns exactly W/g of the copies, average those; then the same for rows."""
+    H, W = img.shape[:2]
+    gx, gy = math.gcd(W, w), math.gcd(H, h)
+    x = np.repeat(img.astype(np.float64), w // gx, axis=1).reshape(H, w, W // gx, 3).mean(axis=2)
+    return np.repeat(x, h // gy, axis=0).reshape(h, H // gy, w, 3).mean(axis=1)
+
+
+def _run(src, out_shape, dtype, **kw):
+    out = np.full(out_shape, np.nan, dtype)
+    fastnorm.resize_normalize(src, out, *ARGS, **kw)
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_simd_generic_and_numpy_are_bit_identical(shape):
+    (H, W), (h, w) = shape
+    rng = np.random.default_rng(H * 1000 + W)
+    img = _img(rng, H, W)
+    for dtype in (np.float32, np.float16):
+        simd = _run(img, (3, h, w), dtype)
+        generic = _run(img, (3, h, w), dtype, simd=False)
+        twin = np.full((3, h, w), np.nan, dtype)
+        if (H, W) == (h, w) or H > h or W > w:       # the shapes the area path serves
+            resize_normalize_into(img, twin, SCALE, BIAS, use_ext=False)
+            np.testing.assert_array_equal(simd.view(np.uint8), twin.view(np.uint8))
+        np.testing.assert_array_equal(simd.view(np.uint8), generic.view(np.uint8))
+        assert np.isfinite(simd).all()
+    # float16 is the float32 result rounded to nearest even, as numpy's astype.
+    np.testing.assert_array_equal(_run(img, (3, h, w), np.float32).astype(np.float16).view(np.uint16),
+                                  _run(img, (3, h, w), np.float16).view(np.uint16))
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_an_independent_float64_area_mean(shape):
+    (H, W), (h, w) = shape
+    img = _img(np.random.default_rng(7), H, W)
+    ref = _area_mean_f64(img, h, w)[:, :, ::-1].transpose(2, 0, 1)         # RGB planes
+    ref = ref * SCALE.astype(np.float64)[:, None, None] + BIAS.astype(np.float64)[:, None, None]
+    np.testing.assert_allclose(_run(img, (3, h, w), np.float32), ref, rtol=0, atol=3e-6)
+
+
+def test_numpy_twin_matches_the_float64_reference_and_cv2_area():
+    # Runs without the extension too. A real photo shrunk on both sides: cv2.INTER_AREA rounds
+    # the same area mean to uint8, so the two differ by at most half a grey level.
+    rng = np.random.default_rng(3)
+    img = cv2.GaussianBlur(_img(rng, 120, 170), (5, 5), 0)
+    out = np.empty((3, 64, 80), np.float32)
+    resize_normalize_into(img, out, SCALE, BIAS, use_ext=False)
+    mean = (out - BIAS[:, None, None]) / SCALE[:, None, None]               # back to 0..255 units
+    np.testing.assert_allclose(mean, _area_mean_f64(img, 64, 80)[:, :, ::-1].transpose(2, 0, 1), atol=2e-4)
+    cv = cv2.resize(img, (80, 64), interpolation=cv2.INTER_AREA)[:, :, ::-1].transpose(2, 0, 1)
+    assert np.abs(mean - cv).max() <= 0.5 + 1e-3
+    # resize() gives the rounded area mean, half to even.
+    np.testing.assert_array_equal(resize(img, 64)[..., 0], np.rint(_area_mean_f64(img, 64, 64)[..., 0]))
+
+
+@needs_ext
+def test_float16_rounding_at_the_edges_of_the_half_range():
+    # Subnormal halves, values that round to +-inf, exact ties: the portable converter (generic
+    # kernel) and F16C (SIMD kernel) must both round like numpy.
+    img = _img(np.random.default_rng(5), 40, 40)
+    for scale, bias in [(1e-7, 0.0), (-3e-8, 1e-9), (300.0, -5000.0), (257.0, -65504.0), (1 / 3, -40.0)]:
+        args = ((scale,) * 3, (bias,) * 3)
+        ref = np.empty((3, 24, 24), np.float32)
+        fastnorm.resize_normalize(img, ref, *args)
+        for simd in (True, False):
+            h = np.empty((3, 24, 24), np.float16)
+            fastnorm.resize_normalize(img, h, *args, simd=simd)
+            np.testing.assert_array_equal(h.view(np.uint16), ref.astype(np.float16).view(np.uint16))
+
+
+@needs_ext
+def test_strided_source_and_batch_row_destination():
+    img = _img(np.random.default_rng(9), 200, 300)
+    crop = img[13:170, 21:290]                                               # row stride 900 bytes
+    batch = np.full((3, 3, 48, 48), np.nan, np.float32)
+    fastnorm.resize_normalize(crop, batch[1], *ARGS)
+    np.testing.assert_array_equal(batch[1], _run(np.ascontiguousarray(crop), (3, 48, 48), np.float32))
+    assert np.isnan(batch[0]).all() and np.isnan(batch[2]).all()             # neighbours untouched
+
+
+@needs_ext
+@pytest.mark.parametrize("src,out,match", [
+    (np.zeros((10, 10, 4), np.uint8), np.zeros((3, 8, 8), np.float32), "uint8 \\(H, W, 3\\)"),
+    (np.zeros((10, 10, 3), np.float32), np.zeros((3, 8, 8), np.float32), "uint8 \\(H, W, 3\\)"),
+    (np.zeros((10, 10), np.uint8), np.zeros((3, 8, 8), np.float32), "uint8 \\(H, W, 3\\)"),
+    (np.zeros((10, 10, 3), np.uint8)[:, :, ::-1], np.zeros((3, 8, 8), np.float32), "contiguous BGR pixels"),
+    (np.zeros((10, 10, 3), np.uint8), np.zeros((4, 8, 8), np.float32), "float32 or float16 \\(3, h, w\\)"),
+    (np.zeros((10, 10, 3), np.uint8), np.zeros((3, 8, 8), np.float64), "float32 or float16 \\(3, h, w\\)"),
+    (np.zeros((10, 10, 3), np.uint8), np.zeros((8, 8, 3), np.float32), "float32 or float16 \\(3, h, w\\)"),
+    (np.zeros((10, 10, 3), np.uint8), np.zeros((3, 0, 8), np.float32), "float32 or float16 \\(3, h, w\\)"),
+])
+def test_bad_buffers_give_clear_errors(src, out, match):
+    with pytest.raises(ValueError, match=match):
+        fastnorm.resize_normalize(src, out, *ARGS)
+
+
+@needs_ext
+def test_non_contiguous_or_read_only_out_is_refused():
+    img = np.zeros((10, 10, 3), np.uint8)
+    with pytest.raises((ValueError, BufferError), match="contiguous"):
+        fastnorm.resize_normalize(img, np.zeros((3, 8, 16), np.float32)[:, :, ::2], *ARGS)
+    ro = np.zeros((3, 8, 8), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises((ValueError, BufferError), match="read-only|writable"):
+        fastnorm.resize_normalize(img, ro, *ARGS)
+    with pytest.raises(TypeError):
+        fastnorm.resize_normalize(img, np.zeros((3, 8, 8), np.float32), (1.0, 2.0), (0.0, 0.0, 0.0))
+
+
+def _jpegs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = cv2.GaussianBlur(_img(rng, 90 + 13 * i, 140 - 9 * i), (3, 3), 0)
+        out.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return out
+
+
+def test_threaded_preprocess_equals_single_threaded_and_the_numpy_path(monkeypatch):
+    jpegs = _jpegs(7)
+    single = preprocess(jpegs, size=64)
+    threaded = preprocess(jpegs, size=64, threads=3)
+    np.testing.assert_array_equal(single, threaded)
+    half = preprocess(jpegs, size=64, threads=2, dtype=np.float16)
+    np.testing.assert_array_equal(half.view(np.uint16), single.astype(np.float16).view(np.uint16))
+    monkeypatch.setattr(pp, "_fastnorm", None)                              # as if the build failed
+    np.testing.assert_array_equal(preprocess(jpegs, size=64, threads=2), single)
+
+
+def test_preprocess_out_buffer_validation():
+    jpegs = _jpegs(2)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        preprocess(jpegs, size=32, out=np.zeros((2, 3, 32, 32), np.float64))
+    with pytest.raises(ValueError, match=r"\(>= 2, 3, 32, 32\)"):
+        preprocess(jpegs, size=32, out=np.zeros((1, 3, 32, 32), np.float32))
+
+
+@needs_ext
+def test_kernel_releases_the_gil():
+    # A Python thread keeps counting while the kernel runs on a large image in another thread.
+    img = _img(np.random.default_rng(1), 1500, 2000)
+    out = np.empty((3, 448, 448), np.float32)
+    counts, done = [], threading.Event()
+
+    def spin():
+        n = 0
+        while not done.is_set():
+            n += 1
+        counts.append(n)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    for _ in range(3):
+        fastnorm.resize_normalize(img, out, *ARGS)
+    done.set()
+    t.join()
+    assert counts[0] > 1000
+
+
+def test_spec_interpolation_linear_and_enlarging_use_cv2_linear():
+    rng = np.random.default_rng(4)
+    small = _img(rng, 30, 40)
+    out = np.empty((3, 64, 64), np.float32)
+    resize_normalize_into(small, out, SCALE, BIAS)                           # grows both sides
+    lin = cv2.resize(small, (64, 64), interpolation=cv2.INTER_LINEAR)
+    ref = lin[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) * SCALE[:, None, None] + BIAS[:, None, None]
+    np.testing.assert_array_equal(out, ref)
+    spec = PreprocessSpec(size=32, interpolation="linear")
+    big = cv2.imencode(".png", _img(rng, 100, 90))[1].tobytes()
+    got = preprocess([big], spec=spec)[0]
+    lin = cv2.resize(cv2.imdecode(np.frombuffer(big, np.uint8), cv2.IMREAD_COLOR), (32, 32), interpolation=cv2.INTER_LINEAR)
+    ref = lin[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) * SCALE[:, None, None] + BIAS[:, None, None]
+    np.testing.assert_array_equal(got, ref)
