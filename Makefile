@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m runtime.demo --out $(DEMO_DIR)
+	BIN=$(BIN) bash scripts/demo.sh $(DEMO_DIR)
 
 clean:
 	rm -rf $(DEMO_DIR) build *.egg-info

@@ -1,0 +1,110 @@
+"""ONNX Runtime backend: TensorRT EP, then CUDA EP, then CPU, whichever this onnxruntime build has.
+
+    python -c "from runtime.backends.onnxrt import OnnxRuntimeBackend as B; print(B('model.onnx').describe())"
+
+The graph follows export's convention: input "images" float32 (N, 3, S, S), output "probs"
+float32 (N, C), symbolic batch. The contract (labels + preprocessing) comes from the
+model's metadata_props ("probres.contract"), so the file alone says how to feed it.
+CUDA EP comes after TensorRT EP so that nodes TensorRT cannot take fall back to CUDA, and
+CPU is always last (ONNX Runtime docs, execution providers).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.backends.base import Backend, BackendError
+from runtime.onnx_meta import OnnxMetaError, metadata_props, read_onnx_meta
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = PREFERRED_PROVIDERS[:2]
+OUTPUT_NAME = "probs"
+
+
+def choose_providers(available: list[str], device: str) -> list[str]:
+    """The providers to ask for, in preference order, limited to `available`.
+
+    device "cpu": CPU only; "auto": every available one of TensorRT, CUDA, CPU; "cuda": like
+    auto, but BackendError when neither GPU provider is available.
+    """
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    chosen = [p for p in PREFERRED_PROVIDERS if p in available]
+    if device == "cuda" and not any(p in chosen for p in GPU_PROVIDERS):
+        raise BackendError(f"--device cuda: this onnxruntime build has no GPU provider (it has {', '.join(available)}); "
+                           f"install the `gpu` extra (onnxruntime-gpu, never together with onnxruntime)")
+    return chosen or ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(Backend):
+    """One InferenceSession over an exported probres ONNX file."""
+
+    def __init__(self, path: str | os.PathLike[str], device: str = "auto", threads: int | None = None,
+                 trt_cache_dir: str | os.PathLike[str] | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError(f"{path}: onnxruntime is not installed; install the `cpu` or `gpu` extra "
+                               f"(pip install -e '.[cpu]')") from None
+        self.path = str(path)
+        providers = choose_providers(ort.get_available_providers(), device)
+        opts = ort.SessionOptions()
+        # intra-op 0 = one thread per physical core (ONNX Runtime's default); one op at a time.
+        opts.intra_op_num_threads = int(threads) if threads else 0
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3    # errors only: provider fallback warnings are not the user's problem
+        meta_precision = "fp32"
+        if "TensorrtExecutionProvider" in providers:   # TensorRT EP's FP16 switch follows the graph's precision
+            try:
+                meta_precision = metadata_props(self.path).get("probres.precision", "fp32")
+            except OnnxMetaError:
+                pass                                    # the session below reports the error
+        provider_args: list[Any] = []
+        for p in providers:
+            if p == "TensorrtExecutionProvider":
+                cache = Path(trt_cache_dir) if trt_cache_dir else Path.home() / ".cache" / "probres" / "ort_trt"
+                provider_args.append((p, {
+                    "trt_fp16_enable": meta_precision == "fp16",   # an FP32 model stays FP32 (parity)
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache),
+                }))
+            else:
+                provider_args.append(p)
+        try:
+            self._sess = ort.InferenceSession(self.path, sess_options=opts, providers=provider_args)
+        except Exception as e:  # InvalidProtobuf, Fail, NoSuchFile...: one line, no traceback
+            raise BackendError(f"{path}: not a loadable ONNX model ({_first_line(e)})") from None
+        try:
+            meta = read_onnx_meta(self.path, session=self._sess)
+        except OnnxMetaError as e:
+            raise BackendError(str(e)) from None
+        self.contract, self.precision = meta.contract, meta.precision or "fp32"
+        self.val_metrics = meta.val_metrics if isinstance(meta.val_metrics, dict) and meta.val_metrics else None
+        inputs, outputs = self._sess.get_inputs(), self._sess.get_outputs()
+        if len(inputs) != 1:
+            raise BackendError(f"{path}: expected one input tensor, found {len(inputs)}")
+        self._input = inputs[0].name
+        self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        names = [o.name for o in outputs]
+        self._output = OUTPUT_NAME if OUTPUT_NAME in names else names[0]
+        used = self._sess.get_providers()
+        self.name = f"onnxruntime[{used[0]}]"
+        self.providers = used
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        x = batch if self._input_dtype == np.float32 else batch.astype(self._input_dtype)
+        (probs,) = self._sess.run([self._output], {self._input: x})
+        return np.asarray(probs, dtype=np.float32)
+
+    def close(self) -> None:
+        self._sess = None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else e.__class__.__name__)[:300]

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# make demo: the whole path on the embedded toy set, CPU only, in a few minutes on 2 cores.
+#
+#     scripts/demo.sh [OUT_DIR]      (make demo runs it with OUT_DIR=demo_out)
+#
+# toy COCO -> short CPU training -> ONNX FP32 + FP16 export -> probres-infer on the val
+# images (a few results as tables) -> probres-eval of both ONNX files against the PyTorch
+# checkpoint, ending with the parity table. Every step is the real command-line tool, so this
+# script is also the CPU walkthrough of README's GPU commands. Exit status: non-zero when a
+# step fails or an exported model does not match PyTorch within tolerance.
+set -euo pipefail
+
+OUT=${1:-demo_out}
+BIN=${BIN:-.venv/bin}
+TRAIN_IMAGES=${TRAIN_IMAGES:-200}
+VAL_IMAGES=${VAL_IMAGES:-60}
+EPOCHS=${EPOCHS:-8}
+SIZE=${SIZE:-96}
+T0=$(date +%s)
+step() { printf '\n== [%4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+step "1/5 toy COCO-2014 ($TRAIN_IMAGES train / $VAL_IMAGES val images) -> $OUT/toy_coco"
+"$BIN/python" -m train.toy_coco --out "$OUT/toy_coco" --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" --seed 0
+
+step "2/5 training resnet18 @ ${SIZE}px for $EPOCHS epochs on the CPU -> $OUT/run/best.pt"
+"$BIN/probres-train" --coco-root "$OUT/toy_coco" --out "$OUT/run" --arch resnet18 --image-size "$SIZE" \
+    --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --ema-decay 0.9 --device cpu --no-progress
+
+step "3/5 export to ONNX FP32 + FP16, each verified against PyTorch -> $OUT/model.onnx, $OUT/model_fp16.onnx"
+"$BIN/python" -m export.onnx --checkpoint "$OUT/run/best.pt" --output "$OUT/model.onnx" --fp16 \
+    --verify-images "$OUT/toy_coco/val2014"
+
+step "4/5 probres-infer on $OUT/toy_coco/val2014 -> $OUT/predictions.jsonl (first 3 images as tables)"
+"$BIN/probres-infer" --engine "$OUT/model_fp16.onnx" "$OUT/toy_coco/val2014" --output "$OUT/predictions.jsonl"
+mapfile -t FIRST < <(find "$OUT/toy_coco/val2014" -name '*.jpg' | sort | head -n 3)
+"$BIN/probres-infer" --engine "$OUT/model_fp16.onnx" "${FIRST[@]}" --format table --top-k 3
+
+step "5/5 probres-eval: ONNX Runtime vs the PyTorch checkpoint on val2014"
+rc=0
+for m in model model_fp16; do
+    echo "-- $m.onnx"
+    "$BIN/probres-eval" --engine "$OUT/$m.onnx" --coco-root "$OUT/toy_coco" --reference "$OUT/run/best.pt" \
+        --json "$OUT/parity_$m.json" > "$OUT/parity_$m.txt" || rc=$?
+    tail -n 2 "$OUT/parity_$m.txt"
+done
+
+step "done in $(( $(date +%s) - T0 )) s. Artifacts in $OUT/:"
+cat <<INFO
+  toy_coco/                 the toy COCO-2014 tree (train2014/, val2014/, annotations/)
+  run/best.pt               the trained checkpoint (PyTorch reference); run/ also holds logs
+  model.onnx, model_fp16.onnx   the exported models (contract + val metrics in their metadata)
+  predictions.jsonl         probres-infer's output for every val image
+  parity_model*.json/.txt   probres-eval's reports and tables
+INFO
+
+"$BIN/python" - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+r32, r16 = (json.load(open(f"{out}/parity_{m}.json")) for m in ("model", "model_fp16"))
+print(f"\nParity table: toy val2014, {r32['num_images']} images ({r32['image_set']}); metrics in %")
+print(f"{'metric':<8}{'PyTorch':>10}{'ONNX FP32':>11}{'ONNX FP16':>11}")
+for k in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"):
+    print(f"{k:<8}{100 * r32['reference'][k]:>10.2f}{100 * r32['engine'][k]:>11.2f}{100 * r16['engine'][k]:>11.2f}")
+for name, r in (("FP32", r32), ("FP16", r16)):
+    print(f"ONNX {name}: mAP drop {r['map_drop']:+.5f} (tolerance {r['tolerance']:g}), max |dprob| "
+          f"{r['max_abs_prob_diff']:.2g}, label sets differing {r['label_set_diffs']}/{r['num_images']}: "
+          f"{'PASSED' if r['passed'] else 'FAILED'}")
+PY
+exit $rc

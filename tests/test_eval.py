@@ -1,0 +1,177 @@
+"""probres-eval: exported ONNX (FP32, FP16) against the PyTorch checkpoint on the toy val set.
+
+    .venv/bin/python -m pytest -q tests/test_eval.py
+
+An untrained network scores about chance, where a damaged copy can score higher by luck. So
+the checkpoint here gets a real signal first: the untrained resnet18 @64's pooled features
+are fitted to the toy val labels by ridge regression into its fc layer (a parity test
+needs a model whose mAP means something, not one that generalizes). Its PyTorch val metrics
+are stored in the checkpoint, so export.onnx copies them into the ONNX metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.eval import compare, main
+from runtime.metrics import multilabel_metrics
+
+RIDGE = 3000.0
+
+
+def torch_val_probs(model, paths, spec) -> np.ndarray:
+    import torch
+
+    from runtime.preprocess import preprocess
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.from_numpy(preprocess([str(p) for p in paths], spec=spec)))).numpy()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, toy_root, toy_checkpoint):
+    """{"ckpt", "fp32", "fp16", "damaged", "dir"}: a fitted checkpoint and its exports."""
+    import onnx
+    import torch
+
+    from export.onnx import main as export_main
+    from runtime.coco import load_coco_split
+    from runtime.preprocess import preprocess
+    from train.checkpoint import load_checkpoint, save_checkpoint
+
+    d = tmp_path_factory.mktemp("eval")
+    ckpt = load_checkpoint(toy_checkpoint)
+    model = ckpt.build()
+    spec = ckpt.contract.preprocess
+    val = load_coco_split(toy_root, "val2014", labels=ckpt.contract.labels)
+    x = torch.from_numpy(preprocess([str(p) for p in val.image_paths], spec=spec))
+    with torch.no_grad():
+        fc = model.fc
+        model.fc = torch.nn.Identity()
+        feats = model(x).double().numpy()                    # (N, 512) pooled features
+        model.fc = fc
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    a = np.hstack([(feats - mu) / sd, np.ones((len(feats), 1))])
+    w = np.linalg.solve(a.T @ a + RIDGE * np.eye(a.shape[1]), a.T @ (6.0 * (val.targets - 0.5)))   # (513, C)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.from_numpy((w[:-1] / sd[:, None]).T))
+        model.fc.bias.copy_(torch.from_numpy(w[-1] - (mu / sd) @ w[:-1]))
+    ckpt.state_dict = model.state_dict()
+    probs = torch_val_probs(model, val.image_paths, spec)
+    ckpt.val_metrics = {k: v for k, v in multilabel_metrics(probs, val.targets).items()}
+    assert 0.9 < ckpt.val_metrics["mAP"] < 1.0                # a real, not saturated, signal
+    save_checkpoint(d / "best.pt", ckpt)
+    assert export_main(["--checkpoint", str(d / "best.pt"), "--output", str(d / "model.onnx"), "--fp16",
+                        "--verify-images", str(toy_root / "val2014")]) == 0
+    # Damaged: every conv/fc weight of the FP32 graph perturbed by 30% Gaussian noise.
+    m = onnx.load(str(d / "model.onnx"))
+    rng = np.random.default_rng(0)
+    for init in m.graph.initializer:
+        arr = onnx.numpy_helper.to_array(init)
+        if arr.ndim >= 2 and arr.dtype == np.float32:
+            noisy = arr + rng.normal(scale=0.3 * (arr.std() + 1e-8), size=arr.shape).astype(np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(noisy, init.name))
+    onnx.save(m, str(d / "damaged.onnx"))
+    return {"ckpt": d / "best.pt", "fp32": d / "model.onnx", "fp16": d / "model_fp16.onnx",
+            "damaged": d / "damaged.onnx", "dir": d, "probs": probs, "targets": val.targets, "split": val}
+
+
+def run(args, capsys):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_fp32_onnx_matches_checkpoint(models, toy_root, capsys):
+    from sklearn.metrics import average_precision_score
+
+    rep_path = models["dir"] / "fp32.json"
+    rc, out, err = run(["--engine", models["fp32"], "--coco-root", toy_root, "--reference", models["ckpt"],
+                        "--json", rep_path], capsys)
+    rep = json.loads(rep_path.read_text())
+    print(out)
+    assert rc == 0 and rep["passed"] and "PASSED" in out
+    assert abs(rep["map_drop"]) <= 0.0005 and rep["max_abs_prob_diff"] < 1e-4
+    assert rep["num_images"] == len(models["targets"]) == models["split"].num_with_objects
+    assert f"{models['split'].num_empty} without (dropped)" in rep["image_set"] and "dropped" in err
+    assert models["split"].num_empty > 0                    # so dropping them is actually exercised
+    # The reference column is PyTorch's own mAP, as sklearn computes it from PyTorch run directly.
+    t, p = models["targets"], models["probs"]
+    sk = np.mean([average_precision_score(t[:, k], p[:, k]) for k in range(t.shape[1]) if t[:, k].any()])
+    assert rep["reference"]["mAP"] == pytest.approx(sk, abs=1e-9)
+    first_words = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert first_words[1:8] == ["mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"]
+
+
+def test_fp16_onnx_within_tolerance(models, toy_root, capsys):
+    rep_path = models["dir"] / "fp16.json"
+    rc, out, _ = run(["--engine", models["fp16"], "--coco-root", toy_root, "--reference", models["ckpt"],
+                      "--json", rep_path], capsys)
+    rep = json.loads(rep_path.read_text())
+    print(out)
+    assert rc == 0 and rep["passed"] and abs(rep["map_drop"]) <= 0.002
+    assert rep["engine_model"]["precision"] == "fp16" and 0 < rep["max_abs_prob_diff"] < 5e-3
+
+
+def test_damaged_model_fails(models, toy_root, capsys):
+    rep_path = models["dir"] / "damaged.json"
+    rc, out, _ = run(["--engine", models["damaged"], "--coco-root", toy_root, "--reference", models["ckpt"],
+                      "--json", rep_path], capsys)
+    rep = json.loads(rep_path.read_text())
+    print(out)
+    assert rc == 1 and not rep["passed"] and "FAILED" in out
+    assert rep["map_drop"] > 0.002 and rep["label_set_diffs"] > 0
+
+
+def test_reference_engine_limit_and_keep_empty(models, toy_root, capsys):
+    rep_path = models["dir"] / "pair.json"
+    rc, _, _ = run(["--engine", models["fp16"], "--coco-root", toy_root, "--reference-engine", models["fp32"],
+                    "--limit", 5, "--keep-empty", "--json", rep_path], capsys)
+    rep = json.loads(rep_path.read_text())
+    assert rc == 0 and rep["num_images"] == 5 and rep["reference_model"]["kind"] == "engine"
+    assert "kept as all-negative" in rep["image_set"] and "first 5" in rep["image_set"]
+
+
+def test_without_reference_uses_metadata_metrics(models, toy_root, tmp_path, capsys):
+    import onnx
+
+    rc, out, err = run(["--engine", models["fp32"], "--coco-root", toy_root], capsys)
+    assert rc == 0 and "no reference given" in err and "stored" in out
+    m = onnx.load(str(models["fp32"]))                 # claim PyTorch scored 5 points more than it did
+    for p in m.metadata_props:
+        if p.key == "probres.val_metrics":
+            metrics = json.loads(p.value)
+            metrics["mAP"] += 0.05
+            p.value = json.dumps(metrics)
+    onnx.save(m, str(tmp_path / "claims.onnx"))
+    rc, out, _ = run(["--engine", tmp_path / "claims.onnx", "--coco-root", toy_root], capsys)
+    assert rc == 1 and "FAILED" in out
+
+
+def test_errors_exit_2(models, toy_root, tmp_path, capsys):
+    import onnx
+    m = onnx.load(str(models["fp32"]))
+    del m.metadata_props[:]
+    m.metadata_props.add(key="probres.contract", value=[p.value for p in onnx.load(
+        str(models["fp32"])).metadata_props if p.key == "probres.contract"][0])
+    onnx.save(m, str(tmp_path / "nometrics.onnx"))
+    cases = [(["--engine", models["fp32"], "--coco-root", tmp_path / "nowhere"], "image directory not found"),
+             (["--engine", tmp_path / "nometrics.onnx", "--coco-root", toy_root], "no PyTorch val metrics"),
+             (["--engine", tmp_path / "x.onnx", "--coco-root", toy_root], "no such model file"),
+             (["--engine", models["fp32"], "--coco-root", toy_root, "--max-map-drop", "2"], "fraction")]
+    for args, msg in cases:
+        rc, out, err = run(args, capsys)
+        assert rc == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_compare_counts_by_hand():
+    pe = np.array([[0.9, 0.2], [0.6, 0.49], [0.1, 0.8]], dtype=np.float32)
+    pr = np.array([[0.9, 0.2], [0.4, 0.51], [0.1, 0.8]], dtype=np.float32)
+    t = np.array([[1, 0], [1, 1], [0, 1]])
+    rep = compare(pe, pr, t, 0.5)
+    assert rep["label_set_diffs"] == 1                       # only image 1 flips (both labels)
+    assert rep["max_abs_prob_diff"] == pytest.approx(0.2, abs=1e-6)
+    assert rep["map_drop"] == pytest.approx(rep["reference"]["mAP"] - rep["engine"]["mAP"])
