@@ -11,7 +11,7 @@ Each of the 8 classes is a real COCO category with its real id (1, 3, 6, 13, 18,
 85: non-contiguous, crossing COCO's gaps) drawn as its own polygon shape AND in its own hue
 band (45 degrees wide, jittered in hue, saturation and brightness). Images are textured,
 noisy, low-saturation backgrounds with grey distractor blobs; 0-4 objects each, of varied
-scale (radius 6-22% of the image's short side), position and partial occlusion (an
+scale (radius 9-26% of the image's short side), position and partial occlusion (an
 object may be covered by later ones, but keeps at least half its area visible); about 10%
 of images hold no object and get no annotation. The colour cue alone makes it learnable
 from scratch on a CPU in minutes; scale, occlusion, noise and crops keep it from being
@@ -85,7 +85,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     gh, gw = int(rng.integers(3, 9)), int(rng.integers(3, 9))
     hsv = np.empty((gh, gw, 3), np.uint8)
     hsv[..., 0] = rng.integers(0, 180, (gh, gw))
-    hsv[..., 1] = rng.integers(0, 70, (gh, gw))       # low saturation: no class colour
+    hsv[..., 1] = rng.integers(0, 60, (gh, gw))       # low saturation: no class colour
     hsv[..., 2] = rng.integers(40, 230, (gh, gw))
     field = cv2.resize(cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR), (w, h), interpolation=cv2.INTER_LINEAR)
     noise = rng.integers(-18, 19, (h, w, 1), dtype=np.int16)  # (H, W, 1) grain, same on all channels
@@ -109,7 +109,7 @@ def _distractors(rng: np.random.Generator, img: np.ndarray) -> None:
 def _object_colour(rng: np.random.Generator, cls: int) -> tuple[int, int, int]:
     """A BGR colour from class `cls`'s hue band, jittered in hue, saturation and brightness."""
     hue = (cls * HUE_STEP + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 180
-    hsv = np.array([[[round(hue) % 180, rng.integers(150, 256), rng.integers(110, 256)]]], np.uint8)
+    hsv = np.array([[[round(hue) % 180, rng.integers(160, 256), rng.integers(120, 256)]]], np.uint8)
     return tuple(int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
 
 
@@ -133,7 +133,7 @@ def _render(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     for _ in range(n):
         cls = int(rng.integers(0, len(TOY_CLASSES)))
         for _try in range(20):
-            r = short * rng.uniform(0.06, 0.22)
+            r = short * rng.uniform(0.09, 0.26)
             cx, cy = rng.uniform(r * 0.6, w - r * 0.6), rng.uniform(r * 0.6, h - r * 0.6)
             poly = _shape_polygon(TOY_CLASSES[cls][2], cx, cy, r, rng.uniform(0, 2 * np.pi))
             m = np.zeros((h, w), np.uint8)

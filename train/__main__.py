@@ -1,0 +1,144 @@
+"""probres-train: the ResNet + BCE multi-label trainer for COCO-2014 (also `python -m train`).
+
+    probres-train --coco-root data/coco --out runs/r101                       # one GPU (or CPU)
+    torchrun --nproc_per_node=8 -m train --coco-root data/coco --out runs/r101  # DDP
+    probres-train --coco-root data/coco --out runs/r101 --resume              # continue RUN_DIR/last.pt
+
+Defaults are the GPU COCO recipe (resnet101 @ 448, 40 epochs, 64 images per device, Adam
+lr 1e-4, weight decay 1e-4 off biases/BN, OneCycle, AMP, channels_last, EMA 0.9997).
+The documented CPU toy configuration is in README ("Training"). Usage errors (a missing
+--coco-root, a bad flag, a missing --pretrained file, --resume without last.pt) print one
+line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# (train.model imports torch; ARCHS is spelled out so that --help stays fast)
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# The recipe: flags that define a run. On --resume they come from last.pt, and giving one
+# with a different value is an error (it would silently change the run being continued).
+RECIPE_DEFAULTS: dict[str, object] = {
+    "arch": "resnet101", "image_size": 448, "epochs": 40, "batch_size": 64, "lr": 1e-4,
+    "weight_decay": 1e-4, "optimizer": "adam", "loss": "bce", "amp": "auto", "ema_decay": 0.9997,
+    "seed": 0, "keep_empty": False, "pretrained": None, "augment": "full",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):   # one line, not argparse's usage block
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="probres-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--coco-root", required=True, metavar="DIR",
+                   help="COCO-2014 root: train2014/, val2014/, annotations/instances_{train,val}2014.json")
+    p.add_argument("--out", default="runs/train", metavar="RUN_DIR", help="run directory (default runs/train)")
+    p.add_argument("--arch", choices=ARCHS, default=None, help="torchvision ResNet (default resnet101)")
+    p.add_argument("--image-size", type=int, default=None, help="train/eval input size (default 448)")
+    p.add_argument("--epochs", type=int, default=None, help="default 40")
+    p.add_argument("--batch-size", type=int, default=None, help="per device (default 64)")
+    p.add_argument("--lr", type=float, default=None, help="OneCycle max lr (default 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-4, not on biases/BN")
+    p.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
+                   help="adam: L2 decay as in the published recipe (default); adamw: decoupled")
+    p.add_argument("--loss", choices=("bce", "asl"), default=None, help="bce (default) or asl (Ridnik et al. 2021)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=None,
+                   help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU")
+    p.add_argument("--augment", choices=("full", "light"), default=None,
+                   help="full: crop, flip, RandAugment, Cutout (the recipe, default); light: crop + flip (short toy runs)")
+    p.add_argument("--ema-decay", type=float, default=None, help="per-step EMA decay (default 0.9997)")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--keep-empty", action="store_const", const=True, default=None,
+                   help="keep images without annotations as all-negative (default: drop them, as published numbers do)")
+    p.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="local torchvision ImageNet state_dict, e.g. resnet101-cbd1c6e8.pth (never downloaded)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per process (default: CUDA min(12, cores per GPU - 1), CPU 1)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                   help="also write last.pt every STEPS optimizer steps, for mid-epoch resume (default: epoch ends only)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
+    return p
+
+
+def _check_values(cfg: dict) -> None:
+    from train.trainer import UsageError
+    rules = [("epochs", cfg["epochs"] >= 1, ">= 1"), ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
+             ("image_size", 32 <= cfg["image_size"] <= 4096, "in 32..4096"), ("lr", cfg["lr"] > 0, "> 0"),
+             ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"), ("ema_decay", 0 <= cfg["ema_decay"] < 1, "in [0, 1)")]
+    for key, ok, what in rules:
+        if not ok:
+            raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {cfg[key]}")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
+    """The run's config dict and, with --resume, the last.pt to continue from."""
+    from train.trainer import UsageError
+    root = Path(args.coco_root)
+    if not root.is_dir():
+        raise UsageError(f"--coco-root {root}: no such directory")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.save_every < 0:
+        raise UsageError(f"--save-every must be >= 0, got {args.save_every}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    run_dir = Path(args.out)
+    last = run_dir / "last.pt"
+    given = {k: getattr(args, k) for k in RECIPE_DEFAULTS if getattr(args, k) is not None}
+    if args.resume:
+        if not last.is_file():
+            raise UsageError(f"--resume: {last} not found (no run to continue in --out {run_dir}; drop --resume to start one)")
+        from train.checkpoint import load_checkpoint
+        saved = load_checkpoint(last).config
+        for k, v in given.items():
+            if saved.get(k) != v:
+                raise UsageError(f"--resume: --{k.replace('_', '-')} {v} differs from the run's {saved.get(k)} "
+                                 f"(a resumed run keeps its recipe; start a new --out to change it)")
+        cfg = {**RECIPE_DEFAULTS, **saved}
+    else:
+        if last.exists():
+            raise UsageError(f"--out {run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
+        if args.pretrained is not None and not Path(args.pretrained).is_file():
+            from train.model import PRETRAINED_HINT
+            raise UsageError(f"--pretrained {args.pretrained}: no such file; {PRETRAINED_HINT}")
+        cfg = {**RECIPE_DEFAULTS, **given}
+    cfg.update(coco_root=str(root), out=str(run_dir), device=args.device, workers=args.workers,
+               save_every=args.save_every, progress=not args.no_progress)
+    _check_values(cfg)
+    return cfg, (last if args.resume else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)     # bad flags: one line, exit 2 (_Parser.error)
+    # Imported here, not at the top, so that --help answers without loading torch. (And not from
+    # this file: under `python -m train` it runs as __main__, a second copy of its classes.)
+    from runtime.coco import CocoDataError
+    from train.checkpoint import CheckpointError
+    from train.model import PretrainedWeightsError
+    from train.trainer import UsageError, fit
+
+    try:
+        cfg, resume_from = resolve_config(args)
+        fit(cfg, resume_from)
+    except (UsageError, CocoDataError, CheckpointError, PretrainedWeightsError) as e:
+        print(f"probres-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("probres-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

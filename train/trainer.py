@@ -1,0 +1,241 @@
+"""fit(): one training run, from set-up to best.pt, resumable at any checkpoint.
+
+    probres-train --coco-root data/toy_coco --out runs/toy ...   (train/__main__.py resolves the config)
+
+RUN_DIR gets last.pt (every epoch, and every --save-every steps), best.pt (the raw or EMA
+weights with the best val mAP so far), metrics.json (one entry per epoch, rewritten
+atomically), train.log and tb/ (TensorBoard). Only rank 0 writes. Checkpoints go through
+train.checkpoint.save_checkpoint (temp file + rename): a kill -9 at any moment leaves the
+previous complete file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.coco import load_coco_split
+from runtime.contract import ModelContract, PreprocessSpec
+from runtime.fileio import atomic_write_text
+from train import distributed as D
+from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from train.coco import CocoDataset
+from train.ema import ModelEma
+from train.engine import (EpochProgress, StepContext, build_optimizer, build_scheduler, epoch_loss, evaluate,
+                          make_loader, resolve_amp, summary, train_one_epoch)
+from train.losses import build_loss
+from train.model import build_model
+
+class UsageError(ValueError):
+    """Bad command-line input (flags, --out, --resume): one line on stderr, exit code 2."""
+
+
+SELECTION_NOTE = "best.pt is selected on val2014 mAP (raw vs EMA weights), as the published recipes do: not a held-out figure"
+
+
+def pick_device(name: str, info: D.DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device available (use --device cpu)")
+        dev = torch.device("cuda", info.local_rank if info.enabled or name == "cuda" else int(name.split(":")[1]))
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True      # fixed input size: let cuDNN pick the fastest kernels
+        return dev
+    return torch.device("cpu")
+
+
+def default_workers(device: torch.device, info: D.DistInfo) -> int:
+    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    return max(1, min(12, cores - 1)) if device.type == "cuda" else 1
+
+
+def rng_state() -> dict:
+    keys = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys[1].astype(np.int64)), "pos": int(keys[2])},
+            "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", s["numpy"]["keys"].numpy().astype(np.uint32), s["numpy"]["pos"], 0, 0.0))
+    random.setstate(s["python"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Logger:
+    """print + RUN_DIR/train.log on rank 0; silent elsewhere."""
+
+    def __init__(self, run_dir: Path, on: bool) -> None:
+        self.path, self.on = run_dir / "train.log", on
+
+    def __call__(self, msg: str) -> None:
+        if self.on:
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+def fit(cfg: dict, resume_from: Path | None = None) -> dict:
+    """Train per `cfg` (see train/__main__.py); returns the metrics.json document (rank 0)."""
+    info = D.env_info()
+    device = pick_device(cfg["device"], info)
+    D.init(info, device)
+    try:
+        return _fit(cfg, resume_from, info, device)
+    finally:
+        D.cleanup()
+
+
+def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.device) -> dict:
+    run_dir = Path(cfg["out"])
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in list(run_dir.glob(".last.pt.*.tmp")) + list(run_dir.glob(".best.pt.*.tmp")):
+            stale.unlink(missing_ok=True)   # left by a run killed while writing
+    log = Logger(run_dir, info.is_main)
+    seed_all(cfg["seed"] + info.rank)
+    workers = cfg["workers"] if cfg["workers"] is not None else default_workers(device, info)
+    amp_dtype = resolve_amp(cfg["amp"], device)
+
+    # Data: one image-set policy for training's val and the runtime's probres-eval.
+    train_split = load_coco_split(cfg["coco_root"], "train2014", keep_empty=cfg["keep_empty"])
+    val_split = load_coco_split(cfg["coco_root"], "val2014", keep_empty=cfg["keep_empty"], labels=train_split.labels)
+    contract = ModelContract(train_split.labels, PreprocessSpec(size=cfg["image_size"]))
+    ckpt = load_checkpoint(resume_from) if resume_from else None
+    if ckpt is not None and ckpt.contract.labels != contract.labels:
+        raise UsageError(f"--resume: {resume_from} was trained on other labels than {cfg['coco_root']} has")
+    train_ds = CocoDataset(train_split, contract.preprocess, True, cfg["augment"])
+    val_ds = CocoDataset(val_split, contract.preprocess, False)
+    train_loader = make_loader(train_ds, cfg["batch_size"], workers, device, info, cfg["seed"])
+    val_loader = make_loader(val_ds, cfg["batch_size"], workers, device, info, cfg["seed"])
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {cfg['batch_size']} x {info.world_size} processes exceeds the "
+                         f"{len(train_ds)} training images (no full batch)")
+
+    model = build_model(cfg["arch"], contract.labels.num_classes, None if ckpt else cfg["pretrained"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    ema = ModelEma(model, cfg["ema_decay"])
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.enabled else model
+    opt = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"])
+    sched = build_scheduler(opt, cfg["lr"], cfg["epochs"], steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    ctx = StepContext(net, build_loss(cfg["loss"]), opt, sched, scaler, ema, device, amp_dtype)
+
+    history: list[dict] = []
+    best = {"mAP": -1.0, "epoch": 0, "weights": None}
+    start_epoch, prog = 0, EpochProgress()
+    if ckpt is not None:
+        x = ckpt.extra
+        if x.get("world_size", 1) != info.world_size:
+            raise UsageError(f"--resume: the run used {x.get('world_size', 1)} processes, this is {info.world_size} "
+                             f"(the schedule's steps per epoch would change)")
+        model.load_state_dict(ckpt.state_dict)
+        opt.load_state_dict(x["optimizer"])
+        sched.load_state_dict(x["scheduler"])
+        if scaler is not None and x.get("scaler"):
+            scaler.load_state_dict(x["scaler"])
+        ema.load_state_dict(x["ema"])
+        history, best = list(x["history"]), dict(x["best"])
+        start_epoch, prog = ckpt.epoch, EpochProgress(**x["progress"])
+        if info.is_main:
+            set_rng_state(x["rng"])
+        else:   # only rank 0's generator state is saved; other ranks get a fresh, distinct stream
+            seed_all(cfg["seed"] + info.rank + 7919 * x["global_step"])
+        log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {prog.steps}/{steps_per_epoch} of it")
+
+    amp_name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[amp_dtype]
+    log(f"probres-train: {cfg['arch']} @ {cfg['image_size']}, {contract.labels.num_classes} labels, {cfg['loss']} loss, "
+        f"{cfg['augment']} augmentation, {cfg['epochs']} epochs x {steps_per_epoch} steps of {cfg['batch_size']} x {info.world_size} "
+        f"on {device.type} ({amp_name}, channels_last), {workers} workers/process")
+    log(train_split.describe())
+    log(val_split.describe())
+    log(SELECTION_NOTE)
+    resolved = {**cfg, "workers": workers, "world_size": info.world_size, "amp_dtype": amp_name,
+                "steps_per_epoch": steps_per_epoch, "torch": str(torch.__version__)}
+
+    def checkpoint(epoch_done: int, val: dict) -> None:
+        """last.pt: raw weights + everything --resume needs. Rank 0 only."""
+        extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else {}, "ema": ema.state_dict(),
+                 "rng": rng_state(), "history": history, "best": best, "progress": asdict(prog),
+                 "global_step": int(sched.last_epoch), "world_size": info.world_size}
+        save_checkpoint(run_dir / "last.pt", Checkpoint(cfg["arch"], model.state_dict(), contract, resolved,
+                                                        epoch_done, val, "raw", extra))
+
+    def on_step(p: EpochProgress) -> None:
+        # (the epoch's last step is saved at the epoch end anyway, with its val metrics)
+        if info.is_main and sched.last_epoch % cfg["save_every"] == 0 and p.steps < steps_per_epoch:
+            checkpoint(epoch, history[-1]["raw"] if history else {})
+
+    writer = None
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tb"))
+    doc: dict = {}
+    for epoch in range(start_epoch, cfg["epochs"]):
+        t0 = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.set_start(prog.steps * cfg["batch_size"])
+        train_one_epoch(ctx, train_loader, epoch + 1, cfg["epochs"], info, prog,
+                        on_step if cfg["save_every"] else None, cfg["progress"])
+        train_loader.sampler.set_start(0)
+        loss = epoch_loss(prog, device)
+        t_train = time.perf_counter() - t0
+        D.broadcast_state(model)
+        D.broadcast_state(ema.module)
+        raw = evaluate(model, val_loader, val_split.targets, device, amp_dtype)
+        ema_m = evaluate(ema.module, val_loader, val_split.targets, device, amp_dtype)
+        if info.is_main:
+            entry = {"epoch": epoch + 1, "train_loss": loss, "lr": sched.get_last_lr()[0], "steps": prog.steps,
+                     "train_images_per_s": prog.images / max(prog.data_wait_s + prog.compute_s, 1e-9),
+                     "data_wait_s": prog.data_wait_s, "data_wait_frac": prog.data_wait_s / max(prog.data_wait_s + prog.compute_s, 1e-9),
+                     "epoch_time_s": time.perf_counter() - t0, "raw": summary(raw), "ema": summary(ema_m)}
+            history.append(entry)
+            sel, sel_m = ("ema", ema_m) if ema_m["mAP"] > raw["mAP"] else ("raw", raw)
+            improved = sel_m["mAP"] > best["mAP"]
+            if improved:
+                best = {"mAP": sel_m["mAP"], "epoch": epoch + 1, "weights": sel}
+                weights = ema.module.state_dict() if sel == "ema" else model.state_dict()
+                save_checkpoint(run_dir / "best.pt", Checkpoint(cfg["arch"], weights, contract, resolved, epoch + 1,
+                                                                sel_m, sel))
+            prog = EpochProgress()
+            checkpoint(epoch + 1, raw)
+            doc = {"selection": SELECTION_NOTE, "best": best, "config": resolved, "epochs": history}
+            atomic_write_text(run_dir / "metrics.json", json.dumps(doc, indent=1))
+            for k in ("train_loss", "lr", "train_images_per_s", "data_wait_frac"):
+                writer.add_scalar(f"train/{k}", entry[k], epoch + 1)
+            for w, m in (("raw", raw), ("ema", ema_m)):
+                for k, v in summary(m).items():
+                    writer.add_scalar(f"val_{w}/{k}", v, epoch + 1)
+            writer.flush()
+            log(f"epoch {epoch + 1}/{cfg['epochs']}: loss {loss:.4f}, lr {entry['lr']:.2e}, "
+                f"{entry['train_images_per_s']:.1f} img/s, data wait {entry['data_wait_s']:.1f} s "
+                f"({100 * entry['data_wait_frac']:.0f}% of {t_train:.1f} s) | val mAP raw {raw['mAP']:.4f} "
+                f"ema {ema_m['mAP']:.4f} on {raw['num_images']} images | best {best['mAP']:.4f} "
+                f"(epoch {best['epoch']}, {best['weights']}){' -> best.pt' if improved else ''}")
+        else:
+            prog = EpochProgress()
+    if writer is not None:
+        writer.close()
+    D.barrier()
+    return doc
