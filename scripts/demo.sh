@@ -12,10 +12,11 @@ set -euo pipefail
 
 OUT=${1:-demo_out}
 BIN=${BIN:-.venv/bin}
-TRAIN_IMAGES=${TRAIN_IMAGES:-200}
-VAL_IMAGES=${VAL_IMAGES:-60}
-EPOCHS=${EPOCHS:-8}
-SIZE=${SIZE:-96}
+# README's documented CPU configuration (val mAP ~0.93 from scratch in ~5-6 min on 2 cores).
+TRAIN_IMAGES=${TRAIN_IMAGES:-400}
+VAL_IMAGES=${VAL_IMAGES:-100}
+EPOCHS=${EPOCHS:-16}
+SIZE=${SIZE:-64}
 T0=$(date +%s)
 step() { printf '\n== [%4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
 
@@ -27,7 +28,7 @@ step "1/5 toy COCO-2014 ($TRAIN_IMAGES train / $VAL_IMAGES val images) -> $OUT/t
 
 step "2/5 training resnet18 @ ${SIZE}px for $EPOCHS epochs on the CPU -> $OUT/run/best.pt"
 "$BIN/probres-train" --coco-root "$OUT/toy_coco" --out "$OUT/run" --arch resnet18 --image-size "$SIZE" \
-    --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --ema-decay 0.9 --device cpu --no-progress
+    --epochs "$EPOCHS" --batch-size 8 --lr 2e-3 --augment light --workers 1 --device cpu --no-progress
 
 step "3/5 export to ONNX FP32 + FP16, each verified against PyTorch -> $OUT/model.onnx, $OUT/model_fp16.onnx"
 "$BIN/python" -m export.onnx --checkpoint "$OUT/run/best.pt" --output "$OUT/model.onnx" --fp16 \
