@@ -116,11 +116,6 @@ def uses_area(h: int, w: int, size: int, interpolation: str = "area") -> bool:
     return interpolation == "area" and (h > size or w > size)
 
 
-def resize_interpolation(h: int, w: int, size: int, interpolation: str = "area") -> int:
-    """The cv2 flag closest to what `resize` does (INTER_AREA where the exact area filter runs)."""
-    return cv2.INTER_AREA if uses_area(h, w, size, interpolation) else cv2.INTER_LINEAR
-
-
 def area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Exact box-filter taps along one axis: (start (n_out,), weights (n_out, K) float32, denom).
 
