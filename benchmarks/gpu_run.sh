@@ -2,30 +2,33 @@
 # Every GPU check and benchmark of issue 6 in ONE call (about 8 minutes on one H100); full JSON under $OUT.
 #
 #   device tool:  run(command="bash benchmarks/gpu_run.sh", timeout_s=600[, carry=[".whl"]])
+#   some steps:   GPU_RUN_STEPS="checkpoint latency train_step" bash benchmarks/gpu_run.sh
 #   CPU dry run:  GPU_RUN_TINY=1 PY=.venv/bin/python OUT=/tmp/gpu_out bash benchmarks/gpu_run.sh
 #
 # Installs nothing from the network (the device machine reaches none). Wheels in .whl/ (carried
 # with the call) are installed with --no-index into /tmp/site first, if there are any: e.g.
-# onnxconverter-common for the FP16 ONNX graph, which the device image lacks:
-#   python3 -m pip download --no-deps -d .whl onnxconverter-common==1.16.0
+# onnxconverter-common for the FP16 ONNX graph and pycocotools for the training loader, which the
+# device image lacks (pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl onnxconverter-common==1.16.0 pycocotools==2.0.11)
 # Steps, most important first, each under its own timeout and all under one deadline
 # (GPU_RUN_BUDGET, default 540 s, so the call ends inside the tool's 600 s); a failed step is
 # reported and the rest go on:
-#   1 environment: nvidia-smi, python packages, TensorRT presence
+#   1 environment (into run.log): nvidia-smi, python packages, TensorRT presence
 #   2 build the C preprocessing extension in place (runtime/_fastnorm; numpy twin if it fails)
 #   3 an untrained resnet101 @448 checkpoint, 80 COCO labels, BatchNorm statistics recalibrated on
 #     photos (speed does not depend on weights; FP16 numerics do: raw init overflows FP16)
-#   4 benchmarks.preprocess on the device's 16 quiet CPU cores, threads 1..16
-#   5 export ONNX FP32 + FP16 (verified against PyTorch by export.onnx; else FP16 converted unverified)
-#   6 TensorRT FP16 plan + the TensorRT backend's cuda-python memory path, only if tensorrt exists
-#   7 benchmarks.latency: PyTorch eager FP32 vs eager FP16 channels_last at batch 1/8/32/128 (CUDA
-#     events), ONNX Runtime rows (CPU: batch 1 only), TensorRT rows, FP16-vs-FP32 probability
+#   4 benchmarks.latency: PyTorch eager FP32 vs eager FP16 channels_last vs the same FP16 kernels
+#     replayed from a CUDA graph, batch 1/8/32/128 (CUDA events), FP16-vs-FP32 probability
 #     differences, end-to-end probres-infer throughput, plot
-#   8 training-step images/s (benchmarks.train_step, synthetic batch: the compute ceiling)
-#   9 torch.compile FP16 channels_last (CUDA graphs) vs eager, with whatever time is left
-#  10 a short table, printed last
-# $OUT gets at most 8 files (the device tool's limit): run.log env.txt preprocess.json
-# latency.json latency.png latency_compile.json train_step.json summary.txt.
+#   5 training-step images/s (benchmarks.train_step: synthetic batch = compute ceiling, and the
+#     real DataLoader on a generated toy set with this machine's cores)
+#   6 benchmarks.preprocess on the device's 16 quiet CPU cores, threads 1..16
+#   7 torch.compile FP16 channels_last (Inductor, freezing, CUDA graphs) against eager
+#   8 with the time left: ONNX FP32 + FP16 export (verified against PyTorch), a TensorRT FP16 plan
+#     only if tensorrt exists, and their latency rows (this image's onnxruntime is CPU-only)
+#   9 a short table, printed last
+# $OUT gets at most 8 files (the device tool's limit): run.log preprocess.json latency.json
+# latency.png train_step.json latency_compile.json latency_onnx.json summary.txt.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 PY=${PY:-python3}
@@ -37,12 +40,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCHINDU
 
 if [ "$TINY" = 1 ]; then        # a few minutes on a 2-core CPU: checks the plumbing, not the speed
   ARCH=resnet18 SIZE=64 BATCHES=1,2 ITERS=2 E2E=6 CPU_BATCHES=1 CPU_ITERS=1 CPU_E2E=0
-  TRAIN_ARGS="--arch resnet18 --image-size 64 --batch-size 2 --steps 2 --warmup 1"
+  TRAIN_ARGS="--arch resnet18 --image-size 64 --batch-size 2 --steps 2 --warmup 1 --toy-images 8"
   PRE_ARGS="--count 4 --repeats 1 --threads 1,2"
   BUDGET=${GPU_RUN_BUDGET:-900}
 else
   ARCH=resnet101 SIZE=448 BATCHES=1,8,32,128 ITERS=30 E2E=1024 CPU_BATCHES=1 CPU_ITERS=3 CPU_E2E=0
-  TRAIN_ARGS="--arch resnet101 --image-size 448 --batch-size 64 --steps 30"
+  TRAIN_ARGS="--arch resnet101 --image-size 448 --batch-size 64 --steps 20 --toy-images 384"
   PRE_ARGS="--count 64 --repeats 5 --threads 1,2,4,8,16"
   BUDGET=${GPU_RUN_BUDGET:-540}
 fi
@@ -50,8 +53,10 @@ left() {  # seconds for a step: its own cap, or what is left before the deadline
   local r=$((BUDGET - SECONDS - 10)); [ "$r" -lt 5 ] && r=5; [ "$1" -lt "$r" ] && r=$1; echo "$r"
 }
 declare -A STATUS
+STEPS=" ${GPU_RUN_STEPS:-all} "   # e.g. GPU_RUN_STEPS="checkpoint latency train_step": a rerun of some steps
 step() {  # step NAME TIMEOUT_S CMD...: run, time, record the exit status
   local name=$1 limit=$2; shift 2
+  if [ "$STEPS" != " all " ] && [ "$name" != wheels ] && [[ "$STEPS" != *" $name "* ]]; then STATUS[$name]="not selected"; return 1; fi
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@"
@@ -67,10 +72,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-# 1 environment
-{
-  date -Is; uname -a; nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-  $PY - <<'EOF'
+# 1 environment (run.log only: the 8-file limit)
+date -Is; uname -a; nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+$PY - <<'EOF'
 import importlib, platform
 print("python", platform.python_version())
 for m in ("torch", "torchvision", "onnx", "onnxruntime", "onnxconverter_common", "tensorrt", "cuda", "cv2", "numpy"):
@@ -79,15 +83,9 @@ for m in ("torch", "torchvision", "onnx", "onnxruntime", "onnxconverter_common",
         print(m, getattr(mod, "__version__", "present"))
     except Exception as e:
         print(m, "NOT AVAILABLE:", e.__class__.__name__, str(e)[:120])
-try:
-    import onnxruntime as ort; print("onnxruntime providers", ort.get_available_providers())
-except Exception:
-    pass
 import torch
 print("cuda available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
 DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 
 # 2 C extension in place (the numpy twin gives the same numbers if this fails, only slower)
@@ -97,52 +95,48 @@ $PY -c "import runtime.preprocess as p; print('fastnorm:', p._fastnorm.simd() if
 # 3 untrained checkpoint, BatchNorm recalibrated on photos (raw init overflows FP16 in ResNet-101)
 step checkpoint "$(left 120)" $PY -c "from benchmarks.latency import speed_checkpoint as s; s('$WORK/best.pt', '$ARCH', $SIZE)"
 
-# 4 preprocessing on this machine's CPUs (quiet, 16 cores: the thread-scaling figures)
-step preprocess "$(left 50)" $PY -m benchmarks.preprocess $PRE_ARGS --json "$OUT/preprocess.json"
-
-# 5 ONNX FP32 + FP16. export.onnx gates FP16 at max|dprob| <= 5e-3 against PyTorch; random weights
-# may miss that gate, so the FP16 graph is then converted unverified (export.fp16) and the latency
-# step reports its measured FP16-vs-FP32 differences instead.
-ENGINES=(--engine "$WORK/best.pt")
-if ! step export_onnx "$(left 150)" $PY -m export.onnx --checkpoint "$WORK/best.pt" --output "$WORK/model.onnx" --fp16 --max-batch 256; then
-  [ -f "$WORK/model.onnx" ] || step export_onnx_fp32 "$(left 120)" $PY -m export.onnx --checkpoint "$WORK/best.pt" --output "$WORK/model.onnx" --max-batch 256
-  [ -f "$WORK/model.onnx" ] && [ ! -f "$WORK/model_fp16.onnx" ] && step export_fp16_unverified "$(left 60)" $PY -m export.fp16 "$WORK/model.onnx" "$WORK/model_fp16.onnx"
-fi
-for f in "$WORK/model.onnx" "$WORK/model_fp16.onnx"; do [ -f "$f" ] && ENGINES+=(--engine "$f"); done
-
-# 6 TensorRT plan, only where TensorRT exists (the lent images have none so far)
-if $PY -c "import tensorrt" 2>/dev/null && [ -f "$WORK/model_fp16.onnx" ]; then
-  if step tensorrt_build "$(left 150)" $PY -m export.tensorrt --onnx "$WORK/model_fp16.onnx" --output "$WORK/model.plan" --fp16 \
-       --min-batch 1 --opt-batch 32 --max-batch 128; then
-    ENGINES+=(--engine "$WORK/model.plan")
-  fi
-else
-  echo "=== tensorrt: not installed on this machine (or no FP16 ONNX): TensorRT rows are reported unavailable"
-  STATUS[tensorrt]="not installed"
-fi
-
-# 7 latency / throughput / FP16-vs-FP32 / end to end, everything but torch.compile
+# 4 PyTorch latency / throughput / FP16-vs-FP32 / end to end
 LAT_ARGS=(--device "$DEVICE" --batch-sizes "$BATCHES" --iters "$ITERS" --cpu-batch-sizes "$CPU_BATCHES"
           --cpu-iters "$CPU_ITERS" --cpu-e2e-count "$CPU_E2E" --e2e-count "$E2E")
-step latency "$(left 150)" $PY -m benchmarks.latency "${ENGINES[@]}" "${LAT_ARGS[@]}" \
-  --formats "PyTorch eager,ONNX,TensorRT" --json "$OUT/latency.json" --plot "$OUT/latency.png"
+step latency "$(left 150)" $PY -m benchmarks.latency --engine "$WORK/best.pt" "${LAT_ARGS[@]}" \
+  --formats "PyTorch eager,CUDA graph" --json "$OUT/latency.json" --plot "$OUT/latency.png"
 
-# 8 training step (synthetic batch on the device: the compute ceiling of probres-train's step)
-if [ -f benchmarks/train_step.py ]; then
-  step train_step "$(left 90)" $PY -m benchmarks.train_step $TRAIN_ARGS --device auto --skip-loader --json "$OUT/train_step.json"
-else
-  echo "=== train_step: benchmarks/train_step.py not in this tree"; STATUS[train_step]="missing"
-fi
+# 5 training step: synthetic batch (compute ceiling) and the real loader on this machine's cores
+step train_step "$(left 120)" $PY -m benchmarks.train_step $TRAIN_ARGS --device auto --json "$OUT/train_step.json"
 
-# 9 torch.compile (Inductor + CUDA graphs) against eager in the same process, with the time left
+# 6 preprocessing on this machine's CPUs (quiet, 16 cores: the thread-scaling figures)
+step preprocess "$(left 60)" $PY -m benchmarks.preprocess $PRE_ARGS --json "$OUT/preprocess.json"
+
+# 7 torch.compile (Inductor + freezing + CUDA graphs) against eager in the same process
 if [ "$DEVICE" = cuda ]; then
-  step latency_compile "$(left 300)" $PY -m benchmarks.latency --engine "$WORK/best.pt" "${LAT_ARGS[@]}" \
-    --formats "PyTorch eager,torch.compile" --json "$OUT/latency_compile.json"
+  step latency_compile "$(left 240)" $PY -m benchmarks.latency --engine "$WORK/best.pt" "${LAT_ARGS[@]}" \
+    --formats "PyTorch eager channels_last,torch.compile" --json "$OUT/latency_compile.json"
 else
   echo "=== latency_compile: no CUDA device (torch.compile rows are GPU-only)"; STATUS[latency_compile]="skipped: no GPU"
 fi
 
-# 10 summary, last
+# 8 with the time left: ONNX FP32 + FP16 (export.onnx gates FP16 at max|dprob| <= 5e-3 against
+# PyTorch; if random weights miss that gate the FP16 graph is converted unverified and the latency
+# rows report its measured differences), TensorRT only where it exists, and their latency rows.
+ENGINES=()
+if ! step export_onnx "$(left 150)" $PY -m export.onnx --checkpoint "$WORK/best.pt" --output "$WORK/model.onnx" --fp16 --max-batch 256; then
+  [ -f "$WORK/model.onnx" ] && [ ! -f "$WORK/model_fp16.onnx" ] \
+    && step export_fp16_unverified "$(left 60)" $PY -m export.fp16 "$WORK/model.onnx" "$WORK/model_fp16.onnx"
+fi
+for f in "$WORK/model.onnx" "$WORK/model_fp16.onnx"; do [ -f "$f" ] && ENGINES+=(--engine "$f"); done
+if $PY -c "import tensorrt" 2>/dev/null && [ -f "$WORK/model_fp16.onnx" ]; then
+  step tensorrt_build "$(left 150)" $PY -m export.tensorrt --onnx "$WORK/model_fp16.onnx" --output "$WORK/model.plan" --fp16 \
+       --min-batch 1 --opt-batch 32 --max-batch 128 && ENGINES+=(--engine "$WORK/model.plan")
+else
+  echo "=== tensorrt: not installed on this machine (or no FP16 ONNX): TensorRT rows are reported unavailable"
+  STATUS[tensorrt]="not installed"
+fi
+if [ ${#ENGINES[@]} -gt 0 ]; then
+  step latency_onnx "$(left 120)" $PY -m benchmarks.latency --engine "$WORK/best.pt" "${ENGINES[@]}" "${LAT_ARGS[@]}" \
+    --formats "ONNX,TensorRT" --json "$OUT/latency_onnx.json"
+fi
+
+# 9 summary, last
 {
   echo "steps:"; for k in "${!STATUS[@]}"; do echo "  $k: ${STATUS[$k]}"; done
   $PY - "$OUT" <<'EOF'
@@ -155,10 +149,10 @@ def load(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ("latency.json", "latency_compile.json"):
+for name in ("latency.json", "latency_compile.json", "latency_onnx.json"):
     lat = load(name)
     if lat:
-        rows += [r for r in lat["rows"] if name == "latency.json" or "torch.compile" in r["format"]]
+        rows += [r for r in lat["rows"] if name != "latency_compile.json" or "torch.compile" in r["format"]]
 if rows:
     print(f"{'format':<44} {'prec':>5} {'batch':>5} {'p50 ms':>8} {'img/s':>9}  note")
     for r in rows:
@@ -175,7 +169,7 @@ if rows:
     print("GPU targets (ResNet-101 @448, one H100): best backend >= 4000 images/s at batch 128; batch-1 latency <= 2 ms")
 ts = load("train_step.json")
 if ts:
-    print("train step:", {k: ts[k] for k in ts if k in ("arch", "image_size", "batch_size", "device", "amp", "synthetic")})
+    print("train step:", {k: ts[k] for k in ts if k in ("arch", "image_size", "batch_size", "device", "amp", "synthetic", "loader", "loader_only")})
 pre = load("preprocess.json")
 if pre:
     print("preprocess:", ", ".join(f"{r['pipeline']}@{r['threads']}t {r['ms_per_image']:.2f} ms" for r in pre["results"]))

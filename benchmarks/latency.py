@@ -5,9 +5,10 @@
         [--json OUT] [--plot OUT.png] [--coco-root DIR [--coco-limit N]] [--e2e-count N] [--formats A,B]
 
 Rows (one per format the given files allow; the others are listed "unavailable: why"):
-  .pt    PyTorch eager FP32; PyTorch eager FP16 channels_last and torch.compile FP16
-         channels_last (CUDA only: FP16 eager/compile on a 2-core CPU is not a deployment target;
-         compiled once with a dynamic batch, fed only the timed batch shapes)
+  .pt    PyTorch eager FP32 (true FP32: TF32 off); PyTorch eager FP16 channels_last, the same kernels captured in a
+         CUDA graph per batch shape, and torch.compile FP16 channels_last (CUDA only: FP16 on a
+         2-core CPU is not a deployment target; compiled once with a dynamic batch and Inductor's
+         freezing (BatchNorm folded into the convolutions), fed only the timed batch shapes)
   .onnx  ONNX Runtime with each provider this build has (CPU; CUDA, TensorRT EP when device
          allows), at the graph's precision (metadata "probres.precision")
   .plan  TensorRT (runtime.backends.tensorrt; its timing includes the host<->device copies)
@@ -60,6 +61,11 @@ class TorchRunner:
         if threads:
             torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN pick its kernels
+        if not fp16:
+            # The FP32 row is the reference the FP16 rows are compared with: true FP32, not the TF32
+            # tensor-core mode PyTorch allows for cuDNN convolutions by default (10-bit mantissa).
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.torch, self.dev, self.fp16 = torch, torch.device(device), fp16
         ckpt = load_checkpoint(path)
         model = ckpt.build().to(self.dev).eval()
@@ -67,9 +73,15 @@ class TorchRunner:
         self.fmt = torch.channels_last if fp16 else torch.contiguous_format
         if fp16:
             model = model.half().to(memory_format=torch.channels_last)
-        # dynamic=True: one Inductor compile serves every batch size (CUDA graphs are still recorded
-        # per shape); static shapes would recompile per batch size, minutes for ResNet-101.
-        self.model = torch.compile(model, mode=compile_mode, dynamic=True) if compile_mode else model
+        if compile_mode:
+            # Freezing: weights become constants, so Inductor folds BatchNorm into the convolutions
+            # (inference only). dynamic=True: one compile serves every batch size (CUDA graphs are
+            # still recorded per shape); static shapes recompile per batch size, minutes for ResNet-101.
+            import torch._inductor.config as inductor_config
+            if hasattr(inductor_config, "freezing"):
+                inductor_config.freezing = True
+            model = torch.compile(model, mode=compile_mode, dynamic=True)
+        self.model = model
 
     def _forward(self, x):
         with self.torch.inference_mode():
@@ -94,6 +106,62 @@ class TorchRunner:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             self._forward(x)
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        return out
+
+
+class GraphRunner(TorchRunner):
+    """Eager FP16 channels_last kernels captured once per batch shape in a CUDA graph, replayed.
+
+    No compiler: the same cuDNN kernels as the eager row, launched by one graph replay instead of
+    ~350 Python-side launches, which is what bounds eager batch-1 latency. Static input buffer
+    (N, 3, S, S) per shape, one shared memory pool (torch.cuda.graph_pool_handle).
+    """
+
+    def __init__(self, path: str, threads: int | None):
+        super().__init__(path, "cuda", True, None, threads)
+        self.pool = self.torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple] = {}            # shape -> (graph, static input, static output)
+
+    def _graph(self, shape: tuple):
+        if shape not in self.graphs:
+            torch = self.torch
+            x = torch.randn(shape, device=self.dev).half().contiguous(memory_format=self.fmt)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                # warm-up: cuDNN picks its kernels outside capture
+                for _ in range(3):
+                    self._forward(x)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                y = self._forward(x)
+            self.graphs[shape] = (g, x, y)
+        return self.graphs[shape]
+
+    def _run(self, x):
+        g, xs, ys = self._graph(tuple(x.shape))
+        xs.copy_(x)
+        g.replay()
+        return ys
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(self.to_device(batch)).cpu().numpy()
+
+    def time_engine(self, batch: np.ndarray, iters: int, warmup: int) -> list[float]:
+        torch = self.torch
+        g, xs, _ = self._graph(tuple(batch.shape))
+        xs.copy_(self.to_device(batch))
+        for _ in range(warmup):
+            g.replay()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(iters):                          # CUDA events around one replay
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
             b.record()
             b.synchronize()
             out.append(a.elapsed_time(b))
@@ -188,11 +256,13 @@ def plan_rows(engines: list[str], device: str, compile_mode: str, threads: int |
     for p in pts:
         rows.append(dict(format="PyTorch eager", path=p, precision="fp32", device=dev, family="pytorch",
                          make=lambda p=p: TorchRunner(p, dev, False, None, threads)))
+        why = None if cuda else "FP16 PyTorch is benchmarked on CUDA only (no GPU here)"
         for fmt, mode in (("PyTorch eager channels_last", None), (f"torch.compile[{compile_mode}] channels_last", compile_mode)):
-            why = None if cuda else "FP16 PyTorch is benchmarked on CUDA only (no GPU here)"
             rows.append(dict(format=fmt, path=p, precision="fp16", device="cuda", family="pytorch", why=why,
                              fixed_shapes=mode is not None,
                              make=lambda p=p, mode=mode: TorchRunner(p, "cuda", True, mode, threads)))
+        rows.append(dict(format="PyTorch CUDA graph channels_last", path=p, precision="fp16", device="cuda",
+                         family="pytorch", why=why, make=lambda p=p: GraphRunner(p, threads)))
     if not pts:
         rows.append(dict(format="PyTorch eager", path=None, precision="fp32", device=dev, family="pytorch",
                          why="no .pt checkpoint given (--engine best.pt)"))

@@ -74,7 +74,8 @@ def test_latency_benchmark_rows_table_json_and_plot(tmp_path, toy_checkpoint, ca
         assert r["e2e_images_per_s"] > 0 and r["size_mb"] is not None
     assert "prob_diff_vs_pytorch_fp32" not in ort          # other labels: not the same model, not compared
     # what cannot run here is listed with the reason, never timed
-    for key in [("PyTorch eager channels_last", "fp16"), ("ONNX Runtime", "fp16"), ("TensorRT", "fp16")]:
+    for key in [("PyTorch eager channels_last", "fp16"), ("PyTorch CUDA graph channels_last", "fp16"), ("ONNX Runtime", "fp16"),
+                ("TensorRT", "fp16")]:
         assert rows[key]["status"].startswith("unavailable: ") and "latency" not in rows[key]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
