@@ -21,6 +21,7 @@ setup(
         Extension(
             "runtime._fastnorm",
             sources=["runtime/_cext/fastnorm.c"],
+            depends=["runtime/_cext/fastnorm_tile.h", "runtime/_cext/fastnorm_planar.h"],   # included fragments
             extra_compile_args=cflags,
             optional=True,
         )

@@ -106,6 +106,54 @@ def decode_bgr(src: ImageSource, name: str | None = None) -> np.ndarray:
     return img
 
 
+# preprocess() decodes a path into a buffer each thread keeps: a fresh ~1 MB array per image costs
+# page faults whenever the allocator has handed the last one back to the kernel (up to 1 ms per
+# 640x480 image here, more than the resize), and the reused buffer is still in cache. cv2.imread
+# (the only decoder call that takes a destination) gets it; only files that end as a complete
+# JPEG or PNG do (the C helper checks EOI / IEND), since imread pads a truncated file where
+# imdecode (decode_bgr) refuses it, and the two must not disagree. Everything else, and any
+# failure, goes to decode_bgr, which decides (and words the error) exactly as before.
+SCRATCH_MAX_BYTES = 32 << 20      # larger images (over ~11 Mpixel) get an array of their own
+_SCRATCH = threading.local()
+_SENTINEL = b"probres:imread-wrote-nothing:v1"          # 31 bytes
+
+
+def _decode_path_reusing(path: str) -> np.ndarray | None:
+    """Decode a complete JPEG/PNG file into this thread's reusable buffer (valid until this thread's
+    next call); None when the file is anything else or anything fails: decode_bgr then decides."""
+    try:
+        hw = _fastnorm.image_hw(path)                       # (h, w) from the header, None if not complete
+    except (TypeError, ValueError):                         # e.g. an embedded NUL: decode_bgr says
+        return None
+    if hw is None or not 11 <= hw[0] * hw[1] <= MAX_IMAGE_PIXELS or hw[0] * hw[1] * 3 > SCRATCH_MAX_BYTES:
+        return None
+    nbytes = hw[0] * hw[1] * 3
+    raw = getattr(_SCRATCH, "buf", None)
+    if raw is None or raw.size < nbytes:
+        raw = _SCRATCH.buf = np.empty(nbytes, np.uint8)
+    dst = raw[:nbytes].reshape(hw[0], hw[1], 3)
+    # imread(path, dst) returns dst untouched when it fails before decoding, and does not say so:
+    # a decode overwrites these bytes (an image that happens to start with them is decoded again).
+    raw[:31] = np.frombuffer(_SENTINEL, np.uint8)
+    try:
+        img = cv2.imread(path, dst, cv2.IMREAD_COLOR)      # EXIF orientation applied, as imdecode
+    except Exception:                                       # cv2.error (a header imread refuses...)
+        return None
+    if img is dst:
+        return None if raw[:31].tobytes() == _SENTINEL else img
+    ok = isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8 and img.size
+    return img if ok else None                              # rotated by EXIF: a new array
+
+
+def _decode_for_batch(src: ImageSource) -> np.ndarray:
+    """decode_bgr, through the reusable buffer when src is a path (the caller uses the pixels at once)."""
+    if _fastnorm is not None and isinstance(src, (str, os.PathLike)):
+        img = _decode_path_reusing(os.fspath(src))
+        if img is not None:
+            return img
+    return decode_bgr(src)
+
+
 def decode(src: ImageSource, name: str | None = None) -> np.ndarray:
     """Decode to RGB uint8 HxWx3 (for training-time augmentation; the eval path stays BGR)."""
     return cv2.cvtColor(decode_bgr(src, name), cv2.COLOR_BGR2RGB)
@@ -304,8 +352,10 @@ def preprocess(
     `spec` (a contract's PreprocessSpec) overrides size/mean/std/interpolation.
     `out`, if given, is a preallocated C-contiguous (>=N, 3, S, S) float32/float16 buffer
     (e.g. pinned host memory from a GPU backend) written in place; else `dtype` picks the type.
-    `threads` > 1 spreads images over a thread pool (decode and the C kernel release the GIL).
-    Raises ImageDecodeError naming the first input that cannot be decoded.
+    `threads` > 1 spreads images over the calling thread and threads - 1 pool workers (decode
+    and the C kernel release the GIL). Paths to complete JPEG/PNG files are decoded into a buffer
+    each thread reuses (see SCRATCH_MAX_BYTES). Raises ImageDecodeError naming the first input
+    (in input order) that cannot be decoded.
     """
     spec = _spec(spec, size, mean, std, interpolation)
     n, s = len(images), spec.size
@@ -317,14 +367,43 @@ def preprocess(
         raise ValueError(f"out must be float32 or float16 (>= {n}, 3, {s}, {s}), got {got}")
     scale, bias = normalize_coefficients(spec.mean, spec.std)
     stream = out[:n].nbytes >= STREAM_BYTES
+    # The C kernel called directly where resize_normalize_into would (its checks hold for every
+    # row of a valid batch and every decoded image): ~8 us of Python per image saved, GIL held.
+    direct = _fastnorm is not None and out.flags.c_contiguous
+    coef = (tuple(map(float, scale)), tuple(map(float, bias)))
 
     def one(i: int) -> None:
-        resize_normalize_into(decode_bgr(images[i]), out[i], scale, bias, spec.interpolation, stream=stream)
+        bgr = _decode_for_batch(images[i])
+        if direct and ((bgr.shape[0], bgr.shape[1]) == (s, s) or uses_area(bgr.shape[0], bgr.shape[1], s, spec.interpolation)):
+            _fastnorm.resize_normalize(bgr, out[i], *coef, stream=stream)
+        else:
+            resize_normalize_into(bgr, out[i], scale, bias, spec.interpolation, stream=stream)
 
     if threads <= 1 or n <= 1:
         for i in range(n):
             one(i)
-    else:
-        # map() re-raises the first failing image's ImageDecodeError (in input order).
-        list(_pool(min(threads, n)).map(one, range(n)))
+        return out[:n]
+    # The caller's thread works too, beside threads - 1 pool workers, and each worker takes the
+    # next image until none is left: one task per worker rather than one per image, whose
+    # futures and wake-ups contend for the GIL with the workers.
+    todo, errors = iter(range(n)), {}
+    take = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with take:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                one(i)
+            except Exception as e:                   # every image is still attempted, as map() did
+                errors[i] = e
+
+    helpers = [_pool(min(threads, n) - 1).submit(work) for _ in range(min(threads, n) - 1)]
+    work()
+    for h in helpers:
+        h.result()
+    if errors:                                       # the first failing input, in input order
+        raise errors[min(errors)]
     return out[:n]

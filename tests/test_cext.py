@@ -63,6 +63,64 @@ def test_simd_generic_and_numpy_are_bit_identical(shape):
                                   _run(img, (3, h, w), np.float16).view(np.uint16))
 
 
+# COCO's common widths to 448 (planar kernel, with and without the -128 pixel offset), and a
+# 16-byte-aligned destination (numpy's usual alignment for large arrays) for streaming stores.
+KERNEL_SHAPES = SHAPES + [((480, 640), (448, 448)), ((640, 426), (448, 448)), ((612, 612), (448, 448)),
+                          ((375, 500), (448, 448)), ((31, 45), (17, 29))]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+def test_every_kernel_and_store_mode_is_bit_identical_to_the_numpy_twin(shape):
+    (H, W), (h, w) = shape
+    img = _img(np.random.default_rng(H + W), H, W)
+    twin = np.empty((3, h, w), np.float32)
+    if not ((H, W) == (h, w) or H > h or W > w):
+        return
+    resize_normalize_into(img, twin, SCALE, BIAS, use_ext=False)
+    used = set()
+    for kernel in ("planar", "tile16", "tile8", "generic"):
+        for dtype in (np.float32, np.float16):
+            for stream in (False, True):
+                for offset in (0, 16 // np.dtype(dtype).itemsize, 1):   # 32-byte aligned, 16, 4/2
+                    raw = np.full(3 * h * w + 64, np.nan, dtype)
+                    start = (-raw.ctypes.data % 32) // raw.itemsize + offset
+                    out = raw[start:start + 3 * h * w].reshape(3, h, w)
+                    used.add(fastnorm.resize_normalize(img, out, *ARGS, stream=stream, kernel=kernel))
+                    ref = twin.astype(dtype)
+                    np.testing.assert_array_equal(out.view(np.uint8), ref.view(np.uint8))
+    assert used <= {"planar", "tile16", "tile8", "generic"} and "generic" in used
+
+
+@needs_ext
+def test_planar_kernel_serves_coco_widths():
+    img = _img(np.random.default_rng(2), 480, 640)
+    out = np.empty((3, 448, 448), np.float32)
+    if fastnorm.simd() == "avx2":
+        for H, W in ((480, 640), (640, 480), (427, 640), (426, 640), (612, 612)):
+            assert fastnorm.resize_normalize(img[:H, :W] if H <= 480 else _img(np.random.default_rng(3), H, W),
+                                             out, *ARGS) == "planar"
+    assert fastnorm.resize_normalize(img, out, *ARGS, simd=False) == "generic"
+    with pytest.raises(ValueError, match="unknown kernel"):
+        fastnorm.resize_normalize(img, out, *ARGS, kernel="fast")
+
+
+@needs_ext
+def test_image_hw_reads_complete_jpeg_and_png_headers_only(tmp_path):
+    img = cv2.GaussianBlur(_img(np.random.default_rng(6), 37, 53), (3, 3), 0)
+    jpg = cv2.imencode(".jpg", img)[1].tobytes()
+    png = cv2.imencode(".png", img)[1].tobytes()
+    cases = {"a.jpg": (jpg, (37, 53)), "a.png": (png, (37, 53)), "cut.jpg": (jpg[:-100], None),
+             "cut.png": (png[:-5], None), "tail.jpg": (jpg + b"xx", None), "a.bmp": (cv2.imencode(".bmp", img)[1].tobytes(), None),
+             "empty.jpg": (b"", None), "soi.jpg": (b"\xff\xd8\xff\xd9", None)}
+    for name, (data, hw) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert fastnorm.image_hw(str(tmp_path / name)) == hw, name
+    assert fastnorm.image_hw(tmp_path / "a.jpg") == (37, 53)                # os.PathLike
+    assert fastnorm.image_hw(str(tmp_path / "missing.jpg")) is None
+    assert fastnorm.image_hw(str(tmp_path)) is None                         # a directory
+
+
 @needs_ext
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_an_independent_float64_area_mean(shape):

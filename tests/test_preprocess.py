@@ -152,3 +152,27 @@ def test_area_interpolation_does_not_alias_on_large_downscales():
     area = preprocess([enc.tobytes()], size=448)[0, 0]
     linear = preprocess([enc.tobytes()], size=448, interpolation="linear")[0, 0]
     assert area.std() < 0.5 * linear.std()          # measured: 0.33 vs 1.26 (normalized units)
+
+
+def test_paths_give_the_same_tensor_as_bytes_for_every_kind_of_file(tmp_path):
+    # Paths to complete JPEG/PNG files are decoded by cv2.imread into a reused buffer, the rest
+    # (and bytes) by cv2.imdecode: the tensors, and the errors, must not depend on which.
+    rng = np.random.default_rng(8)
+    rgb = cv2.GaussianBlur(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), (5, 5), 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {"a.jpg": _jpeg(rgb), "rot6.jpg": _jpeg(rgb, exif=exif.tobytes()), "b.png": _png(Image.fromarray(rgb)),
+             "p.png": _png(Image.fromarray(rgb).convert("P")), "tail.jpg": _jpeg(rgb) + b"trailing bytes",
+             "big.jpg": _jpeg(cv2.resize(rgb, (900, 700)))}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = [tmp_path / n for n in files] * 2                     # the buffer is reused across sizes
+    for threads in (1, 2):
+        got = preprocess(paths, size=64, threads=threads)
+        ref = preprocess([p.read_bytes() for p in paths], size=64)
+        np.testing.assert_array_equal(got, ref)
+    assert preprocess([tmp_path / "rot6.jpg"], size=64).shape == (1, 3, 64, 64)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(_jpeg(rgb)[:-200])                             # imread would pad it; imdecode refuses
+    with pytest.raises(ImageDecodeError, match="cut.jpg: not a decodable image"):
+        preprocess([paths[0], cut, paths[1]], size=32, threads=2)

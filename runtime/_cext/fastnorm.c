@@ -3,11 +3,14 @@
      pip install -e .      (builds runtime/_fastnorm*.so in place; optional: runtime/preprocess.py
                             falls back to an exact numpy twin when this module is missing)
 
-   resize_normalize(src, out, scale, bias, simd=True, stream=False)
+   resize_normalize(src, out, scale, bias, simd=True, stream=False, kernel=None) -> kernel used
      src   (H, W, 3) uint8 BGR; pixels contiguous, any row stride (a cropped view is fine)
      out   (3, h, w) float32 or float16, C-contiguous, written in place (e.g. one row of a batch)
      scale, bias: 3 floats each, RGB order; out[c] = area_mean(src[..., 2-c]) * scale[c] + bias[c]
-     simd=False forces the generic kernel (tests); stream=True uses non-temporal stores.
+     simd=False forces the generic kernel (tests); stream=True uses non-temporal stores (also
+     when out is only 16-byte aligned, as numpy's large arrays are); kernel: the first kernel to
+     try ('planar', 'tile16', 'tile8', 'generic'; tests), falling through to the next that serves.
+   image_hw(path) -> (h, w) or None: the size a complete JPEG/PNG file declares (see there).
 
    The resize is the exact box ("area") filter: output pixel (dy, dx) is the mean of the source
    over its footprint [dx*W/w, (dx+1)*W/w) x [dy*H/h, (dy+1)*H/h), with fractional coverage at
@@ -25,7 +28,10 @@
    same sums; the final x*k + b is never fused (two roundings, as numpy). With h == H and
    w == W the whole thing is float32(x)*scale + bias.
 
-   Kernels (chosen per call; the GIL is released while they run):
+   Kernels (the first that serves the call; the GIL is released while they run):
+   - planar (x86-64 AVX2, horizontal footprints up to ~1.7 source pixels and Dx <= 255: COCO's
+     640/480/612/427/426-wide photos to 448): byte planes, pshufb + pmaddubsw horizontal taps,
+     pmaddwd vertical taps, all exact integers; 1.7-2.4M instructions per image (below).
    - AVX2 u16 (x86-64 with AVX2+FMA+F16C, when 255*Dx <= 65535: every COCO width to 448): 16
      source rows ride in the 16 lanes of a vector, so the horizontal taps are whole-vector
      multiply-adds, no gathers: 16x16 byte transpose, exact 16-bit integer taps, 16x16 transpose
@@ -34,12 +40,17 @@
      buffers larger than the cache).
    - AVX2 float: the same with 8 rows in float32 lanes, for wider horizontal footprints.
    - generic: plain loops, row by row (other CPUs, and the rare sizes outside the exact range).
-   Instruction counts (callgrind, 640x480 -> 448x448, AVX2 u16): 2.5M per image.
+   Instruction counts (callgrind, 640x480 -> 448x448): AVX2 u16 2.55M per image, planar 1.81M
+   (the benchmark's six COCO shapes: 2.83M -> 1.92M on average).
+
+   Files: this one (module, taps, generic kernel, dispatch, Python bindings, image_hw), and two
+   fragments it includes on x86-64: fastnorm_tile.h (AVX2 tile kernels) and fastnorm_planar.h.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -65,25 +76,34 @@ static void taps_free(taps_t *t) {
 static int64_t gcd64(int64_t a, int64_t b) { while (b) { int64_t r = a % b; a = b; b = r; } return a; }
 
 /* Output d covers [d*n_in, (d+1)*n_in) and source s covers [s*n_out, (s+1)*n_out), in units of
-   1/n_out source pixels; every boundary is a multiple of g = gcd(n_in, n_out). */
+   1/n_out source pixels; every boundary is a multiple of g = gcd(n_in, n_out), so we count in
+   units of g (ni = n_in/g, no = n_out/g) and the overlaps are the weights themselves. The first
+   source index of each output advances by whole steps (no divisions: they cost more than the
+   rest of this table for 640 -> 448). */
 static int taps_init(taps_t *t, int64_t n_in, int64_t n_out) {
-    int64_t g = gcd64(n_in, n_out), kmax = 0;
+    const int64_t g = gcd64(n_in, n_out), ni = n_in / g, no = n_out / g;
     memset(t, 0, sizeof(*t));
-    for (int64_t d = 0; d < n_out; d++) {
-        int64_t a = d * n_in, b = a + n_in, k = (b - 1) / n_out - a / n_out + 1;
-        if (k > kmax) kmax = k;
-    }
-    t->n = (int)n_out; t->kmax = (int)kmax; t->denom = (double)(n_in / g);
+    t->n = (int)n_out; t->denom = (double)ni;
     t->start = malloc(sizeof(int) * n_out);
     t->count = malloc(sizeof(int) * n_out);
-    t->w = calloc((size_t)(n_out * kmax), sizeof(float));
-    if (!t->start || !t->count || !t->w) { taps_free(t); return -1; }
+    if (!t->start || !t->count) { taps_free(t); return -1; }
+    int64_t s0 = 0, r0 = 0, kmax = 0;               /* a = d*ni = s0*no + r0, 0 <= r0 < no */
     for (int64_t d = 0; d < n_out; d++) {
-        int64_t a = d * n_in, b = a + n_in, s0 = a / n_out, s1 = (b - 1) / n_out;
+        int64_t s1 = s0, r1 = r0 + ni - 1;          /* b - 1 = s1*no + r1 */
+        while (r1 >= no) { r1 -= no; s1++; }
         t->start[d] = (int)s0; t->count[d] = (int)(s1 - s0 + 1);
-        for (int64_t s = s0; s <= s1; s++) {
-            int64_t lo = s * n_out > a ? s * n_out : a, hi = (s + 1) * n_out < b ? (s + 1) * n_out : b;
-            t->w[d * kmax + (s - s0)] = (float)((hi - lo) / g);
+        if (s1 - s0 + 1 > kmax) kmax = s1 - s0 + 1;
+        r0 += ni;
+        while (r0 >= no) { r0 -= no; s0++; }
+    }
+    t->kmax = (int)kmax;
+    t->w = calloc((size_t)(n_out * kmax), sizeof(float));
+    if (!t->w) { taps_free(t); return -1; }
+    for (int64_t d = 0; d < n_out; d++) {
+        const int64_t a = d * ni, b = a + ni;
+        for (int64_t s = t->start[d], k = 0; k < t->count[d]; s++, k++) {
+            const int64_t lo = s * no > a ? s * no : a, hi = (s + 1) * no < b ? (s + 1) * no : b;
+            t->w[d * kmax + k] = (float)(hi - lo);
         }
     }
     return 0;
@@ -153,300 +173,8 @@ static void kernel_generic(const job_t *j, float *hs, float *acc) {
 #define FN_PREFETCH 192     /* bytes ahead of the tile being read, per row: 192-256 measured best */
 #endif
 
-/* r[0..7] rows -> r[0..7] columns (8x8 float transpose). */
-FN_AVX2 static inline void transpose8(__m256 r[8]) {
-    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
-FN_AVX2 static inline __m256 cvt8(const uint8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-/* Emit output row dy from the ring of horizontal sums (planar rows of wp floats): vertical taps,
-   scale and bias, store. Every sum is >= 0, so starting from the first product equals 0 + it.
-   Streaming (non-temporal) stores skip the read-for-ownership of a large batch buffer. */
-#define FN_VSUM(x0)                                                                           \
-    __m256 acc = _mm256_mul_ps(_mm256_set1_ps(wy[0]), _mm256_loadu_ps(rows[0] + (x0)));      \
-    for (int k = 1; k < cnt; k++)                                                             \
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(wy[k]), _mm256_loadu_ps(rows[k] + (x0)), acc);  \
-    const __m256 v = _mm256_add_ps(_mm256_mul_ps(acc, kc), bc);
-
-FN_AVX2 static void emit_row_avx2(const job_t *j, const float *ring, int nring, size_t wp, int dy) {
-    const int w = j->w, cnt = j->ty.count[dy], w8 = w / 8 * 8;
-    const size_t plane = (size_t)j->h * w;
-    const float *wy = j->ty.w + (size_t)dy * j->ty.kmax;
-    for (int c = 0; c < 3; c++) {
-        const float *rows[64];
-        for (int k = 0; k < cnt; k++) rows[k] = ring + (size_t)((j->ty.start[dy] + k) % nring) * 3 * wp + c * wp;
-        const __m256 kc = _mm256_set1_ps(j->k[c]), bc = _mm256_set1_ps(j->b[c]);
-        const size_t o = c * plane + (size_t)dy * w;
-        if (j->half) {
-            uint16_t *p = (uint16_t *)j->out + o;
-            const int nt = j->stream && ((uintptr_t)p & 15) == 0 && (w & 7) == 0;
-            for (int x0 = 0; x0 < w8; x0 += 8) {
-                FN_VSUM(x0)
-                __m128i hv = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-                if (nt) _mm_stream_si128((__m128i *)(p + x0), hv);
-                else _mm_storeu_si128((__m128i *)(p + x0), hv);
-            }
-            if (w8 < w) {
-                FN_VSUM(w8)
-                uint16_t tmp[8];
-                _mm_storeu_si128((__m128i *)tmp, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-                memcpy(p + w8, tmp, sizeof(uint16_t) * (size_t)(w - w8));
-            }
-        } else {
-            float *p = (float *)j->out + o;
-            if (j->stream && ((uintptr_t)p & 31) == 0 && (w & 7) == 0) {
-                for (int x0 = 0; x0 < w8; x0 += 8) { FN_VSUM(x0) _mm256_stream_ps(p + x0, v); }
-            } else if (cnt == 2) {                        /* the common case: both taps hoisted */
-                const __m256 w0 = _mm256_set1_ps(wy[0]), w1 = _mm256_set1_ps(wy[1]);
-                const float *r0 = rows[0], *r1 = rows[1];
-                for (int x0 = 0; x0 < w8; x0 += 8) {
-                    __m256 acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(r1 + x0), _mm256_mul_ps(w0, _mm256_loadu_ps(r0 + x0)));
-                    _mm256_storeu_ps(p + x0, _mm256_add_ps(_mm256_mul_ps(acc, kc), bc));
-                }
-            } else {
-                for (int x0 = 0; x0 < w8; x0 += 8) { FN_VSUM(x0) _mm256_storeu_ps(p + x0, v); }
-            }
-            if (w8 < w) {
-                FN_VSUM(w8)
-                float tmp[8];
-                _mm256_storeu_ps(tmp, v);
-                memcpy(p + w8, tmp, sizeof(float) * (size_t)(w - w8));
-            }
-        }
-    }
-}
-
-/* Horizontal taps of one 8-column tile for K taps per column (zero-padded: +0 changes nothing).
-   voff[t]: column dx0+t's first value in the tile's transposed values tb; wx: its K weights.
-   res[c][t] lane l: row sy0+l, column dx0+t. */
-FN_AVX2 static inline __attribute__((always_inline)) void htile(const __m256 *tb, const int *voff, const float *wx,
-                                                               int K, __m256 res[3][8]) {
-    for (int t = 0; t < 8; t++, wx += K) {
-        const __m256 *v = tb + voff[t];
-        __m256 wv = _mm256_set1_ps(wx[0]);
-        __m256 a0 = _mm256_mul_ps(wv, v[0]), a1 = _mm256_mul_ps(wv, v[1]), a2 = _mm256_mul_ps(wv, v[2]);
-        for (int k = 1; k < K; k++) {
-            wv = _mm256_set1_ps(wx[k]);
-            a0 = _mm256_fmadd_ps(wv, v[3 * k], a0);
-            a1 = _mm256_fmadd_ps(wv, v[3 * k + 1], a1);
-            a2 = _mm256_fmadd_ps(wv, v[3 * k + 2], a2);
-        }
-        res[0][t] = a2; res[1][t] = a1; res[2][t] = a0;   /* RGB plane order */
-    }
-}
-
-/* Per 8-column tile, the same for every block of source rows: computed once per image. */
-typedef struct { int sx_lo, nvals, ncols; int voff[8]; } tile_t;
-
-/* Horizontal-first: 8 source rows ride in the 8 lanes. For each 8-column output tile:
-   8 rows x (span*3) bytes -> floats, transposed (tbuf[i] lane l = row sy0+l, value i), the
-   horizontal taps as whole-vector multiply-adds, transposed back into planar rows of the ring.
-   Output rows are emitted (vertical taps, scale/bias, store) as soon as their rows are in.
-   wt: per tile, 8 columns x K weights (the last column repeated in a partial tile). */
-FN_AVX2 static void kernel_avx2(const job_t *j, __m256 *tbuf, float *ring, int nring, size_t wp,
-                                const tile_t *tiles, const float *wt) {
-    const Py_ssize_t rowlen = j->W * 3;
-    const int w = j->w, K = j->tx.kmax, ntiles = (w + 7) / 8;
-    int dy_next = 0;
-    for (Py_ssize_t sy0 = 0; sy0 < j->H; sy0 += 8) {
-        const int nr = j->H - sy0 < 8 ? (int)(j->H - sy0) : 8;
-        const uint8_t *rowp[8];
-        float *dst[8];
-        for (int l = 0; l < 8; l++) {
-            rowp[l] = j->src + (sy0 + (l < nr ? l : nr - 1)) * j->rs;
-            dst[l] = ring + (size_t)((sy0 + l) % nring) * 3 * wp;
-        }
-        for (int ti = 0; ti < ntiles; ti++) {
-            const tile_t *tl = tiles + ti;
-            const int dx0 = ti * 8;
-            const Py_ssize_t base = (Py_ssize_t)tl->sx_lo * 3;
-            for (int l = 0; l < 8; l++) _mm_prefetch((const char *)(rowp[l] + base + FN_PREFETCH), _MM_HINT_T0);
-            for (int i0 = 0; i0 < tl->nvals; i0 += 8) {
-                __m256 r[8];
-                const Py_ssize_t off = base + i0;
-                if (off + 8 <= rowlen) {
-                    for (int l = 0; l < 8; l++) r[l] = cvt8(rowp[l] + off);
-                } else {                                       /* the image's last bytes, zero-padded */
-                    for (int l = 0; l < 8; l++) {
-                        uint8_t tmp[8] = {0};
-                        if (off < rowlen) memcpy(tmp, rowp[l] + off, (size_t)(rowlen - off));
-                        r[l] = cvt8(tmp);
-                    }
-                }
-                transpose8(r);
-                for (int q = 0; q < 8; q++) tbuf[i0 + q] = r[q];
-            }
-            __m256 res[3][8];
-            const float *wx = wt + (size_t)ti * 8 * K;
-            switch (K) {                                       /* constant trip counts unroll */
-            case 1: htile(tbuf, tl->voff, wx, 1, res); break;
-            case 2: htile(tbuf, tl->voff, wx, 2, res); break;
-            case 3: htile(tbuf, tl->voff, wx, 3, res); break;
-            case 4: htile(tbuf, tl->voff, wx, 4, res); break;
-            default: htile(tbuf, tl->voff, wx, K, res);
-            }
-            for (int c = 0; c < 3; c++) {
-                transpose8(res[c]);                            /* res[c][l]: row sy0+l, columns dx0.. */
-                const size_t o = c * wp + dx0;
-                if (nr == 8) {
-                    _mm256_storeu_ps(dst[0] + o, res[c][0]); _mm256_storeu_ps(dst[1] + o, res[c][1]);
-                    _mm256_storeu_ps(dst[2] + o, res[c][2]); _mm256_storeu_ps(dst[3] + o, res[c][3]);
-                    _mm256_storeu_ps(dst[4] + o, res[c][4]); _mm256_storeu_ps(dst[5] + o, res[c][5]);
-                    _mm256_storeu_ps(dst[6] + o, res[c][6]); _mm256_storeu_ps(dst[7] + o, res[c][7]);
-                } else {
-                    for (int l = 0; l < nr; l++) _mm256_storeu_ps(dst[l] + o, res[c][l]);
-                }
-            }
-        }
-        const Py_ssize_t last = sy0 + nr - 1;
-        while (dy_next < j->h && j->ty.start[dy_next] + j->ty.count[dy_next] - 1 <= last)
-            emit_row_avx2(j, ring, nring, wp, dy_next++);
-    }
-}
-
-/* ---- 16-bit variant: 16 source rows in the 16 lanes, integer horizontal taps. Used when every
-   horizontal sum fits 16 bits (255 * Dx <= 65535): then the integer sums are exact and equal
-   the float ones. Byte-level transposes are cheaper per value than float ones. */
-
-/* r[0..15]: 16 rows x 16 bytes -> r[j]: column j (16 rows), the classic 4-stage unpack. */
-FN_AVX2 static inline void transpose16_u8(__m128i r[16]) {
-    __m128i a[16], b[16], c[16];
-    for (int i = 0; i < 8; i++) {              /* a[2i+h]: rows 2i,2i+1; columns 8h..8h+7 */
-        a[2 * i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
-        a[2 * i + 1] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
-    }
-    for (int q = 0; q < 4; q++)                /* b[4q+g]: rows 4q..4q+3; columns 4g..4g+3 */
-        for (int h = 0; h < 2; h++) {
-            b[4 * q + 2 * h] = _mm_unpacklo_epi16(a[4 * q + h], a[4 * q + 2 + h]);
-            b[4 * q + 2 * h + 1] = _mm_unpackhi_epi16(a[4 * q + h], a[4 * q + 2 + h]);
-        }
-    for (int o = 0; o < 2; o++)                /* c[8o+p]: rows 8o..8o+7; columns 2p, 2p+1 */
-        for (int g = 0; g < 4; g++) {
-            c[8 * o + 2 * g] = _mm_unpacklo_epi32(b[8 * o + g], b[8 * o + 4 + g]);
-            c[8 * o + 2 * g + 1] = _mm_unpackhi_epi32(b[8 * o + g], b[8 * o + 4 + g]);
-        }
-    for (int p = 0; p < 8; p++) {
-        r[2 * p] = _mm_unpacklo_epi64(c[p], c[8 + p]);
-        r[2 * p + 1] = _mm_unpackhi_epi64(c[p], c[8 + p]);
-    }
-}
-
-/* v[t] (lane l = row l) for t = 0..7 -> per 128-bit half an 8x8 transpose: v[i] holds row i
-   (low half) and row 8+i (high half), columns 0..7. */
-FN_AVX2 static inline void transpose8x8_u16_lanes(__m256i v[8]) {
-    __m256i p[8], q[8];
-    for (int i = 0; i < 4; i++) {              /* p[2i+h]: columns 2i,2i+1; rows 4h..4h+3 */
-        p[2 * i] = _mm256_unpacklo_epi16(v[2 * i], v[2 * i + 1]);
-        p[2 * i + 1] = _mm256_unpackhi_epi16(v[2 * i], v[2 * i + 1]);
-    }
-    for (int m = 0; m < 2; m++)                /* q[4m+r]: columns 4m..4m+3; rows 2r, 2r+1 */
-        for (int h = 0; h < 2; h++) {
-            q[4 * m + 2 * h] = _mm256_unpacklo_epi32(p[4 * m + h], p[4 * m + 2 + h]);
-            q[4 * m + 2 * h + 1] = _mm256_unpackhi_epi32(p[4 * m + h], p[4 * m + 2 + h]);
-        }
-    for (int r = 0; r < 4; r++) {
-        v[2 * r] = _mm256_unpacklo_epi64(q[r], q[4 + r]);
-        v[2 * r + 1] = _mm256_unpackhi_epi64(q[r], q[4 + r]);
-    }
-}
-
-FN_AVX2 static inline void store_row16(float *dst, __m256i row) {   /* 16 u16 -> 16 float32 */
-    _mm256_storeu_ps(dst, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(row))));
-    _mm256_storeu_ps(dst + 8, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(row, 1))));
-}
-
-FN_AVX2 static inline __attribute__((always_inline)) void htile16(const __m256i *tb, const int *voff,
-                                                                 const int16_t *wx, int K, __m256i res[3][16]) {
-    for (int t = 0; t < 16; t++, wx += K) {
-        const __m256i *v = tb + voff[t];
-        __m256i wv = _mm256_set1_epi16(wx[0]);
-        __m256i a0 = _mm256_mullo_epi16(wv, v[0]), a1 = _mm256_mullo_epi16(wv, v[1]), a2 = _mm256_mullo_epi16(wv, v[2]);
-        for (int k = 1; k < K; k++) {
-            wv = _mm256_set1_epi16(wx[k]);
-            a0 = _mm256_add_epi16(a0, _mm256_mullo_epi16(wv, v[3 * k]));
-            a1 = _mm256_add_epi16(a1, _mm256_mullo_epi16(wv, v[3 * k + 1]));
-            a2 = _mm256_add_epi16(a2, _mm256_mullo_epi16(wv, v[3 * k + 2]));
-        }
-        res[0][t] = a2; res[1][t] = a1; res[2][t] = a0;   /* RGB plane order */
-    }
-}
-
-typedef struct { int sx_lo, nvals; int voff[16]; } tile16_t;
-
-
-FN_AVX2 static void kernel_avx2_u16(const job_t *j, __m256i *tbuf, float *ring, int nring, size_t wp,
-                                    const tile16_t *tiles, const int16_t *wt) {
-    const Py_ssize_t rowlen = j->W * 3;
-    const int w = j->w, K = j->tx.kmax, ntiles = (w + 15) / 16;
-    int dy_next = 0;
-    for (Py_ssize_t sy0 = 0; sy0 < j->H; sy0 += 16) {
-        const int nr = j->H - sy0 < 16 ? (int)(j->H - sy0) : 16;
-        const uint8_t *rowp[16];
-        float *dst[16];
-        for (int l = 0; l < 16; l++) {
-            rowp[l] = j->src + (sy0 + (l < nr ? l : nr - 1)) * j->rs;
-            dst[l] = ring + (size_t)((sy0 + l) % nring) * 3 * wp;
-        }
-        for (int ti = 0; ti < ntiles; ti++) {
-            const tile16_t *tl = tiles + ti;
-            const int dx0 = ti * 16;
-            const Py_ssize_t base = (Py_ssize_t)tl->sx_lo * 3;
-            /* 16 rows are read side by side, more streams than the hardware prefetcher follows:
-               ask for the bytes a few tiles ahead (prefetches never fault, even past the end). */
-            for (int l = 0; l < 16; l++) _mm_prefetch((const char *)(rowp[l] + base + FN_PREFETCH), _MM_HINT_T0);
-            for (int i0 = 0; i0 < tl->nvals; i0 += 16) {      /* bytes -> transposed u16 */
-                __m128i r[16];
-                const Py_ssize_t off = base + i0;
-                if (off + 16 <= rowlen) {
-                    for (int l = 0; l < 16; l++) r[l] = _mm_loadu_si128((const __m128i *)(rowp[l] + off));
-                } else {                                       /* the image's last bytes, zero-padded */
-                    for (int l = 0; l < 16; l++) {
-                        uint8_t tmp[16] = {0};
-                        if (off < rowlen) memcpy(tmp, rowp[l] + off, (size_t)(rowlen - off));
-                        r[l] = _mm_loadu_si128((const __m128i *)tmp);
-                    }
-                }
-                transpose16_u8(r);
-                for (int q = 0; q < 16; q++) tbuf[i0 + q] = _mm256_cvtepu8_epi16(r[q]);
-            }
-            __m256i res[3][16];
-            const int16_t *wx = wt + (size_t)ti * 16 * K;
-            switch (K) {
-            case 1: htile16(tbuf, tl->voff, wx, 1, res); break;
-            case 2: htile16(tbuf, tl->voff, wx, 2, res); break;
-            case 3: htile16(tbuf, tl->voff, wx, 3, res); break;
-            case 4: htile16(tbuf, tl->voff, wx, 4, res); break;
-            default: htile16(tbuf, tl->voff, wx, K, res);
-            }
-            for (int c = 0; c < 3; c++) {
-                transpose8x8_u16_lanes(res[c]);            /* columns 0..7 */
-                transpose8x8_u16_lanes(res[c] + 8);        /* columns 8..15 */
-                const size_t o = c * wp + dx0;
-                for (int i = 0; i < 8; i++) {
-                    if (i < nr) store_row16(dst[i] + o, _mm256_permute2x128_si256(res[c][i], res[c][8 + i], 0x20));
-                    if (8 + i < nr) store_row16(dst[8 + i] + o, _mm256_permute2x128_si256(res[c][i], res[c][8 + i], 0x31));
-                }
-            }
-        }
-        const Py_ssize_t last = sy0 + nr - 1;
-        while (dy_next < j->h && j->ty.start[dy_next] + j->ty.count[dy_next] - 1 <= last)
-            emit_row_avx2(j, ring, nring, wp, dy_next++);
-    }
-}
+#include "fastnorm_tile.h"
+#include "fastnorm_planar.h"
 
 static int cpu_has_avx2(void) {
     static int cached = -1;
@@ -460,13 +188,33 @@ static int cpu_has_avx2(void) {
 static int cpu_has_avx2(void) { return 0; }
 #endif
 
-/* Run the job; returns 0, or -1 when out of memory (GIL released: no Python calls). */
-static int run_job(job_t *j, int simd) {
+enum { K_AUTO, K_PLANAR, K_TILE16, K_TILE8, K_GENERIC, K_COUNT };
+static const char *const KERNEL_NAMES[K_COUNT] = {"auto", "planar", "tile16", "tile8", "generic"};
+
+/* Run the job with the first kernel, from `want` on (K_AUTO: the fastest), that serves it; *used
+   says which. Returns 0, or -1 when out of memory (GIL released: no Python calls). */
+static int run_job(job_t *j, int want, int *used) {
 #ifdef FN_HAVE_AVX2
-    /* The SIMD kernel fuses the tap multiply-adds (FMA): identical to the unfused, ordered sums
-       while every partial sum is an integer below 2^24. Else the generic kernel keeps the order. */
+    /* The SIMD kernels sum in exact integers (FMA in the tile8 one): identical to the unfused,
+       ordered float sums while every partial sum is an integer below 2^24. Else the generic
+       kernel keeps the order. */
     const int exact = 255.0 * j->tx.denom * j->ty.denom < 16777216.0;
-    if (simd && cpu_has_avx2() && exact && j->ty.kmax <= 64 && 255.0 * j->tx.denom <= 65535.0) {
+    const int simd = want != K_GENERIC && cpu_has_avx2() && exact && j->ty.kmax <= 64;
+    int wy_ok = 1;                                     /* vertical weights fit pmaddwd's int16 */
+    for (size_t i = 0; i < (size_t)j->ty.n * j->ty.kmax; i++) wy_ok &= j->ty.w[i] <= 32767.0f;
+    if (simd && want <= K_PLANAR && wy_ok) {
+        hplan_t hp;
+        const int ok = hplan_init(&hp, &j->tx);
+        if (ok < 0) return -1;
+        if (ok) {
+            const int rc = kernel_planar(j, &hp);
+            hplan_free(&hp);
+            if (j->stream) _mm_sfence();
+            *used = K_PLANAR;
+            return rc;
+        }
+    }
+    if (simd && want <= K_TILE16 && 255.0 * j->tx.denom <= 65535.0) {
         const int ntiles = (j->w + 15) / 16, K = j->tx.kmax;
         tile16_t *tiles = malloc(sizeof(tile16_t) * (size_t)ntiles);
         int16_t *wt = malloc(sizeof(int16_t) * (size_t)ntiles * 16 * K);
@@ -492,9 +240,10 @@ static int run_job(job_t *j, int simd) {
         kernel_avx2_u16(j, tbuf, ring, nring, wp, tiles, wt);
         free(tbuf); free(ring); free(tiles); free(wt);
         if (j->stream) _mm_sfence();
+        *used = K_TILE16;
         return 0;
     }
-    if (simd && cpu_has_avx2() && exact && j->ty.kmax <= 64) {
+    if (simd && want <= K_TILE8) {
         const int ntiles = (j->w + 7) / 8, K = j->tx.kmax;
         tile_t *tiles = malloc(sizeof(tile_t) * (size_t)ntiles);
         float *wt = malloc(sizeof(float) * (size_t)ntiles * 8 * K);
@@ -525,10 +274,12 @@ static int run_job(job_t *j, int simd) {
         kernel_avx2(j, tbuf, ring, nring, wp, tiles, wt);
         free(tbuf); free(ring); free(tiles); free(wt);
         if (j->stream) _mm_sfence();
+        *used = K_TILE8;
         return 0;
     }
 #endif
-    (void)simd;
+    (void)want;
+    *used = K_GENERIC;
     float *hs = malloc(sizeof(float) * 6 * (size_t)j->w);
     if (!hs) return -1;
     kernel_generic(j, hs, hs + 3 * (size_t)j->w);
@@ -544,14 +295,23 @@ static const char *fmt_of(const Py_buffer *b) {
 }
 
 static PyObject *resize_normalize(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"src", "out", "scale", "bias", "simd", "stream", NULL};
+    static char *kwlist[] = {"src", "out", "scale", "bias", "simd", "stream", "kernel", NULL};
     PyObject *src_o, *out_o;
     double sc[3], bi[3];
-    int simd = 1, stream = 0;
+    int simd = 1, stream = 0, want = K_AUTO, used = K_GENERIC;
+    const char *kname = NULL;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO(ddd)(ddd)|pp:resize_normalize", kwlist, &src_o, &out_o,
-                                     &sc[0], &sc[1], &sc[2], &bi[0], &bi[1], &bi[2], &simd, &stream))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO(ddd)(ddd)|ppz:resize_normalize", kwlist, &src_o, &out_o,
+                                     &sc[0], &sc[1], &sc[2], &bi[0], &bi[1], &bi[2], &simd, &stream, &kname))
         return NULL;
+    if (kname) {
+        for (want = 0; want < K_COUNT && strcmp(kname, KERNEL_NAMES[want]) != 0; want++) {}
+        if (want == K_COUNT) {
+            PyErr_Format(PyExc_ValueError, "resize_normalize: unknown kernel '%s' (auto, planar, tile16, tile8, generic)", kname);
+            return NULL;
+        }
+    }
+    if (!simd) want = K_GENERIC;
     Py_buffer src, out;
     if (PyObject_GetBuffer(src_o, &src, PyBUF_STRIDES | PyBUF_FORMAT) < 0) return NULL;
     if (PyObject_GetBuffer(out_o, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
@@ -593,16 +353,78 @@ static PyObject *resize_normalize(PyObject *self, PyObject *args, PyObject *kw) 
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = run_job(&j, simd);
+    rc = run_job(&j, want, &used);
     Py_END_ALLOW_THREADS
     if (rc < 0) { PyErr_NoMemory(); goto fail; }
     taps_free(&j.tx); taps_free(&j.ty);
     PyBuffer_Release(&src); PyBuffer_Release(&out);
-    Py_RETURN_NONE;
+    return PyUnicode_FromString(KERNEL_NAMES[used]);
 fail:
     taps_free(&j.tx); taps_free(&j.ty);
     PyBuffer_Release(&src); PyBuffer_Release(&out);
     return NULL;
+}
+
+/* image_hw(path) -> (height, width) or None. The pixel size a complete JPEG (its first SOFn frame
+   header; the file ends with EOI) or PNG (IHDR; the file ends with IEND) declares, from a few
+   header bytes: preprocess decodes such files into a buffer of that shape it reuses
+   (runtime/preprocess.py). None for anything else, truncated files included. In C because the
+   same steps in Python cost ~40 us per image, run as they are after each decode, with cold caches. */
+static int image_hw_of(FILE *f, long *h, long *w) {
+    static const uint8_t png_sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    static const uint8_t png_end[12] = {0, 0, 0, 0, 'I', 'E', 'N', 'D', 0xae, 0x42, 0x60, 0x82}, eoi[2] = {0xff, 0xd9};
+    uint8_t b[4096], t[12];
+    const uint8_t *end;
+    size_t n = fread(b, 1, 1024, f), pos = 2, endn;
+    long base = 0;
+    if (n >= 24 && memcmp(b, png_sig, 8) == 0 && memcmp(b + 12, "IHDR", 4) == 0) {
+        *w = (long)b[16] << 24 | (long)b[17] << 16 | b[18] << 8 | b[19];
+        *h = (long)b[20] << 24 | (long)b[21] << 16 | b[22] << 8 | b[23];
+        end = png_end; endn = 12;
+    } else if (n >= 2 && b[0] == 0xff && b[1] == 0xd8) {
+        int found = 0;
+        for (int it = 0; it < 512 && !found; it++) {            /* marker segments up to the frame header */
+            if (pos + 9 > n) {                                   /* read on from this segment */
+                base += (long)pos;
+                if (fseek(f, base, SEEK_SET) != 0) return 0;
+                n = fread(b, 1, sizeof b, f); pos = 0;
+                if (n < 9) return 0;
+            }
+            const int m = b[pos + 1];
+            if (b[pos] != 0xff) return 0;
+            if (m == 0xff) pos += 1;                             /* fill byte */
+            else if (m == 0x01 || m == 0xd8 || (m >= 0xd0 && m <= 0xd7)) pos += 2;
+            else if (m >= 0xc0 && m <= 0xcf && m != 0xc4 && m != 0xc8 && m != 0xcc) {   /* SOFn: P, Y, X */
+                *h = b[pos + 5] << 8 | b[pos + 6]; *w = b[pos + 7] << 8 | b[pos + 8]; found = 1;
+            } else if (m == 0xd9 || m == 0xda) return 0;         /* no frame header before the scan */
+            else pos += 2 + (size_t)(b[pos + 2] << 8 | b[pos + 3]);
+        }
+        if (!found) return 0;
+        end = eoi; endn = 2;
+    } else {
+        return 0;
+    }
+    return fseek(f, -(long)endn, SEEK_END) == 0 && fread(t, 1, endn, f) == endn && memcmp(t, end, endn) == 0;
+}
+
+static PyObject *image_hw(PyObject *self, PyObject *arg) {
+    PyObject *path = NULL;
+    long h = 0, w = 0;
+    int ok = 0;
+    (void)self;
+    if (!PyUnicode_FSConverter(arg, &path)) return NULL;    /* str, bytes or os.PathLike */
+    const char *name = PyBytes_AS_STRING(path);
+    Py_BEGIN_ALLOW_THREADS                                   /* file I/O: let the other workers run */
+    FILE *f = fopen(name, "rb");
+    if (f) {
+        setvbuf(f, NULL, _IONBF, 0);                         /* our reads are the only ones: no copy */
+        ok = image_hw_of(f, &h, &w);
+        fclose(f);
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(path);
+    if (!ok) Py_RETURN_NONE;
+    return Py_BuildValue("(ll)", h, w);
 }
 
 static PyObject *simd_name(PyObject *self, PyObject *unused) {
@@ -612,8 +434,10 @@ static PyObject *simd_name(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"resize_normalize", (PyCFunction)(void (*)(void))resize_normalize, METH_VARARGS | METH_KEYWORDS,
-     "resize_normalize(src, out, scale, bias, simd=True, stream=False): (H,W,3) uint8 BGR -> exact area resize\n"
-     "to out's (h, w), RGB planes of mean*scale[c]+bias[c], into out (3,h,w) float32/float16. Releases the GIL."},
+     "resize_normalize(src, out, scale, bias, simd=True, stream=False, kernel=None) -> kernel used: (H,W,3) uint8\n"
+     "BGR -> exact area resize to out's (h, w), RGB planes of mean*scale[c]+bias[c], into out (3,h,w)\n"
+     "float32/float16. kernel: the first to try ('planar', 'tile16', 'tile8', 'generic'). Releases the GIL."},
+    {"image_hw", image_hw, METH_O, "image_hw(path) -> (height, width) declared by a complete JPEG or PNG file, else None."},
     {"simd", simd_name, METH_NOARGS, "The kernel resize_normalize uses by default here: 'avx2' (AVX2+FMA+F16C) or 'generic'."},
     {NULL, NULL, 0, NULL},
 };
