@@ -31,7 +31,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from runtime.contract import PreprocessSpec
-from runtime.preprocess import MAX_IMAGE_PIXELS, ImageDecodeError, preprocess_into, read_bytes
+from runtime.preprocess import (MAX_IMAGE_PIXELS, STREAM_BYTES, ImageDecodeError, decode_path_reusing,
+                                preprocess_array_into, preprocess_into, read_bytes)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff"})
 MAX_FILE_BYTES = 256 << 20     # no camera image is this big; refuse before reading it into memory
@@ -159,8 +160,11 @@ def check_header(buf: bytes | memoryview, name: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- one image
 
-def load_into(path: str, out: np.ndarray, spec: PreprocessSpec) -> None:
-    """Read, check, decode and preprocess `path` into `out` (3, S, S); ImageDecodeError naming it on failure."""
+def load_into(path: str, out: np.ndarray, spec: PreprocessSpec, stream: bool = False) -> None:
+    """Read, check, decode and preprocess `path` into `out` (3, S, S); ImageDecodeError naming it on failure.
+
+    stream: non-temporal stores (out is a row of a batch much larger than the CPU cache).
+    """
     if "\0" in path:                               # an unreadable directory from _walk
         d, why = path.split("\0", 1)
         raise ImageDecodeError(f"{d}: cannot list directory ({why})")
@@ -174,15 +178,22 @@ def load_into(path: str, out: np.ndarray, spec: PreprocessSpec) -> None:
         raise ImageDecodeError(f"{path}: not a regular file")
     if st.st_size > MAX_FILE_BYTES:
         raise ImageDecodeError(f"{path}: file too large ({st.st_size} bytes, limit {MAX_FILE_BYTES})")
+    # A complete JPEG/PNG within the pixel limit (checked from its header first) is decoded into
+    # this thread's reused buffer: no page faults for a fresh ~1 MB array per image. Anything
+    # else takes the checked path below, which words every error.
+    img = decode_path_reusing(path)
+    if img is not None:
+        preprocess_array_into(img, out, spec, stream=stream)
+        return
     buf = read_bytes(path)
     check_header(buf.data, path)
     preprocess_into(buf.data, out, spec, name=path)
 
 
-def _load(path: str, out: np.ndarray, spec: PreprocessSpec) -> str | None:
+def _load(path: str, out: np.ndarray, spec: PreprocessSpec, stream: bool = False) -> str | None:
     """load_into, with every failure turned into a one-line message (None = ok)."""
     try:
-        load_into(path, out, spec)
+        load_into(path, out, spec, stream)
         return None
     except ImageDecodeError as e:
         return str(e)
@@ -255,7 +266,8 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
                     buf = wait(free.get)
                     if buf is None:
                         return
-                    futs = [pool.submit(_load, p, buf[i], spec) for i, p in enumerate(chunk)]
+                    stream = buf.nbytes >= STREAM_BYTES
+                    futs = [pool.submit(_load, p, buf[i], spec, stream) for i, p in enumerate(chunk)]
                     inflight.append((start, chunk, buf, futs))
                     start += len(chunk)
                 if not inflight:

@@ -118,9 +118,12 @@ _SCRATCH = threading.local()
 _SENTINEL = b"probres:imread-wrote-nothing:v1"          # 31 bytes
 
 
-def _decode_path_reusing(path: str) -> np.ndarray | None:
+def decode_path_reusing(path: str) -> np.ndarray | None:
     """Decode a complete JPEG/PNG file into this thread's reusable buffer (valid until this thread's
-    next call); None when the file is anything else or anything fails: decode_bgr then decides."""
+    next call); None when the file is anything else, larger than MAX_IMAGE_PIXELS by its header, or
+    anything fails, or the C extension is missing: decode_bgr then decides (and words the error)."""
+    if _fastnorm is None:
+        return None
     try:
         hw = _fastnorm.image_hw(path)                       # (h, w) from the header, None if not complete
     except (TypeError, ValueError):                         # e.g. an embedded NUL: decode_bgr says
@@ -147,8 +150,8 @@ def _decode_path_reusing(path: str) -> np.ndarray | None:
 
 def _decode_for_batch(src: ImageSource) -> np.ndarray:
     """decode_bgr, through the reusable buffer when src is a path (the caller uses the pixels at once)."""
-    if _fastnorm is not None and isinstance(src, (str, os.PathLike)):
-        img = _decode_path_reusing(os.fspath(src))
+    if isinstance(src, (str, os.PathLike)):
+        img = decode_path_reusing(os.fspath(src))
         if img is not None:
             return img
     return decode_bgr(src)
@@ -288,10 +291,13 @@ def _spec(spec: PreprocessSpec | None, size: int, mean, std, interpolation: str)
     return PreprocessSpec(size=int(size), mean=tuple(mean), std=tuple(std), interpolation=interpolation)
 
 
-def preprocess_array_into(bgr: np.ndarray, out: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """A decoded BGR uint8 image (e.g. a training crop, any row stride) -> out (3, S, S)."""
+def preprocess_array_into(bgr: np.ndarray, out: np.ndarray, spec: PreprocessSpec, stream: bool = False) -> np.ndarray:
+    """A decoded BGR uint8 image (e.g. a training crop, any row stride) -> out (3, S, S).
+
+    stream=True: non-temporal stores, for rows of a batch larger than the cache (STREAM_BYTES).
+    """
     scale, bias = normalize_coefficients(spec.mean, spec.std)
-    return resize_normalize_into(bgr, out, scale, bias, spec.interpolation)
+    return resize_normalize_into(bgr, out, scale, bias, spec.interpolation, stream=stream)
 
 
 def preprocess_into(src: ImageSource, out: np.ndarray, spec: PreprocessSpec, name: str | None = None) -> np.ndarray:
