@@ -100,16 +100,7 @@ class TorchRunner:
             self._forward(x)
         if self.dev.type != "cuda":
             return _host_times(lambda: self._forward(x), iters)
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(iters):                          # CUDA events: device time of one forward
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            self._forward(x)
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        return out
+        return _cuda_times(torch, lambda: self._forward(x), iters)
 
 
 class GraphRunner(TorchRunner):
@@ -151,21 +142,11 @@ class GraphRunner(TorchRunner):
         return self._run(self.to_device(batch)).cpu().numpy()
 
     def time_engine(self, batch: np.ndarray, iters: int, warmup: int) -> list[float]:
-        torch = self.torch
         g, xs, _ = self._graph(tuple(batch.shape))
         xs.copy_(self.to_device(batch))
         for _ in range(warmup):
             g.replay()
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(iters):                          # CUDA events around one replay
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        return out
+        return _cuda_times(self.torch, g.replay, iters)
 
 
 class OrtRunner:
@@ -223,6 +204,20 @@ class BackendRunner:
         for _ in range(warmup):
             self.b.infer(batch)
         return _host_times(lambda: self.b.infer(batch), iters)
+
+
+def _cuda_times(torch: Any, fn: Callable[[], Any], iters: int) -> list[float]:
+    """Milliseconds of device time per call of fn, from CUDA events recorded around it."""
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
 
 
 def _host_times(fn: Callable[[], Any], iters: int) -> list[float]:

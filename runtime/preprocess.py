@@ -373,17 +373,9 @@ def preprocess(
         raise ValueError(f"out must be float32 or float16 (>= {n}, 3, {s}, {s}), got {got}")
     scale, bias = normalize_coefficients(spec.mean, spec.std)
     stream = out[:n].nbytes >= STREAM_BYTES
-    # The C kernel called directly where resize_normalize_into would (its checks hold for every
-    # row of a valid batch and every decoded image): ~8 us of Python per image saved, GIL held.
-    direct = _fastnorm is not None and out.flags.c_contiguous
-    coef = (tuple(map(float, scale)), tuple(map(float, bias)))
 
     def one(i: int) -> None:
-        bgr = _decode_for_batch(images[i])
-        if direct and ((bgr.shape[0], bgr.shape[1]) == (s, s) or uses_area(bgr.shape[0], bgr.shape[1], s, spec.interpolation)):
-            _fastnorm.resize_normalize(bgr, out[i], *coef, stream=stream)
-        else:
-            resize_normalize_into(bgr, out[i], scale, bias, spec.interpolation, stream=stream)
+        resize_normalize_into(_decode_for_batch(images[i]), out[i], scale, bias, spec.interpolation, stream=stream)
 
     if threads <= 1 or n <= 1:
         for i in range(n):
