@@ -89,7 +89,7 @@ class OnnxRuntimeBackend(Backend):
         if len(inputs) != 1:
             raise BackendError(f"{path}: expected one input tensor, found {len(inputs)}")
         self._input = inputs[0].name
-        self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        self.input_dtype = np.dtype(np.float16 if inputs[0].type == "tensor(float16)" else np.float32)
         names = [o.name for o in outputs]
         self._output = OUTPUT_NAME if OUTPUT_NAME in names else names[0]
         used = self._sess.get_providers()
@@ -97,8 +97,7 @@ class OnnxRuntimeBackend(Backend):
         self.providers = used
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        x = batch if self._input_dtype == np.float32 else batch.astype(self._input_dtype)
-        (probs,) = self._sess.run([self._output], {self._input: x})
+        (probs,) = self._sess.run([self._output], {self._input: batch})   # batch is already input_dtype
         return np.asarray(probs, dtype=np.float32)
 
     def close(self) -> None:

@@ -163,6 +163,7 @@ class TensorRTBackend(Backend):
                                f"manifest's {manifest.min_batch}..{manifest.max_batch}")
         self._in_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._in)))
         self._out_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._out)))
+        self.input_dtype = self._in_dtype
         self.contract, self.precision = manifest.contract, manifest.precision
         self.name = f"tensorrt {trt.__version__} on {gpu_name}"
         try:
