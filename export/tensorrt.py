@@ -4,20 +4,23 @@
         [--opt-batch 8] [--max-batch 32] [--workspace-gib 4] [--timing-cache PATH]
         [--hardware-compatible] [--version-compatible]
 
-FP16, by TensorRT version (export/trt_build.py: build_plan):
-  - TensorRT >= 10.12 and 11.x build STRONGLY TYPED networks: precision comes from the ONNX dtypes,
-    so --fp16 needs the FP16 graph (model_fp16.onnx from `python -m export.onnx --fp16`, float32
-    I/O, FP32 head, verified against PyTorch). Given the FP32 model.onnx with --fp16 this refuses
-    (exit 2) instead of silently building FP32 (the failure rf-detr #1453 hit on TensorRT 11).
-  - TensorRT 10.0-10.11 (e.g. JetPack 6): weakly typed network + BuilderFlag.FP16 on model.onnx.
-  - no --fp16: an FP32 reference engine from model.onnx, with TF32 disabled.
-After the build the engine inspector's per-layer dtypes are checked: an FP32 engine where FP16 was
-asked for fails loudly (exit 1). Writes OUTPUT (a pure TensorRT plan: trtexec and Triton load it)
-and OUTPUT.json (runtime/trt_manifest.py), each atomically. Build on the GPU that will run it.
+Precision, by TensorRT version (export/trt_build.py: build_plan):
+  - the FP16 graph (model_fp16.onnx from `python -m export.onnx --fp16`: float32 I/O, FP32 head,
+    verified against PyTorch) with --fp16, or an INT8 Q/DQ graph: STRONGLY TYPED on every 10.x and
+    11.x release, so the graph's dtypes are the engine's (the FP32 head stays FP32).
+  - the FP32 model.onnx with --fp16: only TensorRT 10.0-10.11 (e.g. JetPack 6), weakly typed +
+    BuilderFlag.FP16; refused on 10.12+ and 11.x (exit 2) instead of silently building FP32
+    (the failure rf-detr #1453 hit on TensorRT 11).
+  - the FP32 model.onnx without --fp16: an FP32 reference engine with TF32 disabled.
+After the build the engine inspector's per-layer dtypes are checked against what was asked for
+(fp16 / int8 / fp32): a wrong engine fails loudly (exit 1). Writes OUTPUT (a pure TensorRT plan:
+trtexec and Triton load it) and OUTPUT.json (runtime/trt_manifest.py), each atomically. Build on
+the GPU that will run it; --hardware-compatible (Ampere+) needs a build GPU of compute capability 8.0+.
 
 Exit codes: 0 ok; 1 build failed or wrong precision; 2 usage error, or no TensorRT / no CUDA GPU here.
-NOTE: no machine this project is developed on has TensorRT; this file follows NVIDIA's 10.x/11.x
-docs and samples (sampleOnnxMNIST / onnx_resnet50.py), and only its TensorRT-free half is tested.
+NOTE: no machine this project is developed on has TensorRT. This file runs in the tests against
+strict doubles of TensorRT 10.3, 10.13.3 and 11.1 built from NVIDIA's binding sources
+(tests/trt_double.py) and a strict cuda-python double; a real build has never run.
 """
 
 from __future__ import annotations
@@ -25,18 +28,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from export.trt_build import (EnginePrecisionError, UsageError, build_plan, check_engine_precision, check_output_path,
                               check_profile, layer_precisions, load_timing_cache, onnx_facts, profile_shapes,
                               save_timing_cache, timing_cache_key, workspace_bytes)
+from runtime.trt_manifest import AMPERE_PLUS_MIN_CC, this_platform
 from runtime.fileio import atomic_write_bytes, sha256_file
 
 NEED_TRT = ("error: TensorRT is not installed here (Python package `tensorrt`): install TensorRT 10.x or 11.x "
             "(pip install tensorrt, which fetches NVIDIA's wheels; on Jetson it comes with JetPack) and "
             "cuda-python (pip install cuda-python), then build on the GPU that will run the engine")
-NEED_CUDA = "error: cuda-python is not installed (pip install cuda-python, the `gpu` extra): it reads the GPU's identity"
 NEED_GPU = "error: no CUDA GPU is visible ({why}): TensorRT builds engines on the GPU they will run on"
 
 
@@ -61,65 +65,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def import_tensorrt() -> tuple[Any, Any]:
     """(tensorrt, cudart); SystemExit(2) with a one-line message saying what to install."""
+    from runtime.backends.base import BackendError
+    from runtime.backends.tensorrt import import_cudart
+
     try:
         import tensorrt as trt
     except ImportError:
         print(NEED_TRT, file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        from cuda.bindings import runtime as cudart   # cuda-python >= 12.6 (NVIDIA samples, 10.16 / 11.1)
-    except ImportError:
-        try:
-            from cuda import cudart                   # older cuda-python
-        except ImportError:
-            print(NEED_CUDA, file=sys.stderr)
-            raise SystemExit(2) from None
-    return trt, cudart
+        return trt, import_cudart()
+    except BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
-def gpu_and_cuda(cudart: Any) -> tuple[str, str, str]:
-    """(GPU name, compute capability "major.minor", CUDA runtime "12.8"); SystemExit(2) without a GPU.
+@dataclass(frozen=True)
+class BuildHost:
+    """What the build machine is, each figure named for what it really is."""
+
+    gpu_name: str
+    compute_capability: str        # "8.7"
+    cuda_driver_version: str       # the driver's CUDA (cudaDriverGetVersion), "12.6"
+    cuda_python_version: str       # cuda-python's own version; its CUDA runtime is linked in statically
+
+
+def build_host(cudart: Any) -> BuildHost:
+    """The GPU and versions here; SystemExit(2) with one line without a usable GPU.
 
     The name and capability come from runtime.backends.tensorrt.gpu_identity, so the manifest holds exactly
     what the runtime will compare against.
     """
     from runtime.backends.base import BackendError
-    from runtime.backends.tensorrt import cuda_check, gpu_identity
+    from runtime.backends.tensorrt import cuda_check, cuda_python_version, driver_cuda_version, gpu_identity
 
     try:
-        count = cuda_check(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
-        if not count:
+        name, cc = gpu_identity(cudart)       # a specific message for cudaErrorInsufficientDriver
+        if not cuda_check(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount"):
             raise BackendError("cudaGetDeviceCount returned 0")
-        name, cc = gpu_identity(cudart)
-        ver = cuda_check(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")   # 1000*major + 10*minor
+        driver = driver_cuda_version(cudart)
     except BackendError as e:
-        print(NEED_GPU.format(why=e), file=sys.stderr)
+        msg = str(e)
+        print(f"error: {msg}" if "cudaErrorInsufficientDriver" in msg else NEED_GPU.format(why=msg), file=sys.stderr)
         raise SystemExit(2) from None
-    return name, cc, f"{ver // 1000}.{(ver % 1000) // 10}"
+    return BuildHost(name, cc, driver, cuda_python_version())
 
 
 def build_engine(trt: Any, args: argparse.Namespace, plan: Any, facts: Any, shapes: tuple, cache: bytes,
                  logger: Any) -> tuple[bytes, bytes]:
-    """Parse the ONNX and build the serialized engine; returns (plan bytes, timing cache bytes)."""
+    """Parse the ONNX and build the serialized engine; returns (plan bytes, timing cache bytes).
+
+    Every failure TensorRT reports by a return value (False, None, -1) or an exception on bad shapes
+    becomes a one-line BuildError.
+    """
     builder = trt.Builder(logger)
     flags = 0
     if plan.network_flags == "strongly_typed":
-        # 10.12 .. 10.x: opt in to strong typing. In 11.x the flag is deprecated and ignored (always on),
-        # and EXPLICIT_BATCH is gone (NVIDIA, 10.x -> 11.x Python API reference), so 11.x passes 0.
+        # 10.x: opt in to strong typing; the header value is 1, so the flags word is 2. In 11.x every
+        # network is strongly typed and the flag is gone from the headers, so 11.x passes 0.
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(args.onnx)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise BuildError(f"{args.onnx}: the ONNX parser failed: {errors[:1000]}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes(args.workspace_gib))
-    # DETAILED: the inspector then reports per-layer dtypes, which the FP16 check below reads.
+    # DETAILED: the inspector then reports per-layer dtypes, which the precision check below reads.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if plan.fp16_flag:
-        config.set_flag(trt.BuilderFlag.FP16)          # 10.x < 10.12 only: BuilderFlag.FP16 is removed in 11.0
-    if plan.disable_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.set_flag(trt.BuilderFlag.FP16)          # 10.0-10.11 weak builds only: removed in 11.0
+    if plan.disable_tf32:
         config.clear_flag(trt.BuilderFlag.TF32)        # FP32 reference: TF32 is on by default (NVIDIA/TensorRT #4492)
     if args.hardware_compatible:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
@@ -127,10 +144,16 @@ def build_engine(trt: Any, args: argparse.Namespace, plan: Any, facts: Any, shap
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
 
     profile = builder.create_optimization_profile()
-    profile.set_shape(facts.input_name, *shapes)       # (min, opt, max) NCHW; kernels are tuned for opt
-    config.add_optimization_profile(profile)
+    try:
+        profile.set_shape(facts.input_name, *shapes)   # (min, opt, max) NCHW; kernels are tuned for opt
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise BuildError(f"TensorRT refused the profile {shapes} for {facts.input_name!r}: {e}") from None
+    if config.add_optimization_profile(profile) < 0:
+        raise BuildError(f"TensorRT refused the optimization profile {shapes} (add_optimization_profile returned -1)")
 
-    timing_cache = config.create_timing_cache(cache)   # b"" -> an empty cache
+    timing_cache = config.create_timing_cache(cache)   # b"" -> an empty cache; None on failure
+    if timing_cache is None:
+        raise BuildError(f"TensorRT could not read the timing cache {args.timing_cache or '(new)'}; delete it")
     if not config.set_timing_cache(timing_cache, False):   # ignore_mismatch=False, as Polygraphy does
         raise BuildError(f"TensorRT rejected the timing cache {args.timing_cache} (device mismatch); delete it")
 
@@ -155,14 +178,15 @@ def inspect_engine(trt: Any, plan_bytes: bytes, facts: Any, opt_shape: tuple, lo
     if sorted(names) != sorted([facts.input_name, facts.output_name]):
         raise BuildError(f"engine I/O are {names}, expected {facts.input_name} and {facts.output_name}")
     for name in names:
-        if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
-            raise BuildError(f"engine tensor {name} is {engine.get_tensor_dtype(name)}, expected float32 I/O")
+        if engine.get_tensor_dtype(name) not in (trt.DataType.FLOAT, trt.DataType.HALF):
+            raise BuildError(f"engine tensor {name} is {engine.get_tensor_dtype(name)}: the runtime needs float32 "
+                             f"or float16 I/O (numpy has no type for BF16/FP8/FP4); export with float I/O")
     context = engine.create_execution_context()
-    context.set_input_shape(facts.input_name, opt_shape)
+    if not context.set_input_shape(facts.input_name, opt_shape):
+        raise BuildError(f"the built engine refuses input shape {opt_shape} (set_input_shape returned False)")
     inspector = engine.create_engine_inspector()
     # Without a context whose input shapes are set, dynamic-shape layers print "N/A due to dynamic shapes".
-    # Python attribute: `execution_context` (10.x/11.x docs); TensorRT 8.x called it `context`.
-    setattr(inspector, "execution_context" if hasattr(inspector, "execution_context") else "context", context)
+    inspector.execution_context = context             # the 10.x and 11.x property name
     return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
 
 
@@ -188,16 +212,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     trt, cudart = import_tensorrt()
-    gpu_name, cc, cuda_version = gpu_and_cuda(cudart)
-    key = timing_cache_key(trt.__version__, gpu_name, cc, cuda_version, args.hardware_compatible)
+    host = build_host(cudart)
+    here = this_platform()
+    key = timing_cache_key(trt.__version__, host.gpu_name, host.compute_capability, args.hardware_compatible, here)
     try:
+        if args.hardware_compatible and tuple(map(int, host.compute_capability.split("."))) < AMPERE_PLUS_MIN_CC:
+            raise UsageError(f"--hardware-compatible builds an Ampere-and-newer engine, which needs a build GPU of "
+                             f"compute capability 8.0 or later; {host.gpu_name} is {host.compute_capability}")
         plan = build_plan(trt.__version__, facts.precision, args.fp16, str(args.onnx))
         cache, cache_msg = load_timing_cache(args.timing_cache, key)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shapes = profile_shapes(args.min_batch, args.opt_batch, args.max_batch, facts.image_size)
-    print(f"TensorRT {trt.__version__} on {gpu_name} (CC {cc}, CUDA {cuda_version}): {plan.mode}ly typed, "
+    print(f"TensorRT {trt.__version__} on {host.gpu_name} (CC {host.compute_capability}, driver CUDA "
+          f"{host.cuda_driver_version}, cuda-python {host.cuda_python_version}): {plan.mode}ly typed, "
           f"{plan.precision.upper()} from {args.onnx} ({facts.precision} graph); profile {shapes}; {cache_msg}")
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -209,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             counts = layer_precisions(info)
         except ValueError:
             counts = None                                   # not JSON: fall back on the size check
-        summary = check_engine_precision(plan.precision, counts, len(plan_bytes), facts.fp32_weight_bytes)
+        summary = check_engine_precision(plan.precision, counts, len(plan_bytes), facts.fp32_weight_bytes,
+                                         args.version_compatible)
     except (BuildError, EnginePrecisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -219,12 +249,14 @@ def main(argv: list[str] | None = None) -> int:
 
     atomic_write_bytes(out, plan_bytes)
     manifest = TrtManifest(
-        tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc, cuda_version=cuda_version,
+        tensorrt_version=trt.__version__, gpu_name=host.gpu_name, compute_capability=host.compute_capability,
         precision=plan.precision, input_name=facts.input_name, output_name=facts.output_name,
         min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch, image_size=facts.image_size,
         onnx_sha256=sha256_file(args.onnx), plan_sha256=sha256_file(out), contract=meta.contract,
         hardware_compatible=args.hardware_compatible, version_compatible=args.version_compatible,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        cuda_driver_version=host.cuda_driver_version, cuda_python_version=host.cuda_python_version,
+        os=here[0], arch=here[1], val_metrics=meta.val_metrics if isinstance(meta.val_metrics, dict) else None)
     mpath = write_manifest(out, manifest)
     if args.timing_cache:
         save_timing_cache(args.timing_cache, cache_out, key)

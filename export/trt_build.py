@@ -1,15 +1,20 @@
 """The TensorRT-free half of the engine builder: argument checks, version dispatch, profile shapes,
-timing-cache policy, engine precision check, manifest assembly. Tested without TensorRT.
+timing-cache policy, engine precision check. Tested without TensorRT.
 
     python -m export.tensorrt --onnx model_fp16.onnx --output model.plan --fp16   # uses these
 
-Version dispatch (NVIDIA, "Migrating from TensorRT 10.x to 11.x" and the 10.12 release notes):
+Version dispatch (NVIDIA, "Migrating from TensorRT 10.x to 11.x", the 10.12 release notes, and the
+header value NetworkDefinitionCreationFlag.STRONGLY_TYPED = 1 on 10.0 .. 10.16):
   TensorRT < 10         unsupported (the name-based I/O API this project uses is 10+)
-  10.0 .. 10.11         "weak": weakly typed network; FP16 via BuilderFlag.FP16 on the FP32 ONNX
-  10.12 .. 10.x         "strong": create_network(1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED);
-                        FP16 comes from the FP16 ONNX (weak typing is deprecated since 10.12)
-  11.x and later        "strong": every network is strongly typed; BuilderFlag.FP16 is removed and
-                        the STRONGLY_TYPED flag is deprecated and ignored (create_network(0))
+  10.x, FP16/INT8 ONNX  "strong": create_network(1 << STRONGLY_TYPED) (flags word 2): the graph's dtypes
+                        are the precision, so the FP32 head of the FP16 graph stays FP32
+  10.0 .. 10.11, FP32 ONNX + --fp16
+                        "weak": the only weakly typed build; BuilderFlag.FP16 lets TensorRT choose FP16
+  10.12 .. 10.x, FP32 ONNX + --fp16
+                        refused: weak typing is deprecated there; --fp16 needs the FP16 graph
+  10.x, FP32 ONNX       "strong" FP32 reference (TF32 off)
+  11.x and later        "strong" always: BuilderFlag.FP16 is gone and the STRONGLY_TYPED flag is not
+                        in the 11.x headers (still a Python name), so create_network(0)
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 from runtime.fileio import atomic_write_bytes, atomic_write_text
 
 MAX_BATCH_LIMIT = 4096
-STRONG_TYPING_SINCE = (10, 12)
+WEAK_TYPING_DEPRECATED = (10, 12)   # weak typing deprecated (10.12 release notes), gone in 11.0
 FP16_ONNX_HINT = ("make it with python -m export.onnx --checkpoint best.pt --output model.onnx --fp16 "
                   "(writes model_fp16.onnx, verified against PyTorch), or python -m export.fp16 model.onnx")
 
@@ -50,37 +55,40 @@ class BuildPlan:
     """How to build, decided from the TensorRT version, the ONNX precision and --fp16."""
 
     mode: str                # "strong" | "weak"
-    network_flags: str       # "strongly_typed" (10.12+: set the flag) | "none" (<10.12 and 11+: 0)
+    network_flags: str       # "strongly_typed" (10.x strong: set the flag) | "none" (weak, and 11+: 0)
     fp16_flag: bool          # set BuilderFlag.FP16 (weak mode only)
     disable_tf32: bool       # clear BuilderFlag.TF32: FP32 reference engines compare with ONNX Runtime
-    precision: str           # what the engine will be: "fp16" | "fp32"
+    precision: str           # what the engine will be: "fp16" | "fp32" | "int8"
 
 
 def build_plan(trt_version: str, onnx_precision: str, fp16: bool, onnx_name: str = "the ONNX") -> BuildPlan:
-    """Decide the build from the TensorRT version, the ONNX graph's precision ("fp16"|"fp32") and --fp16.
+    """Decide the build from the TensorRT version, the ONNX graph's precision ("fp16"|"fp32"|"int8") and --fp16.
 
     Raises UsageError for combinations that would silently build the wrong thing: --fp16 on an FP32
-    graph where networks are strongly typed (that yields an FP32 engine: roboflow/rf-detr #1453), and an
-    FP16 graph without --fp16.
+    graph where weak typing is deprecated or gone (that yields an FP32 engine: roboflow/rf-detr #1453),
+    an FP16 graph without --fp16, and --fp16 on an INT8 Q/DQ graph (its precision is in the graph).
     """
     v = parse_version(trt_version)
     if v[0] < 10:
         raise UsageError(f"TensorRT {trt_version} is too old: TensorRT 10.x or 11.x is needed")
-    if onnx_precision not in ("fp16", "fp32"):
-        raise ValueError(f"onnx_precision must be fp16 or fp32, got {onnx_precision!r}")
-    strong = v[:2] >= STRONG_TYPING_SINCE
+    if onnx_precision not in ("fp16", "fp32", "int8"):
+        raise ValueError(f"onnx_precision must be fp16, fp32 or int8, got {onnx_precision!r}")
+    weak_ok = v[0] == 10 and v[:2] < WEAK_TYPING_DEPRECATED
     if onnx_precision == "fp16" and not fp16:
         raise UsageError(f"{onnx_name} is an FP16 graph: add --fp16 (or pass the FP32 model.onnx for an FP32 engine)")
-    if strong and fp16 and onnx_precision == "fp32":
+    if onnx_precision == "int8" and fp16:
+        raise UsageError(f"{onnx_name} is an INT8 Q/DQ graph: its precision comes from the graph, drop --fp16")
+    if fp16 and onnx_precision == "fp32" and not weak_ok:
         raise UsageError(
             f"TensorRT {trt_version} builds strongly typed networks, so precision comes from the ONNX dtypes and "
             f"{onnx_name} is FP32: --fp16 needs the FP16 graph; {FP16_ONNX_HINT}")
+    weak = fp16 and onnx_precision == "fp32"        # only 10.0 .. 10.11 get here
     return BuildPlan(
-        mode="strong" if strong else "weak",
-        network_flags="strongly_typed" if strong and v[0] == 10 else "none",
-        fp16_flag=fp16 and not strong,
-        disable_tf32=not fp16,
-        precision="fp16" if fp16 else "fp32",
+        mode="weak" if weak else "strong",
+        network_flags="strongly_typed" if not weak and v[0] == 10 else "none",
+        fp16_flag=weak,
+        disable_tf32=onnx_precision == "fp32" and not fp16,
+        precision="fp16" if fp16 else onnx_precision,
     )
 
 
@@ -136,7 +144,7 @@ class OnnxFacts:
     output_name: str
     batch_dim: int | str          # name when symbolic
     image_size: int
-    precision: str                # "fp16" when most weights are FP16
+    precision: str                # "int8" with Q/DQ nodes, "fp16" when most weights are FP16, else "fp32"
     fp32_weight_bytes: int        # what the weights would take in FP32 (engine size reference)
 
 
@@ -166,17 +174,21 @@ def onnx_facts(path: str | Path) -> OnnxFacts:
             count *= d
         n += count
         n16 += count if t.data_type == onnx.TensorProto.FLOAT16 else 0
-    return OnnxFacts(inputs[0].name, model.graph.output[0].name, dims[0], int(dims[2]),
-                     "fp16" if n and n16 / n >= 0.5 else "fp32", 4 * n)
+    qdq = any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+    precision = "int8" if qdq else ("fp16" if n and n16 / n >= 0.5 else "fp32")
+    return OnnxFacts(inputs[0].name, model.graph.output[0].name, dims[0], int(dims[2]), precision, 4 * n)
 
 
 # ---------------------------------------------------------------- timing cache
 
-def timing_cache_key(trt_version: str, gpu_name: str, compute_capability: str, cuda_version: str,
-                     hardware_compatible: bool = False) -> dict[str, Any]:
-    """What a timing cache is specific to: TensorRT version, GPU, CUDA, and the hardware-compat tactic set."""
+def timing_cache_key(trt_version: str, gpu_name: str, compute_capability: str, hardware_compatible: bool = False,
+                     platform: tuple[str, str] = ("", "")) -> dict[str, Any]:
+    """What invalidates a timing cache: the TensorRT version, the GPU, the hardware-compatible tactic set and
+    the platform. Not cuda-python's version (its CUDA runtime is linked statically and TensorRT does not use
+    it) nor the driver's: a cuda-python upgrade leaves a cache valid. TensorRT itself still checks the cache
+    when it loads it (set_timing_cache with ignore_mismatch=False, as Polygraphy does)."""
     return {"tensorrt_version": trt_version, "gpu_name": gpu_name, "compute_capability": compute_capability,
-            "cuda_version": cuda_version, "hardware_compatible": bool(hardware_compatible)}
+            "hardware_compatible": bool(hardware_compatible), "os": platform[0], "arch": platform[1]}
 
 
 def cache_key_path(cache_path: str | Path) -> Path:
@@ -221,7 +233,14 @@ def save_timing_cache(cache_path: str | Path, data: bytes, key: dict[str, Any]) 
 
 # ---------------------------------------------------------------- engine precision check
 
-COMPUTE_LAYER = re.compile(r"conv|gemm|matrixmultiply|fullyconnected|myelin", re.I)
+COMPUTE_LAYER = re.compile(r"conv|gemm|matrixmultiply|fullyconnected|myelin|kgen", re.I)
+# Myelin / kgen layers are fused subgraphs that keep their casts inside: their I/O can show FP32 in
+# a valid FP16 engine, so they count as "unknown" unless a tensor of theirs shows a lower precision.
+FUSED_LAYER = re.compile(r"myelin|kgen", re.I)
+# Keys that have held a tensor's dtype across NVIDIA's inspector JSON: "Format/Datatype" (10.x),
+# "Datatype" + "Format" (11.x, the split field as NVIDIA's 11.1 tools name it), "DataType" (case varies).
+DTYPE_KEYS = ("format/datatype", "datatype", "format", "dtype")
+LOWER_FIRST = ("int8", "fp16", "bf16", "fp32")      # a layer counts as the lowest precision it shows
 
 
 def _dtype_of(text: str) -> str | None:
@@ -238,15 +257,22 @@ def _dtype_of(text: str) -> str | None:
     return None
 
 
+def _tensor_texts(tensor: Any) -> list[str]:
+    if not isinstance(tensor, dict):
+        return []
+    return [str(v) for k, v in tensor.items() if str(k).lower() in DTYPE_KEYS]
+
+
 def layer_precisions(inspector_json: str | dict[str, Any]) -> dict[str, int]:
-    """Count compute layers (conv/gemm) by the dtype of their tensors, from IEngineInspector JSON.
+    """Count compute layers (conv/gemm/fused) by the lowest dtype their tensors or weights show, from
+    IEngineInspector JSON.
 
     Schema: {"Layers": [{"Name", "LayerType", "Inputs": [{...}], "Outputs": [...], "Weights": {"Type"}}]}.
-    A tensor's dtype is in "Format/Datatype" (TensorRT 10.x) or "DataType" + "Format" (11.x: the field
-    was split; NVIDIA, "Migrating IEngineInspector Usage from TensorRT 10.x to 11.x"). With dynamic
-    shapes the inspector prints "N/A due to dynamic shapes" unless an execution context with input
-    shapes is attached, which export.tensorrt does. Returns counts for "fp16", "fp32", "bf16", "int8",
-    "unknown" (layers without a readable dtype) and "layers" (compute layers seen).
+    A tensor's dtype is read from any key in DTYPE_KEYS, case-insensitively (10.x "Format/Datatype";
+    11.x "Datatype" and "Format"; NVIDIA, "Migrating IEngineInspector Usage from TensorRT 10.x to 11.x").
+    With dynamic shapes the inspector prints "N/A due to dynamic shapes" unless an execution context
+    with input shapes is attached, which export.tensorrt does. Returns counts for "fp16", "fp32",
+    "bf16", "int8", "unknown" (no readable dtype, or a fused layer showing only FP32) and "layers".
     """
     data = json.loads(inspector_json) if isinstance(inspector_json, str) else inspector_json
     counts = {"fp16": 0, "fp32": 0, "bf16": 0, "int8": 0, "unknown": 0, "layers": 0}
@@ -257,37 +283,47 @@ def layer_precisions(inspector_json: str | dict[str, Any]) -> dict[str, int]:
         if not COMPUTE_LAYER.search(kind):
             continue
         counts["layers"] += 1
-        texts = [str(t.get(k, "")) for t in layer.get("Outputs", []) + layer.get("Inputs", []) if isinstance(t, dict)
-                 for k in ("DataType", "Format/Datatype", "Format")]
+        texts = [t for tensor in list(layer.get("Outputs", [])) + list(layer.get("Inputs", []))
+                 for t in _tensor_texts(tensor)]
         if isinstance(layer.get("Weights"), dict):
-            texts.insert(0, str(layer["Weights"].get("Type", "")))
-        found = [d for d in map(_dtype_of, texts) if d]
-        # a layer counts as FP16 when any of its tensors or weights is FP16 (mixed FP16/FP32 I/O at casts)
-        best = "fp16" if "fp16" in found else (found[0] if found else "unknown")
+            texts.append(str(layer["Weights"].get("Type", "")))
+        found = {d for d in map(_dtype_of, texts) if d}
+        best = next((d for d in LOWER_FIRST if d in found), "unknown")
+        if FUSED_LAYER.search(kind) and best == "fp32":
+            best = "unknown"
         counts[best] += 1
     return counts
 
 
-def check_engine_precision(want: str, counts: dict[str, int] | None, plan_bytes: int, fp32_weight_bytes: int) -> str:
+# Size fallback: the plan's size against the FP32 weight volume (FP16 halves it: rf-detr #1454; INT8 quarters it).
+SIZE_LIMIT = {"fp16": 0.75, "int8": 0.5}
+
+
+def check_engine_precision(want: str, counts: dict[str, int] | None, plan_bytes: int, fp32_weight_bytes: int,
+                           version_compatible: bool = False) -> str:
     """Fail loudly when the engine is not what was asked for; returns a one-line summary.
 
-    FP16 asked: at least half the conv/gemm layers must be FP16 by the inspector. Without inspector
-    dtypes (no DETAILED verbosity), fall back on size: FP16 weights take half the bytes, so an FP16
-    engine should be well under 0.75 x the FP32 weight volume (rf-detr #1454 saw the engine halve).
+    want "fp16" / "int8": at least half the conv/gemm layers of known dtype must be that precision by the
+    inspector. want "fp32": none may be lower. Without inspector dtypes, fall back on the plan's size
+    (SIZE_LIMIT), except for version-compatible plans: they embed the lean runtime, so their size says
+    nothing about the weights; those pass with an "unverified" summary.
     """
     layers = (counts or {}).get("layers", 0)
     known = layers - (counts or {}).get("unknown", 0) if counts else 0
     size = f"plan {plan_bytes / 1e6:.1f} MB vs FP32 weights {fp32_weight_bytes / 1e6:.1f} MB"
     if counts and known > 0:
-        n16 = counts["fp16"]
-        summary = f"{n16}/{layers} conv/gemm layers FP16, {counts['fp32']} FP32 ({size})"
-        if want == "fp16" and n16 < 0.5 * known:
-            raise EnginePrecisionError(f"asked for FP16 but the engine is mostly FP32: {summary}")
-        if want == "fp32" and n16 > 0:
-            raise EnginePrecisionError(f"asked for FP32 but the engine has FP16 layers: {summary}")
+        low = counts["fp16"] + counts["int8"] + counts["bf16"]
+        summary = (f"{counts['fp16']}/{layers} conv/gemm layers FP16, {counts['int8']} INT8, {counts['fp32']} FP32, "
+                   f"{counts['unknown']} unknown ({size})")
+        if want in ("fp16", "int8") and counts[want] < 0.5 * known:
+            raise EnginePrecisionError(f"asked for {want.upper()} but the engine is mostly not {want.upper()}: {summary}")
+        if want == "fp32" and low > 0:
+            raise EnginePrecisionError(f"asked for FP32 but the engine has lower-precision layers: {summary}")
         return summary
+    if version_compatible:
+        return f"precision unverified: no per-layer dtypes and a version-compatible plan embeds its runtime ({size})"
     ratio = plan_bytes / max(fp32_weight_bytes, 1)
-    if want == "fp16" and ratio >= 0.75:
-        raise EnginePrecisionError(f"asked for FP16 but the engine is as large as FP32 weights ({size}); "
-                                   f"it is most likely an FP32 engine")
+    if want in SIZE_LIMIT and ratio >= SIZE_LIMIT[want]:
+        raise EnginePrecisionError(f"asked for {want.upper()} but the engine is too large for it ({size}, "
+                                   f"{ratio:.2f}x); it is most likely an FP32 engine")
     return f"no per-layer dtypes from the inspector; {size} ({ratio:.2f}x)"

@@ -15,6 +15,7 @@ Standard library + runtime.contract only: this ships to the device.
 from __future__ import annotations
 
 import json
+import platform
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,7 +25,7 @@ from runtime.contract import ContractError, ModelContract
 from runtime.fileio import atomic_write_text
 
 MANIFEST_FORMAT = "probres-trt-manifest/1"
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "fp32", "int8")
 REBUILD_HINT = "rebuild the engine on this device with: python -m export.tensorrt --onnx MODEL.onnx --output MODEL.plan"
 
 # Version-compatible engines run on newer runtimes of the same major version, and across these
@@ -32,6 +33,18 @@ REBUILD_HINT = "rebuild the engine on this device with: python -m export.tensorr
 CROSS_MAJOR_OK = {(8, 10), (10, 11)}
 # hardware_compatible means HardwareCompatibilityLevel.AMPERE_PLUS: runs on compute capability >= 8.0.
 AMPERE_PLUS_MIN_CC = (8, 0)
+
+
+# Keys a manifest may lack (older manifests, written before they existed).
+OPTIONAL = ("hardware_compatible", "version_compatible", "created", "cuda_driver_version", "cuda_python_version",
+            "os", "arch", "val_metrics")
+
+
+def this_platform() -> tuple[str, str]:
+    """(OS, architecture) of this machine, e.g. ("Linux", "x86_64"); Windows' "AMD64" is x86_64, "arm64" aarch64."""
+    arch = platform.machine().lower()
+    arch = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+    return platform.system(), arch
 
 
 class ManifestError(ValueError):
@@ -53,8 +66,7 @@ class TrtManifest:
     tensorrt_version: str          # trt.__version__ of the builder, e.g. "10.13.3.9"
     gpu_name: str                  # e.g. "NVIDIA H100 80GB HBM3"
     compute_capability: str        # "major.minor", e.g. "9.0"
-    cuda_version: str              # CUDA runtime the builder used, e.g. "12.9"
-    precision: str                 # "fp16" | "fp32"
+    precision: str                 # "fp16" | "fp32" | "int8" (an INT8 Q/DQ graph)
     input_name: str
     output_name: str
     min_batch: int
@@ -67,6 +79,13 @@ class TrtManifest:
     hardware_compatible: bool = False   # built with HardwareCompatibilityLevel.AMPERE_PLUS
     version_compatible: bool = False    # built with BuilderFlag.VERSION_COMPATIBLE
     created: str = ""                   # ISO 8601 UTC time of the build
+    # What each figure really is: cuda-python links its CUDA runtime statically, so its version
+    # says nothing about the CUDA TensorRT uses; the driver's CUDA version is cudaDriverGetVersion.
+    cuda_driver_version: str = ""       # the driver's CUDA version at build time, e.g. "12.6"
+    cuda_python_version: str = ""       # cuda-python (cuda-bindings) version of the builder, e.g. "12.9.0"
+    os: str = ""                        # platform.system() of the builder, e.g. "Linux" ("" = not recorded)
+    arch: str = ""                      # normalized machine, "x86_64" | "aarch64" ("" = not recorded)
+    val_metrics: dict[str, Any] | None = None   # PyTorch's val metrics of these weights (from the ONNX metadata)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -93,7 +112,7 @@ class TrtManifest:
         if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"not a {MANIFEST_FORMAT} manifest")
         kinds = {"min_batch": int, "opt_batch": int, "max_batch": int, "image_size": int,
-                 "hardware_compatible": bool, "version_compatible": bool}
+                 "hardware_compatible": bool, "version_compatible": bool, "val_metrics": (dict, type(None))}
         kw: dict[str, Any] = {}
         try:
             for f in fields(cls):
@@ -105,9 +124,10 @@ class TrtManifest:
                     if want is int and (isinstance(v, bool) or not isinstance(v, int)):
                         raise ManifestError(f"{f.name} must be an integer, got {v!r}")
                     if want is not int and not isinstance(v, want):
-                        raise ManifestError(f"{f.name} must be a {want.__name__}, got {v!r}")
+                        what = "a JSON object" if isinstance(want, tuple) else f"a {want.__name__}"
+                        raise ManifestError(f"{f.name} must be {what}, got {v!r}")
                     kw[f.name] = v
-                elif f.name not in ("hardware_compatible", "version_compatible", "created"):
+                elif f.name not in OPTIONAL:
                     raise ManifestError(f"missing key {f.name!r}")
         except ContractError as e:
             raise ManifestError(f"bad contract ({e})") from None
@@ -158,15 +178,24 @@ def _parse_cc(cc: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def check_compatible(manifest: TrtManifest, trt_version: str, gpu_name: str, compute_capability: str) -> None:
-    """Raise ManifestMismatch unless a plan described by `manifest` can load on this TensorRT + GPU.
+def check_compatible(manifest: TrtManifest, trt_version: str, gpu_name: str, compute_capability: str,
+                     platform_here: tuple[str, str] | None = None) -> None:
+    """Raise ManifestMismatch unless a plan described by `manifest` can load on this TensorRT + GPU + platform.
 
+    Platform (OS, CPU architecture; this machine's when None): must match whenever the manifest
+    records it. No TensorRT plan is portable across them, hardware-compatible or not (an x86-64
+    plan on an aarch64 Jetson passes the GPU check and then fails inside deserialization).
     TensorRT: the versions must match exactly, unless the plan is version-compatible (then this
     runtime must be the same or newer, within a major version or across 8->10 / 10->11).
     GPU: the compute capability must match, unless the plan is hardware-compatible (AMPERE_PLUS:
     any compute capability >= 8.0). The GPU name is informative only: the same architecture runs
     the plan, though TensorRT warns that tactics were timed on another device.
     """
+    os_here, arch_here = platform_here or this_platform()
+    if (manifest.os and manifest.os != os_here) or (manifest.arch and manifest.arch != arch_here):
+        raise ManifestMismatch(
+            f"engine built on {manifest.os} {manifest.arch}, this is {os_here} {arch_here}: TensorRT plans do not "
+            f"move across operating systems or CPU architectures; {REBUILD_HINT}")
     built, here = _parse_version(manifest.tensorrt_version), _parse_version(trt_version)
     if manifest.version_compatible:
         same_major_newer = built[0] == here[0] and here >= built
