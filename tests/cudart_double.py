@@ -104,7 +104,8 @@ class FakeCudart:
                 bound = sig.bind(*args, **kwargs)
             except TypeError as e:
                 raise TypeError(f"{fn}(): {e}") from None
-            if self.error is not None and fn not in ("cudaGetErrorName", "cudaRuntimeGetVersion"):
+            if self.error is not None and fn not in ("cudaGetErrorName", "cudaRuntimeGetVersion",
+                                                                "cudaDriverGetVersion"):
                 return (self.error,) + ((None,) if fn not in _NO_VALUE else ())
             out = impl(*bound.args)
             return out if isinstance(out, tuple) else (out,)

@@ -1,9 +1,10 @@
-"""export.tensorrt / export.trt_build: everything that does not need TensorRT, plus the CLI's wiring.
+"""export.trt_build and export.tensorrt's checks before TensorRT: everything that does not need TensorRT.
 
-TensorRT cannot be installed on the machines this is developed on. The TensorRT-free logic is tested
-directly; the build itself runs against a small stand-in `tensorrt` module that implements only the
-documented 10.x/11.x calls export.tensorrt makes (FakeTRT below). That checks the dispatch and the
-file handling, not that real TensorRT accepts these calls: that needs a GPU machine with TensorRT.
+    python -m pytest -q tests/test_export_tensorrt.py
+
+The build itself runs against strict doubles of TensorRT releases in tests/test_trt_export_doubles.py.
+The precision check runs here on NVIDIA's real engine-inspector JSON (tests/data/trt_inspector, from
+trt-engine-explorer, TensorRT 10.x on an A100) and on that JSON in the 11.x shape (split dtype field).
 """
 
 from __future__ import annotations
@@ -31,13 +32,23 @@ REPO = Path(__file__).resolve().parents[1]
 CONTRACT = ModelContract(LabelSet.from_categories([(1, "person"), (3, "car")]), PreprocessSpec(size=16))
 
 
-def tiny_onnx(path: Path, batch: int | str = "batch", fp16: bool = False, metadata: bool = True) -> Path:
-    """images [N,3,16,16] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> Sigmoid -> probs [N,2]."""
+def tiny_onnx(path: Path, batch: int | str = "batch", fp16: bool = False, metadata: bool = True,
+              qdq: bool = False, val_metrics: dict | None = None, half_io: bool = False) -> Path:
+    """images [N,3,16,16] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> Sigmoid -> probs [N,2].
+
+    qdq: a QuantizeLinear/DequantizeLinear pair on the input (an INT8 Q/DQ graph, as issue 15 makes);
+    half_io: float16 input (an FP16-input engine)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.normal(0, 0.3, (2, 4)).astype(np.float32), "fc_w"),
              numpy_helper.from_array(np.zeros(2, np.float32), "fc_b")]
-    nodes = [helper.make_node("Conv", ["images", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+    first = "images"
+    if qdq:
+        inits += [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+        first = "dq"
+    nodes = [helper.make_node("QuantizeLinear", ["images", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"])] if qdq else []
+    nodes += [helper.make_node("Conv", [first, "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["l"], transB=1), helper.make_node("Sigmoid", ["l"], ["probs"])]
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, 16, 16])],
@@ -45,8 +56,15 @@ def tiny_onnx(path: Path, batch: int | str = "batch", fp16: bool = False, metada
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     if metadata:
         model.metadata_props.add(key="probres.contract", value=CONTRACT.to_json())
+    if val_metrics:
+        model.metadata_props.add(key="probres.val_metrics", value=json.dumps(val_metrics))
     if fp16:
         model = convert_fp16(model)
+    if half_io:
+        model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+        model.graph.node.insert(0, helper.make_node("Cast", ["images"], ["images32"], to=TensorProto.FLOAT))
+        for node in model.graph.node[1:]:
+            node.input[:] = ["images32" if i == "images" else i for i in node.input]
     onnx.checker.check_model(model)
     path.write_bytes(model.SerializeToString())
     return path
@@ -61,12 +79,14 @@ def test_parse_version() -> None:
             parse_version(bad)  # type: ignore[arg-type]
 
 
-def test_tensorrt_10_8_is_weakly_typed_with_the_fp16_flag() -> None:
+def test_tensorrt_10_0_to_10_11_weak_only_for_the_fp32_onnx_with_fp16() -> None:
     p = build_plan("10.8.0.43", "fp32", fp16=True)
     assert (p.mode, p.network_flags, p.fp16_flag, p.disable_tf32, p.precision) == ("weak", "none", True, False, "fp16")
-    assert build_plan("10.11.99", "fp16", fp16=True).mode == "weak"           # an FP16 graph works there too
+    # the FP16 graph carries its precision: strongly typed there too, so its FP32 head stays FP32
+    p = build_plan("10.3.0.30", "fp16", fp16=True)
+    assert (p.mode, p.network_flags, p.fp16_flag, p.precision) == ("strong", "strongly_typed", False, "fp16")
     p = build_plan("10.8.0.43", "fp32", fp16=False)
-    assert (p.fp16_flag, p.disable_tf32, p.precision) == (False, True, "fp32")
+    assert (p.mode, p.fp16_flag, p.disable_tf32, p.precision) == ("strong", False, True, "fp32")
 
 
 def test_tensorrt_10_12_is_strongly_typed_and_needs_the_fp16_graph() -> None:
@@ -85,6 +105,15 @@ def test_tensorrt_11_passes_no_network_flag() -> None:
     assert (p.mode, p.network_flags, p.fp16_flag) == ("strong", "none", False)
     with pytest.raises(UsageError, match="strongly typed"):
         build_plan("11.4.1.2", "fp32", fp16=True)
+
+
+def test_int8_qdq_graph_builds_strongly_typed_everywhere() -> None:
+    for version, flags in (("10.3.0.30", "strongly_typed"), ("10.13.3.9", "strongly_typed"), ("11.1.0.7", "none")):
+        p = build_plan(version, "int8", fp16=False)
+        assert (p.mode, p.network_flags, p.fp16_flag, p.disable_tf32, p.precision) == \
+            ("strong", flags, False, False, "int8")
+    with pytest.raises(UsageError, match="INT8 Q/DQ graph.*drop --fp16"):
+        build_plan("10.13.3.9", "int8", fp16=True)
 
 
 def test_fp16_graph_without_flag_and_old_tensorrt_are_refused() -> None:
@@ -121,6 +150,7 @@ def test_onnx_facts(tmp_path: Path) -> None:
     assert f32.fp32_weight_bytes == 4 * (4 * 3 * 3 * 3 + 2 * 4 + 2)
     assert onnx_facts(tiny_onnx(tmp_path / "b.onnx", fp16=True)).precision == "fp16"
     assert onnx_facts(tiny_onnx(tmp_path / "c.onnx", batch=1)).batch_dim == 1
+    assert onnx_facts(tiny_onnx(tmp_path / "q.onnx", qdq=True)).precision == "int8"
     with pytest.raises(UsageError, match="no such file"):
         onnx_facts(tmp_path / "missing.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
@@ -131,7 +161,9 @@ def test_onnx_facts(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- timing cache
 
 def test_timing_cache_key_policy(tmp_path: Path) -> None:
-    key = timing_cache_key("10.13.3.9", "NVIDIA H100", "9.0", "12.8")
+    key = timing_cache_key("10.13.3.9", "NVIDIA H100", "9.0", False, ("Linux", "x86_64"))
+    # what does not invalidate a cache is not in the key: cuda-python's own CUDA runtime, the driver
+    assert not any("cuda" in k for k in key)
     cache = tmp_path / "trt.cache"
     assert load_timing_cache(None, key)[0] == b""
     data, msg = load_timing_cache(cache, key)
@@ -140,7 +172,7 @@ def test_timing_cache_key_policy(tmp_path: Path) -> None:
     assert json.loads(cache_key_path(cache).read_text()) == key
     assert load_timing_cache(cache, key)[0] == b"\x01tactics"
     for other in (dict(key, gpu_name="NVIDIA A100"), dict(key, tensorrt_version="10.13.3.10"),
-                  dict(key, hardware_compatible=True)):
+                  dict(key, hardware_compatible=True), dict(key, arch="aarch64")):
         with pytest.raises(UsageError, match="another setup") as e:
             load_timing_cache(cache, other)
         assert str(cache) in str(e.value)
@@ -153,44 +185,66 @@ def test_timing_cache_key_policy(tmp_path: Path) -> None:
         load_timing_cache(cache, key)
 
 
-# ---------------------------------------------------------------- FP16 check on inspector JSON
+# ---------------------------------------------------------------- precision check on inspector JSON
 
-def _layer(kind: str, fmt: str, schema: int = 10) -> dict:
-    tensor = {"Name": "t", "Location": "Device", "Dimensions": [8, 64, 56, 56]}
-    if schema == 10:
-        tensor["Format/Datatype"] = fmt
-    else:   # 11.x: Format and DataType are separate fields
-        tensor.update(Format=fmt.split("|")[0], DataType=fmt.split("|")[1])
-    return {"Name": f"{kind} layer", "LayerType": kind, "Inputs": [tensor], "Outputs": [dict(tensor)]}
+INSPECTOR = REPO / "tests" / "data" / "trt_inspector"
+
+
+def real_sample(name: str, schema: int = 10, datatype_key: str = "Datatype") -> dict:
+    """NVIDIA's 10.x sample; schema 11: 'Format/Datatype' split into 'Format' + `datatype_key`."""
+    d = json.loads((INSPECTOR / f"resnet_{name}.json").read_text())
+    if schema == 11:
+        for layer in d["Layers"]:
+            for t in layer.get("Inputs", []) + layer.get("Outputs", []):
+                words = t.pop("Format/Datatype").split()
+                dt = [w for w in words if w.lower() in ("fp16", "fp32", "int8")]
+                t["Format"], t[datatype_key] = " ".join(w for w in words if w not in dt), " ".join(dt)
+    return d
+
+
+@pytest.mark.parametrize("schema, key", [(10, ""), (11, "Datatype"), (11, "DataType"), (11, "datatype")])
+def test_real_inspector_samples_by_precision(schema: int, key: str) -> None:
+    fp16, fp32, qat = (layer_precisions(real_sample(n, schema, key)) for n in ("fp16", "fp32", "qat"))
+    # the ResNet samples: 21 convolutions each (hand count of "CaskConvolution" in the files)
+    assert fp16["layers"] == fp32["layers"] == qat["layers"] == 21
+    assert (fp16["fp16"], fp32["fp32"], qat["int8"]) == (21, 21, 21)
+    assert "21/21" in check_engine_precision("fp16", fp16, 50_000_000, 170_000_000)
+    check_engine_precision("fp32", fp32, 170_000_000, 170_000_000)
+    check_engine_precision("int8", qat, 50_000_000, 170_000_000)
+    with pytest.raises(EnginePrecisionError, match="asked for FP16 but the engine is mostly not FP16"):
+        check_engine_precision("fp16", fp32, 170_000_000, 170_000_000)
+    with pytest.raises(EnginePrecisionError, match="asked for INT8"):
+        check_engine_precision("int8", fp16, 50_000_000, 170_000_000)
+    with pytest.raises(EnginePrecisionError, match="asked for FP32"):
+        check_engine_precision("fp32", fp16, 50_000_000, 170_000_000)
+
+
+def test_11x_keys_are_read_not_only_10x() -> None:
+    """Without the 11.x keys the split sample has no dtypes at all (the old code read 'DataType' only)."""
+    d = real_sample("fp16", 11, "Datatype")
+    assert not any("Format/Datatype" in t for layer in d["Layers"] for t in layer.get("Inputs", []))
+    for layer in d["Layers"]:
+        layer.pop("Weights", None)                       # leave the tensors as the only source
+    assert layer_precisions(d)["fp16"] == 21
+
+
+def _layer(kind: str, fmt: str) -> dict:
+    t = {"Name": "t", "Location": "Device", "Dimensions": [8, 64, 56, 56], "Format/Datatype": fmt}
+    return {"Name": f"{kind} layer", "LayerType": kind, "Inputs": [t], "Outputs": [dict(t)]}
 
 
 FP16_10 = "Channel major FP16 format where channel % 8 == 0"
 FP32_10 = "Row major linear FP32 format"
 
 
-def test_fp16_engine_by_inspector_10x_schema() -> None:
-    layers = [_layer("CaskConvolution", FP16_10) for _ in range(10)] + [_layer("CaskGemmConvolution", FP32_10),
-                                                                       _layer("Reformat", FP32_10)]
-    counts = layer_precisions(json.dumps({"Layers": layers, "Bindings": ["images", "probs"]}))
-    assert (counts["layers"], counts["fp16"], counts["fp32"]) == (11, 10, 1)     # Reformat is not compute
-    assert "10/11" in check_engine_precision("fp16", counts, 50_000_000, 170_000_000)
-
-
-def test_fp16_engine_by_inspector_11x_schema() -> None:
-    layers = [_layer("CaskConvolution", "Channel major format where channel % 8 == 0|Half", 11) for _ in range(5)]
-    counts = layer_precisions({"Layers": layers, "I/O Tensors": []})
-    assert (counts["layers"], counts["fp16"]) == (5, 5)
-
-
-def test_fp32_engine_where_fp16_was_asked_fails_loudly() -> None:
-    layers = [_layer("CaskConvolution", FP32_10) for _ in range(10)] + [_layer("CaskConvolution", "Float|Float", 11)]
+def test_fused_myelin_layers_with_fp32_io_count_as_unknown() -> None:
+    """A valid FP16 engine whose head went to a Myelin/kgen layer: its I/O is FP32, its casts are inside."""
+    layers = [_layer("CaskConvolution", FP16_10) for _ in range(3)] + [_layer("Myelin", FP32_10) for _ in range(4)] \
+        + [_layer("kgen", FP32_10)]
     counts = layer_precisions({"Layers": layers})
-    assert (counts["fp32"], counts["fp16"]) == (11, 0)
-    with pytest.raises(EnginePrecisionError, match="asked for FP16 but the engine is mostly FP32"):
-        check_engine_precision("fp16", counts, 170_000_000, 170_000_000)
-    check_engine_precision("fp32", counts, 170_000_000, 170_000_000)
-    with pytest.raises(EnginePrecisionError, match="asked for FP32"):
-        check_engine_precision("fp32", layer_precisions({"Layers": [_layer("CaskConvolution", FP16_10)]}), 1, 1)
+    assert (counts["layers"], counts["fp16"], counts["fp32"], counts["unknown"]) == (8, 3, 0, 5)
+    check_engine_precision("fp16", counts, 85_000_000, 170_000_000)   # 3 of 3 known layers: FP16
+    assert layer_precisions({"Layers": [_layer("Myelin", FP16_10)]})["fp16"] == 1
 
 
 def test_without_layer_dtypes_the_engine_size_decides() -> None:
@@ -198,9 +252,13 @@ def test_without_layer_dtypes_the_engine_size_decides() -> None:
     dynamic = layer_precisions({"Layers": [_layer("CaskConvolution", "N/A due to dynamic shapes")]})
     assert names_only["layers"] == 0 and dynamic["unknown"] == 1
     for counts in (names_only, dynamic, None):
-        with pytest.raises(EnginePrecisionError, match="as large as FP32"):
+        with pytest.raises(EnginePrecisionError, match="too large"):
             check_engine_precision("fp16", counts, 168_000_000, 170_000_000)
         assert "0.50x" in check_engine_precision("fp16", counts, 85_000_000, 170_000_000)
+        with pytest.raises(EnginePrecisionError, match="asked for INT8"):
+            check_engine_precision("int8", counts, 85_000_000, 170_000_000)
+        # a version-compatible plan embeds the lean runtime: its size proves nothing either way
+        assert "unverified" in check_engine_precision("fp16", counts, 168_000_000, 170_000_000, version_compatible=True)
 
 
 # ---------------------------------------------------------------- the CLI
@@ -235,142 +293,3 @@ def test_cli_usage_errors_come_before_tensorrt(tmp_path: Path, capsys: pytest.Ca
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and needle in err and "\n" not in err
-
-
-class FakeTRT:
-    """The documented TensorRT calls export.tensorrt makes, recording what it asked for."""
-
-    def __init__(self, version: str, engine_dtype: str = "Half") -> None:
-        self.calls: list[tuple] = []
-        self.engine_dtype = engine_dtype
-        calls = self.calls
-        ns = types.SimpleNamespace
-        mod = types.ModuleType("tensorrt")
-        mod.__version__ = version
-        major = int(version.split(".")[0])
-        flags = dict(TF32="TF32", VERSION_COMPATIBLE="VERSION_COMPATIBLE")
-        if major == 10:
-            flags["FP16"] = "FP16"                    # removed in 11.0
-        mod.BuilderFlag = ns(**flags)
-        mod.NetworkDefinitionCreationFlag = ns(STRONGLY_TYPED=0)   # deprecated (ignored) in 11, still present
-        mod.MemoryPoolType, mod.ProfilingVerbosity = ns(WORKSPACE="WORKSPACE"), ns(DETAILED="DETAILED")
-        mod.HardwareCompatibilityLevel = ns(AMPERE_PLUS="AMPERE_PLUS")
-        mod.DataType, mod.LayerInformationFormat = ns(FLOAT="FLOAT", HALF="HALF"), ns(JSON="JSON")
-        mod.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-        fake = self
-
-        class Config:
-            profiling_verbosity = None
-            hardware_compatibility_level = None
-            set_memory_pool_limit = lambda self, pool, n: calls.append(("pool", pool, n))
-            set_flag = lambda self, f: calls.append(("set_flag", f))
-            clear_flag = lambda self, f: calls.append(("clear_flag", f))
-            add_optimization_profile = lambda self, p: calls.append(("profile", p.shape))
-            create_timing_cache = lambda self, b: calls.append(("cache_in", bytes(b))) or "cache"
-            set_timing_cache = lambda self, c, ignore: calls.append(("set_cache", ignore)) or True
-            get_timing_cache = lambda self: ns(serialize=lambda: b"new-cache")
-
-        class Profile:
-            shape = None
-            set_shape = lambda self, name, *s: setattr(self, "shape", (name, *s))
-
-        class Builder:
-            def __init__(self, logger): pass
-            create_network = lambda self, flags: calls.append(("network_flags", flags)) or "net"
-            create_builder_config = lambda self: Config()
-            create_optimization_profile = lambda self: Profile()
-            build_serialized_network = lambda self, net, config: b"PLAN" * 100
-
-        class OnnxParser:
-            num_errors = 0
-            def __init__(self, net, logger): pass
-            parse_from_file = lambda self, path: calls.append(("parse", path)) or True
-
-        def inspector_json() -> str:
-            t = {"Format/Datatype": f"Row major linear {'FP16' if fake.engine_dtype == 'Half' else 'FP32'} format"}
-            return json.dumps({"Layers": [{"LayerType": "CaskConvolution", "Inputs": [t], "Outputs": [t]}] * 3})
-
-        engine = ns(num_io_tensors=2, get_tensor_name=["images", "probs"].__getitem__,
-                    get_tensor_dtype=lambda name: "FLOAT",
-                    create_execution_context=lambda: ns(set_input_shape=lambda n, s: calls.append(("ctx_shape", s))),
-                    create_engine_inspector=lambda: ns(execution_context=None,
-                                                       get_engine_information=lambda fmt: inspector_json()))
-        mod.Builder, mod.OnnxParser = Builder, OnnxParser
-        mod.Runtime = lambda logger: ns(deserialize_cuda_engine=lambda b: engine)
-        self.module = mod
-
-
-def _fake_cuda(monkeypatch: pytest.MonkeyPatch, devices: int = 1) -> None:
-    ok = 0
-    props = types.SimpleNamespace(name=b"NVIDIA Fake Orin\x00\x00", major=8, minor=7)
-    rt = types.SimpleNamespace(
-        cudaError_t=types.SimpleNamespace(cudaSuccess=ok), cudaGetDeviceCount=lambda: (ok, devices),
-        cudaGetDevice=lambda: (ok, 0), cudaGetDeviceProperties=lambda d: (ok, props),
-        cudaRuntimeGetVersion=lambda: (ok, 12060), cudaGetErrorName=lambda e: (ok, b"cudaErrorNoDevice"))
-    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
-    bindings.runtime, cuda.bindings = rt, bindings
-    for name, m in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
-        monkeypatch.setitem(sys.modules, name, m)
-
-
-@pytest.mark.parametrize("version, onnx_fp16, expect_flags, expect_fp16_flag", [
-    ("10.8.0.43", False, 0, True),      # weak typing + BuilderFlag.FP16 on the FP32 graph
-    ("10.13.3.9", True, 1, False),      # 1 << STRONGLY_TYPED, FP16 graph
-    ("11.1.0.7", True, 0, False),       # always strongly typed, no flag
-])
-def test_build_wiring_with_a_stand_in_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str,
-                                               onnx_fp16: bool, expect_flags: int, expect_fp16_flag: bool) -> None:
-    from export.tensorrt import main
-
-    fake = FakeTRT(version)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
-    _fake_cuda(monkeypatch)
-    model = tiny_onnx(tmp_path / "model.onnx", fp16=onnx_fp16)
-    plan, cache = tmp_path / "out" / "model.plan", tmp_path / "trt.cache"
-    assert main(["--onnx", str(model), "--output", str(plan), "--fp16", "--opt-batch", "4", "--max-batch", "16",
-                 "--timing-cache", str(cache)]) == 0
-    assert ("network_flags", expect_flags) in fake.calls
-    assert (("set_flag", "FP16") in fake.calls) == expect_fp16_flag
-    assert ("profile", ("images", (1, 3, 16, 16), (4, 3, 16, 16), (16, 3, 16, 16))) in fake.calls
-    assert ("set_cache", False) in fake.calls and ("ctx_shape", (4, 3, 16, 16)) in fake.calls
-    assert not any(c[0] == "clear_flag" for c in fake.calls)          # TF32 stays on for FP16 builds
-    assert plan.read_bytes() == b"PLAN" * 100
-    m = read_manifest(plan)
-    assert (m.tensorrt_version, m.gpu_name, m.compute_capability, m.cuda_version) == (version, "NVIDIA Fake Orin", "8.7", "12.6")
-    assert (m.precision, m.min_batch, m.opt_batch, m.max_batch, m.image_size) == ("fp16", 1, 4, 16, 16)
-    assert m.onnx_sha256 == sha256_file(model) and m.plan_sha256 == sha256_file(plan) and m.contract == CONTRACT
-    assert cache.read_bytes() == b"new-cache" and json.loads(cache_key_path(cache).read_text())["gpu_name"] == "NVIDIA Fake Orin"
-
-
-def test_stand_in_fp32_engine_for_fp16_request_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture) -> None:
-    from export.tensorrt import main
-
-    fake = FakeTRT("10.13.3.9", engine_dtype="Float")
-    monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
-    _fake_cuda(monkeypatch)
-    plan = tmp_path / "model.plan"
-    assert main(["--onnx", str(tiny_onnx(tmp_path / "m.onnx", fp16=True)), "--output", str(plan), "--fp16"]) == 1
-    assert "asked for FP16" in capsys.readouterr().err and not plan.exists()
-
-
-def test_stand_in_fp32_reference_build_disables_tf32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from export.tensorrt import main
-
-    fake = FakeTRT("10.13.3.9", engine_dtype="Float")
-    monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
-    _fake_cuda(monkeypatch)
-    plan = tmp_path / "model.plan"
-    assert main(["--onnx", str(tiny_onnx(tmp_path / "m.onnx")), "--output", str(plan)]) == 0
-    assert ("clear_flag", "TF32") in fake.calls and read_manifest(plan).precision == "fp32"
-
-
-def test_stand_in_without_gpu_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture) -> None:
-    from export.tensorrt import main
-
-    monkeypatch.setitem(sys.modules, "tensorrt", FakeTRT("10.13.3.9").module)
-    _fake_cuda(monkeypatch, devices=0)
-    with pytest.raises(SystemExit) as e:
-        main(["--onnx", str(tiny_onnx(tmp_path / "m.onnx")), "--output", str(tmp_path / "m.plan")])
-    assert e.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err

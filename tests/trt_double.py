@@ -235,6 +235,7 @@ def _impls(mod: types.ModuleType, sc: Scenario) -> dict[str, Callable]:
             raise TypeError(f"OnnxParser.parse_from_file: model must be a str path, got {type(model).__name__}")
         sc.calls.append(("parse_from_file", model))
         self._state["errors"] = list(sc.parse_errors)
+        self._props["num_errors"] = len(sc.parse_errors)
         if sc.parse_errors:
             return False
         self._state["network"]._state["graph"] = _onnx_graph(model)
