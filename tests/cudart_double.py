@@ -235,7 +235,7 @@ class FakeCudart:
         if self._stream(stream) is None:
             return cudaError_t.cudaErrorInvalidResourceHandle
         self.enqueue(stream, lambda: ctypes.memmove(dst, src, count), "H2D" if h2d else "D2H")
-        self.log.append(("memcpy", "H2D" if h2d else "D2H", count, int(stream)))
+        self.log.append(("memcpy", "H2D" if h2d else "D2H", count, int(stream), src, dst))
         return cudaError_t.cudaSuccess
 
     def _cudaMemsetAsync(self, devPtr, value, count, stream):
@@ -243,6 +243,7 @@ class FakeCudart:
         if not self.inside(ptr, count, "device") or self._stream(stream) is None:
             return cudaError_t.cudaErrorInvalidValue
         self.enqueue(stream, lambda: ctypes.memset(ptr, value, count), "memset")
+        self.log.append(("memset", count, int(stream)))
         return cudaError_t.cudaSuccess
 
     def _cudaEventCreateWithFlags(self, flags):

@@ -1,21 +1,29 @@
-"""The TensorRT backend's TensorRT-free logic, tested without a GPU.
+"""The TensorRT backend against strict doubles of TensorRT 10.3 / 10.13.3 / 11.1 and of cuda-python.
 
-    .venv/bin/python -m pytest -q tests/test_trt_backend_logic.py
+    python -m pytest -q tests/test_trt_backend_logic.py
 
-Plain functions (batch splitting, buffer sizing, the manifest/sha check, host views, the
-cudart error check) are tested directly. The backend class is then driven end to end with a
-FAKE tensorrt module and a FAKE cudart (device memory simulated in host memory), which checks
-the order of work (manifest before deserializing), the chunking at the profile's max batch,
-the padding to its min batch, the copy sizes, one synchronize per chunk and that every
-allocation is freed. None of this runs TensorRT or CUDA: the real path is only exercised by
-the GPU test at the end, skipped here.
+Plain functions (batch splitting, buffer sizing, the manifest/sha check, host views, the cudart
+error check) are tested directly. Then plans built by `python -m export.tensorrt` against the
+TensorRT double (tests/trt_double.py) are opened by the backend, whose "engine" computes with
+ONNX Runtime on the same ONNX, over the cuda-python double (tests/cudart_double.py: device memory
+in host memory, worst-case asynchronous streams and events). That checks the order of work
+(manifest and platform before deserializing, host code allowed for version-compatible plans),
+chunking and padding, the two-slot overlap (H2D of k+1 queued on the copy stream before the
+compute of k has run), H2D straight from the backend's pinned buffers, FP16 input without a host
+cast, and that everything is freed. None of this runs TensorRT or CUDA: the real path is the GPU
+test at the end, skipped here, and it has never run.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -34,7 +42,7 @@ CONTRACT = ModelContract(LabelSet.from_categories([(1, "a"), (3, "b"), (6, "c"),
 
 
 def make_manifest(plan: bytes, **kw) -> TrtManifest:
-    args = dict(tensorrt_version="10.13.3.9", gpu_name="Fake GPU", compute_capability="8.7", cuda_version="12.9",
+    args = dict(tensorrt_version="10.13.3.9", gpu_name="Fake GPU", compute_capability="8.7",
                 precision="fp16", input_name="images", output_name="probs", min_batch=1, opt_batch=4, max_batch=4,
                 image_size=S, onnx_sha256="0" * 64, plan_sha256=hashlib.sha256(plan).hexdigest(), contract=CONTRACT)
     args.update(kw)
@@ -73,6 +81,9 @@ def test_check_plan_accepts_match_and_names_each_mismatch():
     plan = b"plan bytes"
     m = make_manifest(plan)
     check_plan(m, plan, "m.plan", "10.13.3.9", "Fake GPU", "8.7")
+    with pytest.raises(BackendError, match=r"m.plan: engine built on Linux x86_64, this is Linux aarch64"):
+        check_plan(dataclasses.replace(m, os="Linux", arch="x86_64"), plan, "m.plan", "10.13.3.9", "Fake GPU", "8.7",
+                   ("Linux", "aarch64"))
     with pytest.raises(BackendError, match=r"m.plan: .*TensorRT 10.13.3.9.*TensorRT 10.12.0.36"):
         check_plan(m, plan, "m.plan", "10.12.0.36", "Fake GPU", "8.7")
     with pytest.raises(BackendError, match=r"compute capability 8.7.*compute capability 9.0"):
@@ -104,213 +115,250 @@ def test_cuda_check_unpacks_and_raises():
         cuda_check(fake, (Err.cudaErrorMemoryAllocation, 0), "cudaMalloc(64 bytes)")
 
 
-# ------------------------------------------------------------------------------------ fakes
+# ------------------------------------------------------------------------------------ backend on the doubles
 
-class FakeCudart:
-    """cudart's calling convention ((err, *values)) over host memory standing in for the GPU."""
+import cudart_double  # noqa: E402
+import trt_double  # noqa: E402
+from cudart_double import FakeCudart  # noqa: E402
+from runtime.trt_manifest import read_manifest  # noqa: E402
+from test_export_tensorrt import CONTRACT as TINY, tiny_onnx  # noqa: E402
+from test_trt_export_doubles import METRICS  # noqa: E402
 
-    cudaError_t = Err
-    cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-
-    def __init__(self, fail_malloc_after: int | None = None, no_device: bool = False):
-        self.mem: dict[int, tuple[str, ctypes.Array]] = {}
-        self.copies: list[tuple[int, int]] = []     # (kind, nbytes)
-        self.syncs = 0
-        self.mallocs = 0
-        self.fail_malloc_after, self.no_device = fail_malloc_after, no_device
-        self.streams = 0
-
-    def _alloc(self, kind, n):
-        buf = (ctypes.c_uint8 * n)()
-        self.mem[ctypes.addressof(buf)] = (kind, buf)
-        return ctypes.addressof(buf)
-
-    def _inside(self, ptr, n, kind):
-        return any(k == kind and base <= ptr and ptr + n <= base + len(buf) for base, (k, buf) in self.mem.items())
-
-    def cudaGetErrorName(self, e):
-        return Err.cudaSuccess, e.name.encode()
-
-    def cudaGetDevice(self):
-        return (Err.cudaErrorNoDevice, 0) if self.no_device else (Err.cudaSuccess, 0)
-
-    def cudaGetDeviceProperties(self, dev):
-        return Err.cudaSuccess, SimpleNamespace(name=b"Fake GPU\0\0\0", major=8, minor=7)
-
-    def cudaStreamCreate(self):
-        self.streams += 1
-        return Err.cudaSuccess, 4242
-
-    def cudaStreamDestroy(self, s):
-        self.streams -= 1
-        return (Err.cudaSuccess,)
-
-    def cudaMallocHost(self, n):
-        return Err.cudaSuccess, self._alloc("host", n)
-
-    def cudaMalloc(self, n):
-        self.mallocs += 1
-        if self.fail_malloc_after is not None and self.mallocs > self.fail_malloc_after:
-            return Err.cudaErrorMemoryAllocation, 0
-        return Err.cudaSuccess, self._alloc("device", n)
-
-    def cudaFreeHost(self, p):
-        return (Err.cudaSuccess,) if self.mem.pop(p, ("",))[0] == "host" else (Err.cudaErrorMemoryAllocation,)
-
-    def cudaFree(self, p):
-        return (Err.cudaSuccess,) if self.mem.pop(p, ("",))[0] == "device" else (Err.cudaErrorMemoryAllocation,)
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        h2d = kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice
-        assert stream == 4242
-        assert self._inside(src, n, "host" if h2d else "device") and self._inside(dst, n, "device" if h2d else "host")
-        ctypes.memmove(dst, src, n)
-        self.copies.append((kind, n))
-        return (Err.cudaSuccess,)
-
-    def cudaStreamSynchronize(self, s):
-        self.syncs += 1
-        return (Err.cudaSuccess,)
+RELEASES = ("10.3", "10.13.3", "11.1")
 
 
-def reference_probs(x: np.ndarray) -> np.ndarray:
-    """What the fake engine computes: (N, 3, S, S) -> (N, C) sigmoid(channel mean + 0.1 k)."""
-    m = x.reshape(len(x), 3, -1).mean(axis=2)                      # (N, 3)
-    logits = m[:, [k % 3 for k in range(C)]] + 0.1 * np.arange(C)   # (N, C)
-    return (1 / (1 + np.exp(-logits))).astype(np.float32)
+def build(monkeypatch, tmp_path: Path, release: str, *argv: str, cudart: FakeCudart | None = None,
+          scenario: trt_double.Scenario | None = None, **onnx_kw):
+    """export.tensorrt on the doubles -> (plan path, scenario, cudart, ORT session of the ONNX)."""
+    import onnxruntime as ort
+
+    from export.tensorrt import main
+
+    model = tiny_onnx(tmp_path / "model.onnx", val_metrics=METRICS, **onnx_kw)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    sc = scenario or trt_double.Scenario()
+    sc.compute = lambda x: sess.run(None, {"images": x.astype(sess.get_inputs()[0].type == "tensor(float16)"
+                                                              and np.float16 or np.float32)})[0]
+    trt_double.install(monkeypatch, release, sc)
+    cudart = cudart_double.install(monkeypatch, cudart or FakeCudart())
+    sc.device = cudart
+    plan = tmp_path / "model.plan"
+    assert main(["--onnx", str(model), "--output", str(plan), *argv]) == 0
+    return plan, sc, cudart, sess
 
 
-class FakeContext:
-    def __init__(self, engine):
-        self.engine, self.addr, self.shape, self.runs = engine, {}, None, []
-
-    def set_tensor_address(self, name, ptr):
-        self.addr[name] = ptr
-        return True
-
-    def set_input_shape(self, name, shape):
-        lo, _, hi = self.engine.profile
-        if not lo[0] <= shape[0] <= hi[0]:
-            return False
-        self.shape = tuple(shape)
-        return True
-
-    def get_tensor_shape(self, name):
-        return (self.shape[0], C) if name == "probs" else self.shape
-
-    def execute_async_v3(self, stream):
-        assert stream == 4242
-        n = self.shape[0]
-        x = host_view(self.addr["images"], self.shape, np.float32)
-        host_view(self.addr["probs"], (n, C), np.float32)[:] = reference_probs(x)
-        self.runs.append(n)
-        return True
+def ort_probs(sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(None, {"images": x})[0].astype(np.float32)
 
 
-class FakeEngine:
-    num_io_tensors = 2
-
-    def __init__(self, min_b, max_b):
-        self.profile = ((min_b, 3, S, S), (max_b, 3, S, S), (max_b, 3, S, S))
-        self.context = FakeContext(self)
-
-    def get_tensor_name(self, i):
-        return ("images", "probs")[i]
-
-    def get_tensor_dtype(self, name):
-        return np.float32
-
-    def get_tensor_profile_shape(self, name, profile):
-        return self.profile
-
-    def create_execution_context(self):
-        return self.context
+def images(n: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3, 16, 16)).astype(dtype)
 
 
-def fake_trt(min_b=1, max_b=4):
-    state = SimpleNamespace(deserialized=0, engine=FakeEngine(min_b, max_b))
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            state.deserialized += 1
-            return state.engine
-
-    mod = SimpleNamespace(__version__="10.13.3.9", Runtime=Runtime, nptype=lambda t: t)
-    mod.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    return mod, state
+def freed(cudart: FakeCudart) -> bool:
+    return cudart.mem == {} and cudart.streams == {} and cudart.events == {}
 
 
-@pytest.fixture
-def plan(tmp_path):
-    path = tmp_path / "model.plan"
-    path.write_bytes(b"not really a plan")
-    return path
-
-
-def load(monkeypatch, plan, cudart, trt, **manifest_kw):
-    write_manifest(plan, make_manifest(plan.read_bytes(), **manifest_kw))
-    monkeypatch.setattr(trtmod, "import_cuda", lambda: (trt, cudart))
-    return trtmod.TensorRTBackend(plan)
-
-
-# ------------------------------------------------------------------------------------ backend on fakes
-
-def test_fake_engine_chunks_copies_and_frees(monkeypatch, plan):
-    cudart, (trt, state) = FakeCudart(), fake_trt(1, 4)
-    be = load(monkeypatch, plan, cudart, trt)
-    assert be.max_batch == 4 and be.contract == CONTRACT and be.precision == "fp16"
-    x = np.random.default_rng(0).normal(size=(10, 3, S, S)).astype(np.float32)
-    out = be.infer(x)
-    np.testing.assert_allclose(out, reference_probs(x), rtol=0, atol=1e-6)
-    assert state.engine.context.runs == [4, 4, 2]
-    assert cudart.syncs == 3
-    img = 3 * S * S * 4
-    assert cudart.copies == [(1, 4 * img), (2, 4 * C * 4), (1, 4 * img), (2, 4 * C * 4), (1, 2 * img), (2, 2 * C * 4)]
+@pytest.mark.parametrize("release", RELEASES)
+def test_backend_runs_the_exported_plan_in_chunks(monkeypatch, tmp_path, release):
+    plan, sc, cudart, sess = build(monkeypatch, tmp_path, release, "--fp16", "--opt-batch", "4", "--max-batch", "8",
+                                   fp16=True)
+    be = trtmod.TensorRTBackend(plan)
+    assert (be.max_batch, be.min_batch, be.precision, be.contract, be.val_metrics) == (8, 1, "fp16", TINY, METRICS)
+    assert be.input_dtype == np.float32                    # model_fp16.onnx keeps float32 I/O
+    x = images(19)
+    np.testing.assert_allclose(be.infer(x), ort_probs(sess, x), rtol=0, atol=1e-6)
+    assert [c[1] for c in sc.calls if c[0] == "execute"] == [8, 8, 3]
     be.close()
     be.close()
-    assert cudart.mem == {} and cudart.streams == 0
+    assert freed(cudart)
 
 
-def test_fake_engine_pads_to_min_batch(monkeypatch, plan):
-    cudart, (trt, state) = FakeCudart(), fake_trt(2, 4)
-    be = load(monkeypatch, plan, cudart, trt, min_batch=2, opt_batch=4)
-    x = np.random.default_rng(1).normal(size=(5, 3, S, S)).astype(np.float32)
-    np.testing.assert_allclose(be.infer(x), reference_probs(x), atol=1e-6)
-    assert state.engine.context.runs == [4, 2]
+def test_backend_pads_to_the_profile_min_batch(monkeypatch, tmp_path):
+    plan, sc, cudart, sess = build(monkeypatch, tmp_path, "10.13.3", "--min-batch", "2", "--opt-batch", "4",
+                                   "--max-batch", "4")
+    with trtmod.TensorRTBackend(plan) as be:
+        x = images(5, seed=1)
+        np.testing.assert_allclose(be.infer(x), ort_probs(sess, x), atol=1e-6)
+    assert [c[1] for c in sc.calls if c[0] == "execute"] == [4, 2]
+    assert ("memset", 3 * 16 * 16 * 4, ) == [e for e in cudart.log if e[0] == "memset"][0][:2]   # 1 pad row zeroed
+
+
+def test_transfer_of_the_next_batch_overlaps_the_compute_of_this_one(monkeypatch, tmp_path):
+    """Submit k, submit k+1, then wait k: the H2D of k+1 is queued on the copy stream while the compute
+    of k has not run (the double runs work only when something synchronizes), each straight from the
+    backend's pinned buffer; the results are right although the double runs everything as late as it may."""
+    plan, sc, cudart, sess = build(monkeypatch, tmp_path, "11.1", "--opt-batch", "4", "--max-batch", "4")
+    be = trtmod.TensorRTBackend(plan)
+    hosts_before = sum(k == "host" for k, _ in cudart.mem.values())
+    bufs = be.allocate_inputs(4, 2)
+    assert all(b.dtype == np.float32 and b.shape == (4, 3, 16, 16) for b in bufs)
+    assert sum(k == "host" for k, _ in cudart.mem.values()) == hosts_before + 2          # pinned (cudaMallocHost)
+    x0, x1 = images(4, 2), images(3, 3)
+    bufs[0][:] = x0
+    p0 = be.submit(bufs[0])
+    bufs[1][:3] = x1
+    p1 = be.submit(bufs[1][:3])
+    h2d = [e for e in cudart.log if e[:2] == ("memcpy", "H2D")]
+    assert [e[4] for e in h2d] == [bufs[0].ctypes.data, bufs[1].ctypes.data]              # no host copy first
+    assert not any(e == ("ran", "execute") for e in cudart.log)                           # nothing has run yet
+    d2h = [e for e in cudart.log if e[:2] == ("memcpy", "D2H")]
+    assert h2d[0][3] == h2d[1][3] != d2h[0][3] == d2h[1][3]                               # copy stream != compute
+    np.testing.assert_allclose(p0.wait(), ort_probs(sess, x0), atol=1e-6)
+    np.testing.assert_allclose(p1.wait(), ort_probs(sess, x1), atol=1e-6)
+    assert sum(k == "host" for k, _ in cudart.mem.values()) == hosts_before + 2          # no staging buffer made
     be.close()
+    assert freed(cudart)
 
 
-def test_manifest_mismatch_refused_before_deserializing(monkeypatch, plan):
-    cudart, (trt, state) = FakeCudart(), fake_trt()
-    with pytest.raises(BackendError, match=r"model.plan: engine built by TensorRT 10.12.0.36, this is TensorRT 10.13.3.9"):
-        load(monkeypatch, plan, cudart, trt, tensorrt_version="10.12.0.36")
-    assert state.deserialized == 0 and cudart.mem == {}
+def test_foreign_arrays_and_three_batches_in_flight(monkeypatch, tmp_path):
+    plan, sc, cudart, sess = build(monkeypatch, tmp_path, "10.3", "--opt-batch", "4", "--max-batch", "4")
+    with trtmod.TensorRTBackend(plan) as be:
+        xs = [images(4, s) for s in (4, 5, 6)]
+        pending = [be.submit(x) for x in xs]                # a numpy array of the caller's: staged in pinned memory
+        for x in xs:
+            x[:] = 0                                         # the caller's arrays may change at once
+        for p, s in zip(pending, (4, 5, 6)):
+            np.testing.assert_allclose(p.wait(), ort_probs(sess, images(4, s)), atol=1e-6)
+    assert freed(cudart)
 
 
-def test_missing_manifest_and_no_gpu(monkeypatch, plan):
-    monkeypatch.setattr(trtmod, "import_cuda", lambda: (fake_trt()[0], FakeCudart()))
+def test_fp16_input_engine_takes_fp16_batches_without_a_cast(monkeypatch, tmp_path):
+    plan, sc, cudart, sess = build(monkeypatch, tmp_path, "10.13.3", "--fp16", "--opt-batch", "2", "--max-batch", "2",
+                                   fp16=True, half_io=True)
+    with trtmod.TensorRTBackend(plan) as be:
+        assert be.input_dtype == np.float16
+        (buf,) = be.allocate_inputs(2, 1)
+        assert buf.dtype == np.float16
+        buf[:] = images(2, 7, np.float16)
+        np.testing.assert_allclose(be.infer(buf), ort_probs(sess, buf), atol=1e-6)
+        assert [e[2] for e in cudart.log if e[:2] == ("memcpy", "H2D")] == [2 * 3 * 16 * 16 * 2]   # FP16 bytes
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_version_compatible_plan_loads_with_host_code_allowed(monkeypatch, tmp_path, release):
+    plan, sc, cudart, sess = build(monkeypatch, tmp_path, release, "--fp16", "--version-compatible",
+                                   "--hardware-compatible", fp16=True)
+    with trtmod.TensorRTBackend(plan) as be:              # the double returns None unless engine_host_code_allowed
+        x = images(3)
+        np.testing.assert_allclose(be.infer(x), ort_probs(sess, x), atol=1e-6)
+    assert ("deserialize refused", "engine_host_code_allowed is False") not in sc.calls
+
+
+def rewrite(plan: Path, manifest_changes: dict | None = None, plan_changes: dict | None = None) -> None:
+    """Edit the double's plan JSON and/or the manifest, keeping the manifest's sha256 right."""
+    if plan_changes:
+        data = plan.read_bytes()
+        body = json.loads(data[len(trt_double.PLAN_MAGIC):])
+        body.update(plan_changes)
+        plan.write_bytes(trt_double.PLAN_MAGIC + json.dumps(body).encode())
+    m = json.loads(plan.with_name(plan.name + ".json").read_text())
+    m.update(manifest_changes or {}, plan_sha256=hashlib.sha256(plan.read_bytes()).hexdigest())
+    plan.with_name(plan.name + ".json").write_text(json.dumps(m))
+
+
+def test_platform_mismatch_is_refused_before_deserializing(monkeypatch, tmp_path):
+    plan, sc, cudart, _ = build(monkeypatch, tmp_path, "10.3", "--hardware-compatible")
+    rewrite(plan, {"arch": "aarch64" if trtmod.this_platform()[1] != "aarch64" else "x86_64"})
+    n = len(sc.calls)
+    with pytest.raises(BackendError, match="model.plan: engine built on Linux .*TensorRT plans do not move"):
+        trtmod.TensorRTBackend(plan)
+    assert not any(c[0].startswith("deserialize") for c in sc.calls[n:]) and freed(cudart)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "FP8"])
+def test_engine_tensor_without_a_numpy_type_is_a_backend_error(monkeypatch, tmp_path, dtype):
+    plan, sc, cudart, _ = build(monkeypatch, tmp_path, "10.13.3")
+    rewrite(plan, plan_changes={"out_dtype": dtype})
+    with pytest.raises(BackendError, match=f"'probs' is <DataType.{dtype}.*no numpy type"):
+        trtmod.TensorRTBackend(plan)
+    assert freed(cudart)
+
+
+def test_refused_input_shape_is_a_backend_error(monkeypatch, tmp_path):
+    plan, sc, cudart, _ = build(monkeypatch, tmp_path, "11.1")
+    sc.input_shapes_ok = False
+    with trtmod.TensorRTBackend(plan) as be:
+        with pytest.raises(BackendError, match="set_input_shape.*rejected"):
+            be.infer(images(2))
+    assert freed(cudart)
+
+
+def test_export_refuses_an_engine_that_refuses_its_opt_shape(monkeypatch, tmp_path, capsys):
+    from export.tensorrt import main
+
+    trt_double.install(monkeypatch, "10.13.3", trt_double.Scenario(input_shapes_ok=False))
+    cudart_double.install(monkeypatch, FakeCudart())
+    plan = tmp_path / "m.plan"
+    assert main(["--onnx", str(tiny_onnx(tmp_path / "m.onnx")), "--output", str(plan)]) == 1
+    assert "set_input_shape returned False" in capsys.readouterr().err and not plan.exists()
+
+
+def test_manifest_mismatch_missing_manifest_and_no_gpu(monkeypatch, tmp_path):
+    plan, sc, cudart, _ = build(monkeypatch, tmp_path, "10.13.3")
+    rewrite(plan, {"tensorrt_version": "10.12.0.36"})
+    n = len(sc.calls)
+    with pytest.raises(BackendError, match=r"model.plan: engine built by TensorRT 10.12.0.36, this is TensorRT 10.13.3"):
+        trtmod.TensorRTBackend(plan)
+    plan.with_name("model.plan.json").unlink()
     with pytest.raises(BackendError, match="no TensorRT manifest"):
         trtmod.TensorRTBackend(plan)
-    with pytest.raises(BackendError, match="cudaGetDevice.*cudaErrorNoDevice"):
-        load(monkeypatch, plan, FakeCudart(no_device=True), fake_trt()[0])
+    assert not any(c[0].startswith("deserialize") for c in sc.calls[n:]) and freed(cudart)
 
 
-def test_failed_allocation_frees_the_rest(monkeypatch, plan):
-    cudart = FakeCudart(fail_malloc_after=1)
+@pytest.mark.parametrize("cudart, needle", [
+    (FakeCudart(devices=0), "cudaGetDevice.*cudaErrorNoDevice"),
+    (FakeCudart(error=cudart_double.cudaError_t.cudaErrorInsufficientDriver, driver=12020),
+     r"driver \(CUDA 12.2\) is older than cuda-python 12.9.0.*cuda-python>=12.0,<13.*gpu-cu12"),
+])
+def test_no_gpu_or_an_old_driver(monkeypatch, tmp_path, cudart, needle):
+    plan, *_ = build(monkeypatch, tmp_path, "10.3")
+    cudart_double.install(monkeypatch, cudart)
+    with pytest.raises(BackendError, match=needle):
+        trtmod.TensorRTBackend(plan)
+
+
+def test_failed_allocation_frees_the_rest(monkeypatch, tmp_path):
+    plan, sc, _, _ = build(monkeypatch, tmp_path, "10.13.3")
+    cudart = cudart_double.install(monkeypatch, FakeCudart(fail_malloc_after=2))
+    sc.device = cudart
     with pytest.raises(BackendError, match="cudaMalloc.*cudaErrorMemoryAllocation"):
-        load(monkeypatch, plan, cudart, fake_trt()[0])
-    assert cudart.mem == {} and cudart.streams == 0
+        trtmod.TensorRTBackend(plan)
+    assert freed(cudart)
 
 
-def test_plan_without_tensorrt_is_a_clear_error(plan):
+def test_probres_infer_with_the_plan_matches_the_onnx(monkeypatch, tmp_path, capsys):
+    """probres-infer --engine model.plan (TensorRT double) gives the records probres-infer gives for the .onnx."""
+    import cv2
+
+    from runtime.infer import main
+
+    plan, sc, cudart, _ = build(monkeypatch, tmp_path, "10.13.3", "--opt-batch", "2", "--max-batch", "4")
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        cv2.imwrite(str(img_dir / f"{i}.png"), rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8))
+    outs = {}
+    for model in (plan, tmp_path / "model.onnx"):
+        out = tmp_path / f"{model.suffix[1:]}.jsonl"
+        assert main(["--engine", str(model), str(img_dir), "--top-k", "all", "--batch-size", "3", "--output", str(out)]) == 0
+        outs[model.suffix] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(outs[".plan"]) == 5
+    for a, b in zip(outs[".plan"], outs[".onnx"]):
+        assert a.keys() == b.keys() and a.get("path", a.get("file")) == b.get("path", b.get("file"))
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert freed(cudart)
+
+
+def test_plan_without_tensorrt_is_a_clear_error(tmp_path):
     try:
         import tensorrt  # noqa: F401
         pytest.skip("tensorrt is installed here; this checks the message on machines without it")
     except ImportError:
         pass
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not really a plan")
     with pytest.raises(BackendError, match="TensorRT is not installed"):
         open_backend(plan)
     with pytest.raises(BackendError, match="GPU only"):
@@ -322,7 +370,6 @@ def test_plan_without_tensorrt_is_a_clear_error(plan):
 def _have_gpu_tensorrt() -> str | None:
     try:
         import tensorrt  # noqa: F401
-        trtmod.import_cuda()
         trtmod.gpu_identity(trtmod.import_cuda()[1])
     except (ImportError, BackendError) as e:
         return f"needs tensorrt + cuda-python + a CUDA GPU ({e})"
@@ -330,44 +377,20 @@ def _have_gpu_tensorrt() -> str | None:
 
 
 @pytest.mark.skipif(_have_gpu_tensorrt() is not None, reason=str(_have_gpu_tensorrt()))
-def test_real_tensorrt_matches_onnxruntime(tmp_path):
-    """On a GPU machine: build a tiny FP32 engine, run it through the backend, compare with ORT CPU."""
-    import onnx
-    import tensorrt as trt
-    from onnx import TensorProto, helper
-
+@pytest.mark.parametrize("fp16", [False, True])
+def test_real_tensorrt_export_and_backend_match_onnxruntime(tmp_path, fp16):
+    """On a GPU machine with TensorRT (never run yet): python -m export.tensorrt, then the backend, vs ORT CPU."""
     from runtime.backends.onnxrt import OnnxRuntimeBackend
 
-    # (N,3,S,S) -> GAP -> (N,3) -> MatMul W (3,C) -> sigmoid -> probs (N,C)
-    w = np.random.default_rng(0).normal(size=(3, C)).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["images"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
-         helper.make_node("MatMul", ["f", "w"], ["l"]), helper.make_node("Sigmoid", ["l"], ["probs"])],
-        "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, S, S])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", C])],
-        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.metadata_props.add(key="probres.contract", value=CONTRACT.to_json())
-    onnx_path = tmp_path / "tiny.onnx"
-    onnx.save(m, onnx_path)
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(onnx_path.read_bytes()), [parser.get_error(i) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    profile.set_shape("images", (1, 3, S, S), (4, 3, S, S), (4, 3, S, S))
-    config.add_optimization_profile(profile)
-    plan = bytes(builder.build_serialized_network(network, config))
-    plan_path = tmp_path / "tiny.plan"
-    plan_path.write_bytes(plan)
-    name, cc = trtmod.gpu_identity(trtmod.import_cuda()[1])
-    write_manifest(plan_path, make_manifest(plan, tensorrt_version=trt.__version__, gpu_name=name,
-                                            compute_capability=cc, precision="fp32"))
-    x = np.random.default_rng(2).normal(size=(9, 3, S, S)).astype(np.float32)
-    with trtmod.TensorRTBackend(plan_path) as be:
+    model = tiny_onnx(tmp_path / "model.onnx", fp16=fp16)
+    plan = tmp_path / "model.plan"
+    r = subprocess.run([sys.executable, "-m", "export.tensorrt", "--onnx", str(model), "--output", str(plan),
+                        "--opt-batch", "4", "--max-batch", "8", *(["--fp16"] if fp16 else [])],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert read_manifest(plan).precision == ("fp16" if fp16 else "fp32")
+    x = images(11, 2)
+    with trtmod.TensorRTBackend(plan) as be:
         got = be.infer(x)
-    want = OnnxRuntimeBackend(onnx_path, device="cpu").infer(x)
-    np.testing.assert_allclose(got, want, atol=1e-3)
+    want = OnnxRuntimeBackend(model, device="cpu").infer(x)
+    np.testing.assert_allclose(got, want, atol=2e-3 if fp16 else 1e-4)
