@@ -136,6 +136,12 @@ if [ ${#ENGINES[@]} -gt 0 ]; then
     --formats "ONNX,TensorRT" --json "$OUT/latency_onnx.json"
 fi
 
+# 8b TensorRT checks (issue 13): the strict TensorRT doubles and the real cuda-python run anywhere; where
+# tensorrt and a GPU exist, test_real_tensorrt_export_and_backend_match_onnxruntime runs python -m
+# export.tensorrt and the backend against ONNX Runtime (its first real run). Output in run.log.
+step trt_tests "$(left 120)" $PY -m pytest -q -p no:cacheprovider -rs tests/test_trt_cuda_python.py \
+  tests/test_trt_backend_logic.py tests/test_trt_export_doubles.py
+
 # 9 summary, last
 {
   echo "steps:"; for k in "${!STATUS[@]}"; do echo "  $k: ${STATUS[$k]}"; done

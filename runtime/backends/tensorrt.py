@@ -164,11 +164,12 @@ def gpu_identity(cudart: Any) -> tuple[str, str]:
     """
     result = cudart.cudaGetDevice()
     if result[0] == cudart.cudaError_t.cudaErrorInsufficientDriver:
-        cp = cuda_python_version() or "?"
-        major = int(cp.split(".")[0]) if cp[:1].isdigit() else 12
         driver = driver_cuda_version(cudart)
-        want = int(driver.split(".")[0]) if driver[:1].isdigit() else major - 1
-        raise BackendError(OLD_DRIVER.format(driver=driver, cp=cp, major=want, next=want + 1))
+        if driver == "none":
+            raise BackendError("CUDA cudaGetDevice failed: cudaErrorInsufficientDriver with no NVIDIA driver loaded "
+                               "(cudaDriverGetVersion gives 0): is there a GPU and a driver?")
+        want = int(driver.split(".")[0])
+        raise BackendError(OLD_DRIVER.format(driver=driver, cp=cuda_python_version() or "?", major=want, next=want + 1))
     dev = cuda_check(cudart, result, "cudaGetDevice (is there a GPU and a driver?)")
     prop = cuda_check(cudart, cudart.cudaGetDeviceProperties(dev), "cudaGetDeviceProperties")
     name = prop.name                                  # bytes, NUL-padded (char[256]) in cuda-python
