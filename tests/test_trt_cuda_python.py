@@ -100,3 +100,21 @@ def test_backend_and_export_on_the_real_cuda_python_stop_in_one_line(monkeypatch
         main(["--onnx", str(tiny_onnx(tmp_path / "m.onnx")), "--output", str(tmp_path / "m.plan")])
     err = capsys.readouterr().err.strip().splitlines()
     assert ex.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and not (tmp_path / "m.plan").exists()
+
+
+def test_cuda_python_extras_are_bounded_per_cuda_major() -> None:
+    """cuda-python 13 needs a CUDA 13 driver: every extra that pulls cuda-python stays inside one major."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    seen = {}
+    for name, reqs in extras.items():
+        for r in reqs:
+            m = re.fullmatch(r"cuda-python>=(\d+)[\d.]*,<(\d+)", r.replace(" ", ""))
+            if r.startswith("cuda-python"):
+                assert m and int(m.group(2)) == int(m.group(1)) + 1, f"extra {name}: {r!r} spans CUDA majors"
+                seen[name] = int(m.group(1))
+    assert seen.get("gpu-cu12") == 12 and seen.get("gpu-cu13") == 13
