@@ -68,6 +68,10 @@ def test_a_wrong_keyword_or_arity_fails(release: str) -> None:
         _builder(trt).create_network(0, 1)                                                # one flags word only
     with pytest.raises(TypeError):
         config.set_flag("FP16")                                                           # not a BuilderFlag
+    with pytest.raises(TypeError):
+        config.hardware_compatibility_level = "AMPERE_PLUS"                               # not the enum
+    with pytest.raises(TypeError):
+        trt.Runtime(trt.Logger()).engine_host_code_allowed = 1                            # a bool property
     with pytest.raises(TypeError, match="No constructor"):
         trt.ICudaEngine()
     with pytest.raises(TypeError):

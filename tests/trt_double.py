@@ -18,6 +18,13 @@ that the double's Runtime reads back, so `python -m export.tensorrt` and the Ten
 end to end against the same double. Device work goes through a fake cudart (tests/cudart_double.py).
 What the data cannot tell (return values, None on failure) follows NVIDIA's documentation, cited
 where used. Constructors are not in the data: their signatures are NVIDIA's documented ones (CTORS).
+
+Reuse (e.g. an INT8 Q/DQ export):
+    trt, sc = install(monkeypatch, "11.1")              # or "10.3", "10.13.3"; Scenario(...) for failures
+    cudart_double.install(monkeypatch, cudart_double.FakeCudart())
+    export.tensorrt.main([...])                          # a graph with Q/DQ nodes builds as "int8" and the
+                                                         # inspector answers with NVIDIA's QAT-INT8 sample
+    [c[1] for c in sc.calls if c[0] == "build"]          # what was built: flags, precision, profile, ...
 """
 
 from __future__ import annotations
@@ -125,11 +132,21 @@ class Obj:
             raise AttributeError(f"double: {type(self).__name__}.{name} has no value in this scenario") from None
 
 
-def make_class(name: str, spec: dict[str, Any], impls: dict[str, Callable], ctor: Callable | None) -> type:
-    """A class with the release's properties and methods; methods without an implementation raise."""
+def make_class(name: str, spec: dict[str, Any], impls: dict[str, Callable], ctor: Callable | None,
+               prop_types: dict[str, Callable[[Any], bool]]) -> type:
+    """A class with the release's properties and methods; methods without an implementation raise.
+
+    prop_types["Class.prop"](value) -> bool: the setter's type check (pybind11 raises TypeError on a wrong type).
+    """
     ns: dict[str, Any] = {"__slots__": ()}
+
+    def setter(self, v, p):
+        ok = prop_types.get(f"{name}.{p}")
+        if ok is not None and not ok(v):
+            raise TypeError(f"{name}.{p}: incompatible value {v!r}")
+        self._props[p] = v
     for p in spec["properties"]:
-        ns[p] = property(lambda self, p=p: self._prop(p), lambda self, v, p=p: self._props.__setitem__(p, v))
+        ns[p] = property(lambda self, p=p: self._prop(p), lambda self, v, p=p: setter(self, v, p))
     for m, overloads in spec["methods"].items():
         if m in ("__del__", "__getitem__", "__len__", "__bool__", "__nonzero__", "__repr__", "__str__"):
             continue
@@ -439,8 +456,15 @@ def make_tensorrt(release: str, scenario: Scenario | None = None,
             self._props[k] = v
     default_ctor = {"Builder": lambda self, logger: None, "Logger": lambda self, min_severity=None: None,
                     "Runtime": lambda self, logger: self._props.update(engine_host_code_allowed=False), **ctors}
+    def enum_of(e):
+        return lambda v: isinstance(v, EnumMember) and getattr(mod, e).__members__.get(v.name) is v
+    # the types of the properties the project writes (NVIDIA Python API reference)
+    prop_types = {"IBuilderConfig.profiling_verbosity": enum_of("ProfilingVerbosity"),
+                  "IBuilderConfig.hardware_compatibility_level": enum_of("HardwareCompatibilityLevel"),
+                  "Runtime.engine_host_code_allowed": lambda v: isinstance(v, bool),
+                  "EngineInspector.execution_context": lambda v: isinstance(v, mod.IExecutionContext)}
     for c, spec in api["classes"].items():
-        setattr(mod, c, make_class(c, spec, impls, default_ctor.get(c)))
+        setattr(mod, c, make_class(c, spec, impls, default_ctor.get(c), prop_types))
     logger_cls = mod.Logger
     for m, v in mod.Severity.__members__.items():          # trt.Logger.WARNING: pybind11 export_values
         type.__setattr__(logger_cls, m, v)
