@@ -327,13 +327,14 @@ def test_failed_allocation_frees_the_rest(monkeypatch, tmp_path):
     assert freed(cudart)
 
 
-def test_probres_infer_with_the_plan_matches_the_onnx(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("release", RELEASES)
+def test_probres_infer_with_the_plan_matches_the_onnx(monkeypatch, tmp_path, capsys, release):
     """probres-infer --engine model.plan (TensorRT double) gives the records probres-infer gives for the .onnx."""
     import cv2
 
     from runtime.infer import main
 
-    plan, sc, cudart, _ = build(monkeypatch, tmp_path, "10.13.3", "--opt-batch", "2", "--max-batch", "4")
+    plan, sc, cudart, _ = build(monkeypatch, tmp_path, release, "--opt-batch", "2", "--max-batch", "4")
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     rng = np.random.default_rng(0)
