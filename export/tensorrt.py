@@ -40,7 +40,8 @@ from runtime.fileio import atomic_write_bytes, sha256_file
 
 NEED_TRT = ("error: TensorRT is not installed here (Python package `tensorrt`): install TensorRT 10.x or 11.x "
             "(pip install tensorrt, which fetches NVIDIA's wheels; on Jetson it comes with JetPack) and "
-            "cuda-python (pip install cuda-python), then build on the GPU that will run the engine")
+            "cuda-python of the driver's CUDA major (pip install 'probres[gpu-cu12]' or '[gpu-cu13]'), "
+            "then build on the GPU that will run the engine")
 NEED_GPU = "error: no CUDA GPU is visible ({why}): TensorRT builds engines on the GPU they will run on"
 
 
