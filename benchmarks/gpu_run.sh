@@ -26,6 +26,8 @@
 #   7 torch.compile FP16 channels_last (Inductor, freezing, CUDA graphs) against eager
 #   8 with the time left: ONNX FP32 + FP16 export (verified against PyTorch), a TensorRT FP16 plan
 #     only if tensorrt exists, and their latency rows (this image's onnxruntime is CPU-only)
+#   8b trt_tests: the TensorRT doubles + real cuda-python tests, and the real-TensorRT test where
+#     tensorrt and a GPU exist (export.tensorrt + the backend vs ONNX Runtime)
 #   9 a short table, printed last
 # $OUT gets at most 8 files (the device tool's limit): run.log preprocess.json latency.json
 # latency.png train_step.json latency_compile.json latency_onnx.json summary.txt.
