@@ -297,6 +297,8 @@ def layer_precisions(inspector_json: str | dict[str, Any]) -> dict[str, int]:
 
 # Size fallback: the plan's size against the FP32 weight volume (FP16 halves it: rf-detr #1454; INT8 quarters it).
 SIZE_LIMIT = {"fp16": 0.75, "int8": 0.5}
+# Below this weight volume a plan's own overhead (kernels, metadata) can outweigh the weights: size says nothing.
+SIZE_FALLBACK_MIN_BYTES = 16 << 20
 
 
 def check_engine_precision(want: str, counts: dict[str, int] | None, plan_bytes: int, fp32_weight_bytes: int,
@@ -305,8 +307,9 @@ def check_engine_precision(want: str, counts: dict[str, int] | None, plan_bytes:
 
     want "fp16" / "int8": at least half the conv/gemm layers of known dtype must be that precision by the
     inspector. want "fp32": none may be lower. Without inspector dtypes, fall back on the plan's size
-    (SIZE_LIMIT), except for version-compatible plans: they embed the lean runtime, so their size says
-    nothing about the weights; those pass with an "unverified" summary.
+    (SIZE_LIMIT), except for version-compatible plans (they embed the lean runtime) and models under
+    SIZE_FALLBACK_MIN_BYTES of weights (plan overhead dominates): their size says nothing about the
+    weights, so those pass with an "unverified" summary.
     """
     layers = (counts or {}).get("layers", 0)
     known = layers - (counts or {}).get("unknown", 0) if counts else 0
@@ -322,6 +325,8 @@ def check_engine_precision(want: str, counts: dict[str, int] | None, plan_bytes:
         return summary
     if version_compatible:
         return f"precision unverified: no per-layer dtypes and a version-compatible plan embeds its runtime ({size})"
+    if fp32_weight_bytes < SIZE_FALLBACK_MIN_BYTES:
+        return f"precision unverified: no per-layer dtypes and too few weights for the size to tell ({size})"
     ratio = plan_bytes / max(fp32_weight_bytes, 1)
     if want in SIZE_LIMIT and ratio >= SIZE_LIMIT[want]:
         raise EnginePrecisionError(f"asked for {want.upper()} but the engine is too large for it ({size}, "

@@ -259,6 +259,7 @@ def test_without_layer_dtypes_the_engine_size_decides() -> None:
             check_engine_precision("int8", counts, 85_000_000, 170_000_000)
         # a version-compatible plan embeds the lean runtime: its size proves nothing either way
         assert "unverified" in check_engine_precision("fp16", counts, 168_000_000, 170_000_000, version_compatible=True)
+        assert "too few weights" in check_engine_precision("fp16", counts, 4_000_000, 40_000)   # a toy model
 
 
 # ---------------------------------------------------------------- the CLI
