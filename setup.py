@@ -21,7 +21,8 @@ setup(
         Extension(
             "runtime._fastnorm",
             sources=["runtime/_cext/fastnorm.c"],
-            depends=["runtime/_cext/fastnorm_tile.h", "runtime/_cext/fastnorm_planar.h"],   # included fragments
+            depends=["runtime/_cext/fastnorm_tile.h", "runtime/_cext/fastnorm_planar.h",   # included fragments
+                     "runtime/_cext/fastnorm_neon.h"],
             extra_compile_args=cflags,
             optional=True,
         )

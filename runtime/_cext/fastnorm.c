@@ -9,7 +9,8 @@
      scale, bias: 3 floats each, RGB order; out[c] = area_mean(src[..., 2-c]) * scale[c] + bias[c]
      simd=False forces the generic kernel (tests); stream=True uses non-temporal stores (also
      when out is only 16-byte aligned, as numpy's large arrays are); kernel: the first kernel to
-     try ('planar', 'tile16', 'tile8', 'generic'; tests), falling through to the next that serves.
+     try ('planar', 'tile16', 'tile8', 'neon', 'generic'; tests), falling through to the next that
+     serves (a kernel of another CPU family never does).
    image_hw(path) -> (h, w) or None: the size a complete JPEG/PNG file declares (see there).
 
    The resize is the exact box ("area") filter: output pixel (dy, dx) is the mean of the source
@@ -39,15 +40,25 @@
      multiply-add fused with scale/bias and the store (streaming stores on request, for batch
      buffers larger than the cache).
    - AVX2 float: the same with 8 rows in float32 lanes, for wider horizontal footprints.
+   - neon (aarch64: Jetson, Graviton, Apple silicon under Linux): the planar plan in NEON,
+     fastnorm_neon.h (vld3q_u8 deinterleave, vqtbl2q_u8 + vmlal_u8 taps, all exact integers).
    - generic: plain loops, row by row (other CPUs, and the rare sizes outside the exact range).
    Instruction counts (callgrind, 640x480 -> 448x448): AVX2 u16 2.55M per image, planar 1.81M
-   (the benchmark's six COCO shapes: 2.83M -> 1.92M on average).
+   (the benchmark's six COCO shapes: 2.83M -> 1.92M on average). aarch64 (qemu-aarch64 with the
+   counting plugin benchmarks/qemu_insn_count.c, `make test-aarch64`): see benchmarks/RESULTS.md.
 
-   Files: this one (module, taps, generic kernel, dispatch, Python bindings, image_hw), and two
-   fragments it includes on x86-64: fastnorm_tile.h (AVX2 tile kernels) and fastnorm_planar.h.
+   Files: this one (module, taps, generic kernel, dispatch, Python bindings, image_hw), the
+   fragments it includes on x86-64, fastnorm_tile.h (AVX2 tile kernels) and fastnorm_planar.h,
+   and on aarch64 fastnorm_neon.h. harness.c builds the kernels without Python (FN_STANDALONE)
+   to check them on other CPUs under emulation.
 */
+#ifdef FN_STANDALONE                /* runtime/_cext/harness.c: the kernels without Python */
+#include <stddef.h>
+typedef ptrdiff_t Py_ssize_t;
+#else
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
 
 #include <stdint.h>
 #include <stdio.h>
@@ -57,6 +68,9 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FN_HAVE_AVX2 1
 #include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define FN_HAVE_NEON 1
+#include <arm_neon.h>
 #endif
 
 typedef struct {
@@ -185,11 +199,16 @@ static int cpu_has_avx2(void) {
     return cached;
 }
 #else
-static int cpu_has_avx2(void) { return 0; }
+static inline int cpu_has_avx2(void) { return 0; }
 #endif
 
-enum { K_AUTO, K_PLANAR, K_TILE16, K_TILE8, K_GENERIC, K_COUNT };
-static const char *const KERNEL_NAMES[K_COUNT] = {"auto", "planar", "tile16", "tile8", "generic"};
+#ifdef FN_HAVE_NEON
+#include "fastnorm_neon.h"
+#endif
+
+/* The order kernels are tried in; a kernel of another CPU family never serves (falls through). */
+enum { K_AUTO, K_PLANAR, K_TILE16, K_TILE8, K_NEON, K_GENERIC, K_COUNT };
+static const char *const KERNEL_NAMES[K_COUNT] = {"auto", "planar", "tile16", "tile8", "neon", "generic"};
 
 /* Run the job with the first kernel, from `want` on (K_AUTO: the fastest), that serves it; *used
    says which. Returns 0, or -1 when out of memory (GIL released: no Python calls). */
@@ -278,6 +297,22 @@ static int run_job(job_t *j, int want, int *used) {
         return 0;
     }
 #endif
+#ifdef FN_HAVE_NEON
+    /* Exact integer sums as above; vertical weights (<= Dy) must fit vmlal_n_u16's 16 bits. */
+    int neon_ok = want <= K_NEON && 255.0 * j->tx.denom * j->ty.denom < 16777216.0 && j->ty.kmax <= 64;
+    for (size_t i = 0; neon_ok && i < (size_t)j->ty.n * j->ty.kmax; i++) neon_ok = j->ty.w[i] <= 65535.0f;
+    if (neon_ok) {
+        nplan_t np;
+        const int ok = nplan_init(&np, &j->tx);
+        if (ok < 0) return -1;
+        if (ok) {
+            const int rc = kernel_neon(j, &np);
+            nplan_free(&np);
+            *used = K_NEON;
+            return rc;
+        }
+    }
+#endif
     (void)want;
     *used = K_GENERIC;
     float *hs = malloc(sizeof(float) * 6 * (size_t)j->w);
@@ -287,6 +322,29 @@ static int run_job(job_t *j, int want, int *used) {
     return 0;
 }
 
+/* The whole call without Python: taps, coefficients, the kernel. src: H x W BGR pixels, rows rs
+   bytes apart; out: (3, h, w) float32 (half = 0) or float16. Returns 0, or -1 when out of memory.
+   Runs with the GIL released; runtime/_cext/harness.c calls it directly. */
+static int fn_resize_normalize(const uint8_t *src, Py_ssize_t H, Py_ssize_t W, Py_ssize_t rs, void *out, int h, int w,
+                               int half, int stream, const double sc[3], const double bi[3], int want, int *used) {
+    job_t j;
+    memset(&j, 0, sizeof(j));
+    j.src = src; j.H = H; j.W = W; j.rs = rs;
+    j.out = out; j.h = h; j.w = w; j.half = half; j.stream = stream;
+    int rc = -1;
+    if (taps_init(&j.tx, W, w) == 0 && taps_init(&j.ty, H, h) == 0) {
+        const double denom = j.tx.denom * j.ty.denom;
+        for (int c = 0; c < 3; c++) {
+            j.k[c] = (float)((double)(float)sc[c] / denom);   /* float32(scale / (Dx*Dy)) */
+            j.b[c] = (float)bi[c];
+        }
+        rc = run_job(&j, want, used);
+    }
+    taps_free(&j.tx); taps_free(&j.ty);
+    return rc;
+}
+
+#ifndef FN_STANDALONE
 /* The buffer's struct format, minus a native byte-order prefix; NULL means 'B'. */
 static const char *fmt_of(const Py_buffer *b) {
     const char *f = b->format ? b->format : "B";
@@ -307,7 +365,7 @@ static PyObject *resize_normalize(PyObject *self, PyObject *args, PyObject *kw) 
     if (kname) {
         for (want = 0; want < K_COUNT && strcmp(kname, KERNEL_NAMES[want]) != 0; want++) {}
         if (want == K_COUNT) {
-            PyErr_Format(PyExc_ValueError, "resize_normalize: unknown kernel '%s' (auto, planar, tile16, tile8, generic)", kname);
+            PyErr_Format(PyExc_ValueError, "resize_normalize: unknown kernel '%s' (auto, planar, tile16, tile8, neon, generic)", kname);
             return NULL;
         }
     }
@@ -318,8 +376,6 @@ static PyObject *resize_normalize(PyObject *self, PyObject *args, PyObject *kw) 
         PyBuffer_Release(&src);
         return NULL;
     }
-    job_t j;
-    memset(&j, 0, sizeof(j));
     const char *sf = fmt_of(&src), *of = fmt_of(&out);
     if (src.ndim != 3 || src.shape[2] != 3 || src.itemsize != 1 || strcmp(sf, "B") != 0) {
         PyErr_Format(PyExc_ValueError, "resize_normalize: src must be a uint8 (H, W, 3) image, got ndim=%d format '%s'",
@@ -342,25 +398,15 @@ static PyObject *resize_normalize(PyObject *self, PyObject *args, PyObject *kw) 
         PyErr_SetString(PyExc_ValueError, "resize_normalize: image or output too large");
         goto fail;
     }
-    j.src = (const uint8_t *)src.buf; j.H = src.shape[0]; j.W = src.shape[1]; j.rs = src.strides[0];
-    j.out = out.buf; j.h = (int)out.shape[1]; j.w = (int)out.shape[2]; j.half = out.itemsize == 2;
-    j.stream = stream;
-    if (taps_init(&j.tx, j.W, j.w) < 0 || taps_init(&j.ty, j.H, j.h) < 0) { PyErr_NoMemory(); goto fail; }
-    const double denom = j.tx.denom * j.ty.denom;
-    for (int c = 0; c < 3; c++) {
-        j.k[c] = (float)((double)(float)sc[c] / denom);   /* float32(scale / (Dx*Dy)) */
-        j.b[c] = (float)bi[c];
-    }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = run_job(&j, want, &used);
+    rc = fn_resize_normalize((const uint8_t *)src.buf, src.shape[0], src.shape[1], src.strides[0], out.buf,
+                             (int)out.shape[1], (int)out.shape[2], out.itemsize == 2, stream, sc, bi, want, &used);
     Py_END_ALLOW_THREADS
     if (rc < 0) { PyErr_NoMemory(); goto fail; }
-    taps_free(&j.tx); taps_free(&j.ty);
     PyBuffer_Release(&src); PyBuffer_Release(&out);
     return PyUnicode_FromString(KERNEL_NAMES[used]);
 fail:
-    taps_free(&j.tx); taps_free(&j.ty);
     PyBuffer_Release(&src); PyBuffer_Release(&out);
     return NULL;
 }
@@ -429,16 +475,20 @@ static PyObject *image_hw(PyObject *self, PyObject *arg) {
 
 static PyObject *simd_name(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
+#ifdef FN_HAVE_NEON
+    return PyUnicode_FromString("neon");               /* NEON is part of every aarch64 CPU */
+#else
     return PyUnicode_FromString(cpu_has_avx2() ? "avx2" : "generic");
+#endif
 }
 
 static PyMethodDef methods[] = {
     {"resize_normalize", (PyCFunction)(void (*)(void))resize_normalize, METH_VARARGS | METH_KEYWORDS,
      "resize_normalize(src, out, scale, bias, simd=True, stream=False, kernel=None) -> kernel used: (H,W,3) uint8\n"
      "BGR -> exact area resize to out's (h, w), RGB planes of mean*scale[c]+bias[c], into out (3,h,w)\n"
-     "float32/float16. kernel: the first to try ('planar', 'tile16', 'tile8', 'generic'). Releases the GIL."},
+     "float32/float16. kernel: the first to try ('planar', 'tile16', 'tile8', 'neon', 'generic'). Releases the GIL."},
     {"image_hw", image_hw, METH_O, "image_hw(path) -> (height, width) declared by a complete JPEG or PNG file, else None."},
-    {"simd", simd_name, METH_NOARGS, "The kernel resize_normalize uses by default here: 'avx2' (AVX2+FMA+F16C) or 'generic'."},
+    {"simd", simd_name, METH_NOARGS, "The kernel resize_normalize uses by default here: 'avx2' (AVX2+FMA+F16C), 'neon' (aarch64) or 'generic'."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -446,3 +496,4 @@ static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_fastnorm", "Fused p
                                     -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fastnorm(void) { return PyModule_Create(&moddef); }
+#endif /* FN_STANDALONE */
