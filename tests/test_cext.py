@@ -1,17 +1,25 @@
 """runtime._fastnorm (the fused C preprocessing kernel) against its numpy twin and independent references."""
 
 import math
+import os
+import shutil
 import threading
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 import runtime.preprocess as pp
+from benchmarks import cext_cross
 from runtime.contract import PreprocessSpec
 from runtime.preprocess import normalize_coefficients, preprocess, resize, resize_normalize_into
 
 fastnorm = pp._fastnorm
+# The kernels this CPU runs, asked for by name (each falls through to the next when it cannot serve).
+KERNELS = ("planar", "tile16", "tile8", "neon", "generic")
+CPU_KERNELS = {"avx2": ("planar", "tile16", "tile8", "generic"), "neon": ("neon", "generic"), "generic": ("generic",)}
 needs_ext = pytest.mark.skipif(fastnorm is None, reason="runtime._fastnorm not built (no C compiler at install)")
 
 SCALE, BIAS = normalize_coefficients((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -79,17 +87,83 @@ def test_every_kernel_and_store_mode_is_bit_identical_to_the_numpy_twin(shape):
         return
     resize_normalize_into(img, twin, SCALE, BIAS, use_ext=False)
     used = set()
-    for kernel in ("planar", "tile16", "tile8", "generic"):
+    for kernel in KERNELS:
         for dtype in (np.float32, np.float16):
             for stream in (False, True):
                 for offset in (0, 16 // np.dtype(dtype).itemsize, 1):   # 32-byte aligned, 16, 4/2
                     raw = np.full(3 * h * w + 64, np.nan, dtype)
                     start = (-raw.ctypes.data % 32) // raw.itemsize + offset
                     out = raw[start:start + 3 * h * w].reshape(3, h, w)
-                    used.add(fastnorm.resize_normalize(img, out, *ARGS, stream=stream, kernel=kernel))
+                    got = fastnorm.resize_normalize(img, out, *ARGS, stream=stream, kernel=kernel)
+                    assert KERNELS.index(got) >= KERNELS.index(kernel)     # falls through, never back
+                    used.add(got)
                     ref = twin.astype(dtype)
                     np.testing.assert_array_equal(out.view(np.uint8), ref.view(np.uint8))
-    assert used <= {"planar", "tile16", "tile8", "generic"} and "generic" in used
+    assert "generic" in used and used <= set(CPU_KERNELS[fastnorm.simd()])
+
+
+@needs_ext
+def test_each_simd_kernel_of_this_cpu_runs_when_asked_for():
+    # Every kernel this CPU has serves COCO's 640x480 -> 448 when asked for by name, so the bit
+    # tests above ran each of them (not only the first and the last); on AVX2 CPUs a footprint
+    # too wide for planar and tile16 (427 -> 64 columns: Dx = 427) falls through to tile8.
+    img = _img(np.random.default_rng(2), 480, 640)
+    out = np.empty((3, 448, 448), np.float32)
+    kernels = CPU_KERNELS[fastnorm.simd()]
+    for kernel in kernels:
+        assert fastnorm.resize_normalize(img, out, *ARGS, kernel=kernel) == kernel
+    assert fastnorm.resize_normalize(img, out, *ARGS) == kernels[0]
+    if fastnorm.simd() == "avx2":
+        wide = _img(np.random.default_rng(3), 640, 427)
+        small = np.empty((3, 64, 64), np.float32)
+        assert [fastnorm.resize_normalize(wide, small, *ARGS, kernel=k) for k in kernels] == ["tile8"] * 3 + ["generic"]
+
+
+def _twin_cases(tmp_path: Path) -> list[Path]:
+    """KERNEL_SHAPES' area-path shapes as harness case files: image + the numpy twin's output."""
+    cases = []
+    for i, ((H, W), (h, w)) in enumerate(dict.fromkeys(KERNEL_SHAPES)):
+        if (H, W) == (h, w) or H > h or W > w:
+            img = _img(np.random.default_rng(H + W), H, W)
+            twin = np.empty((3, h, w), np.float32)
+            resize_normalize_into(img, twin, SCALE, BIAS, use_ext=False)
+            cases.append(cext_cross.write_case(tmp_path / f"case{i}.bin", img, twin, SCALE, BIAS))
+    return cases
+
+
+@pytest.mark.parametrize("target", ["native", "aarch64"])
+def test_standalone_kernel_harness_is_bit_identical_to_the_numpy_twin(target, tmp_path):
+    # runtime/_cext/harness.c: every kernel x float32/float16 x store mode x alignment, without
+    # Python, so it also runs on aarch64 (NEON) under qemu-user. `make test-aarch64` installs the
+    # cross tools and sets FN_REQUIRE_AARCH64, which turns the skip into a failure.
+    if target == "native":
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            pytest.skip("no C compiler (cc, gcc) on PATH")
+        cmd = [str(cext_cross.build_harness(cc, tmp_path / "fn_harness", static=False))]
+        expect = set(CPU_KERNELS[fastnorm.simd()] if fastnorm is not None else ("generic",))
+    else:
+        tools = cext_cross.cross_tools()
+        if isinstance(tools, str):
+            if os.environ.get("FN_REQUIRE_AARCH64"):
+                pytest.fail(tools)
+            pytest.skip(tools)
+        cc, qemu = tools
+        cmd = [qemu, str(cext_cross.build_harness(cc, tmp_path / "fn_harness"))]
+        expect = {"neon", "generic"}
+    cases = _twin_cases(tmp_path)
+    rc, used, out = cext_cross.run_harness(cmd, cases)
+    assert rc == 0, out
+    assert len(used) == len(cases), out
+    assert set().union(*used.values()) == expect, out
+    assert expect - {"generic"} <= used[(480, 640, 448, 448)], out          # COCO's shape: every SIMD kernel
+
+
+def test_harness_builds_with_the_extensions_flags():
+    # The bits depend on the flags (-ffp-contract=off): the harness must be built as setup.py builds the extension.
+    setup_py = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    for flag in cext_cross.CFLAGS:
+        assert f'"{flag}"' in setup_py, flag
 
 
 @needs_ext
@@ -228,26 +302,49 @@ def test_preprocess_out_buffer_validation():
         preprocess(jpegs, size=32, out=np.zeros((1, 3, 32, 32), np.float32))
 
 
-@needs_ext
-def test_kernel_releases_the_gil():
-    # A Python thread keeps counting while the kernel runs on a large image in another thread.
-    img = _img(np.random.default_rng(1), 1500, 2000)
-    out = np.empty((3, 448, 448), np.float32)
-    counts, done = [], threading.Event()
+def _stalled_share(call) -> float:
+    """The longest stretch of call()'s wall time in which another Python thread made no step, as
+    a share of it: near 0 when call() releases the GIL, near 1 when it holds it throughout.
+    The ticker sleeps between steps (so it needs no spare core, and costs little on a loaded
+    machine): it only has to get the GIL back each time, which a GIL-holding call never allows."""
+    stamps, done = [], threading.Event()
 
-    def spin():
-        n = 0
+    def tick():
         while not done.is_set():
-            n += 1
-        counts.append(n)
+            stamps.append(time.perf_counter())
+            time.sleep(0.0005)
 
-    t = threading.Thread(target=spin)
+    t = threading.Thread(target=tick)
     t.start()
-    for _ in range(3):
-        fastnorm.resize_normalize(img, out, *ARGS)
+    time.sleep(0.02)
+    t0 = time.perf_counter()
+    call()
+    t1 = time.perf_counter()
     done.set()
     t.join()
-    assert counts[0] > 1000
+    inside = [t0] + [s for s in stamps if t0 < s < t1] + [t1]
+    return max(b - a for a, b in zip(inside, inside[1:])) / (t1 - t0)
+
+
+@needs_ext
+def test_kernel_releases_the_gil():
+    # One long call (the generic kernel on an 8000x8000 image, ~0.2 s) while a Python thread
+    # ticks: it must keep ticking through the call. Not a parallel-speed-up test: on a shared
+    # 2-core machine a second core is not guaranteed, while a time slice is (measured at load
+    # average 8 on 2 cores: stalled 3-5% of the call; a GIL-holding call: 99%). The same measure
+    # on a call known to hold the GIL (sorting Python ints: C code that never yields) must see
+    # the ticker stalled, so the test can fail. Up to 3 tries absorb a rare long scheduling delay.
+    img = np.zeros((8000, 8000, 3), np.uint8)        # calloc'd zero pages: 192 MB that cost no RAM
+    out = np.empty((3, 448, 448), np.float32)
+    kernel = 1.0
+    for _ in range(3):
+        kernel = min(kernel, _stalled_share(lambda: fastnorm.resize_normalize(img, out, *ARGS, simd=False)))
+        if kernel < 0.5:
+            break
+    ints = np.random.default_rng(2).integers(0, 1 << 62, 400_000).tolist()
+    held = _stalled_share(lambda: sorted(ints))
+    assert held > 0.8, f"the detector missed a GIL-holding call (stalled share {held:.2f})"
+    assert kernel < 0.5, f"a Python thread stalled for {kernel:.0%} of the kernel's call: the GIL is held"
 
 
 def test_spec_interpolation_linear_and_enlarging_use_cv2_linear():

@@ -7,7 +7,8 @@
    CASE: a file holding "FNC1", int32 H W h w, float64 scale[3] bias[3], the uint8 (H, W, 3) BGR
    image, then the numpy twin's output (runtime/preprocess.py) as float32 (3, h, w) and as its
    float16 rounding, all little-endian. Each case runs every kernel request x float32/float16 x
-   plain/streaming stores x 32-byte / 16-byte / one-element aligned output, and must match the
+   plain/streaming stores x 32-byte / 16-byte / one-element aligned output (the generic kernel,
+   which looks at neither, once per dtype), and must match the
    expected bytes exactly. Prints one line per case: "ok H W h w <kernels used>", or "FAIL ..."
    lines; exit status 1 on any mismatch, 2 on a bad case file.
    --bench: N calls of the default kernel on a 640x480-style pseudo-random image (an xorshift
@@ -57,6 +58,7 @@ static int check_case(const char *path) {
         for (int half = 0; half < 2; half++)
             for (int stream = 0; stream < 2; stream++)
                 for (int align = 0; align < 3; align++) {
+                    if (wants[wi] == K_GENERIC && (stream || align)) continue;   /* it reads neither: spare qemu */
                     const size_t item = half ? 2 : 4, skip = align == 0 ? 0 : align == 1 ? 16 : item;
                     uint8_t *out = raw + ((32 - (uintptr_t)raw % 32) % 32) + skip;
                     memset(out, 0xff, nout * item);            /* NaN in both widths: nothing stale passes */
