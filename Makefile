@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 EXTRAS ?= train,export,cpu,dev
 DEMO_DIR ?= demo_out
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo clean test-aarch64
 
 # Reinstall when pyproject.toml or the C extension source changes.
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard runtime/_cext/*.c)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard runtime/_cext/*.c runtime/_cext/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# (grep drops pip's warnings about this machine's local package mirrors)
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]' 2>&1 | { grep -v "is ignored" || true; }
@@ -21,6 +21,17 @@ venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# The C kernel on aarch64 (NEON), from an x86 Debian/Ubuntu machine: installs the cross compiler
+# and qemu-user when missing (apt; sudo unless root), checks every kernel bit for bit against the
+# numpy twin under qemu (here the test fails instead of skipping), then prints instructions per
+# image, generic vs NEON (benchmarks/cext_cross.py).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-aarch64: $(VENV)/.installed
+	if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 qemu-aarch64-static >/dev/null; then \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc-aarch64-linux-gnu qemu-user; fi
+	FN_REQUIRE_AARCH64=1 $(BIN)/python -m pytest -q tests/test_cext.py -k harness
+	$(BIN)/python -m benchmarks.cext_cross
 
 demo: $(VENV)/.installed
 	BIN=$(BIN) bash scripts/demo.sh $(DEMO_DIR)
