@@ -70,8 +70,7 @@ static void deinterleave_neon(const uint8_t *s, Py_ssize_t W, uint8_t *pb, uint8
 static inline __attribute__((always_inline)) void hrow_neon_t(const uint8_t *pl, const nplan_t *p, uint16_t *dst, int K) {
     for (int g = 0; g < p->ngroups; g++) {
         const uint8_t *s = pl + p->base[g], *ix = p->idx + (size_t)g * K * 16, *wt = p->wts + (size_t)g * K * 16;
-        uint8x16x2_t win;
-        win.val[0] = vld1q_u8(s); win.val[1] = vld1q_u8(s + 16);
+        const uint8x16x2_t win = vld1q_u8_x2(s);       /* one load into the register pair tbl reads */
         uint16x8_t lo = vdupq_n_u16(0), hi = vdupq_n_u16(0);
         for (int k = 0; k < K; k++) {
             const uint8x16_t t = vqtbl2q_u8(win, vld1q_u8(ix + 16 * k)), wk = vld1q_u8(wt + 16 * k);
