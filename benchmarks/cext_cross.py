@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.preprocess import normalize_coefficients, resize_normalize_into
 
     scale, bias = normalize_coefficients((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    shapes = [(480, 640), (640, 480), (427, 640), (640, 426), (612, 612), (375, 500)]   # COCO's, to 448
+    shapes = [(480, 640), (640, 480), (427, 640), (640, 426), (612, 612), (375, 500),   # COCO's, to 448
+              (720, 1280), (1080, 1920)]                                           # camera frames
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         harness = build_harness(cc, tmp / "fn_harness")

@@ -6,7 +6,9 @@
    - vld3q_u8 splits 16 BGR pixels into B, G, R byte planes in one instruction;
    - horizontal taps: every 16 outputs of a plane read one 32-byte window; per tap k, vqtbl2q_u8
      picks each output's k-th source byte (index 0xff for a padded tap gives 0) and
-     vmlal_u8/vmlal_high_u8 add byte x byte weight into 16-bit sums. Unsigned throughout:
+     vmlal_u8/vmlal_high_u8 add byte x byte weight into 16-bit sums. Wider footprints (camera
+     frames: 1280 or 1920 columns to 448) give each 8 outputs their own 64-byte window
+     (vqtbl4_u8), up to ~7.9 source pixels per output. Unsigned throughout:
      weights <= Dx <= 255 fit a byte and sums <= 255*Dx fit 16 bits, so no offset trick;
    - vertical taps: vmlal_n_u16 (16-bit row sums x 16-bit weight into 32 bits) over a ring of
      kmax + 1 rows of sums, then float32(A) * k + b (vmulq_f32, vaddq_f32: two roundings, never
@@ -17,34 +19,34 @@
 
 typedef struct {
     int ngroups, K;     /* groups of 16 outputs; taps per output (the axis' kmax) */
-    int *base;          /* per group: the window's first source pixel */
+    int wide;           /* 0: one 32-byte window per group; 1: a 64-byte one per 8 outputs */
+    int *base;          /* per group: the window's first source pixel (wide: two, outputs 0-7, 8-15) */
     uint8_t *idx, *wts; /* per group and tap: 16 window indices (0xff: padded tap), 16 weights */
 } nplan_t;
 
 static void nplan_free(nplan_t *p) { free(p->base); free(p->idx); free(p->wts); p->base = NULL; p->idx = p->wts = NULL; }
 
-/* 1 with the plan filled when this axis fits (Dx <= 255, every group's taps within 32 bytes:
-   footprints up to ~1.9 source pixels, every COCO width to 448), 0 when not, -1 out of memory. */
-static int nplan_init(nplan_t *p, const taps_t *tx) {
-    const int w = tx->n, K = tx->kmax;
-    memset(p, 0, sizeof(*p));
-    if (tx->denom > 255.0 || K > 32) return 0;
-    const int ng = (w + 15) / 16;
-    p->ngroups = ng; p->K = K;
-    p->base = malloc(sizeof(int) * (size_t)ng);
+/* Fill the plan for one window layout: 1 when every tap fits it, 0 when not, -1 out of memory. */
+static int nplan_fill(nplan_t *p, const taps_t *tx, int wide) {
+    const int w = tx->n, K = tx->kmax, ng = (w + 15) / 16, span = wide ? 64 : 32;
+    nplan_free(p);
+    p->ngroups = ng; p->K = K; p->wide = wide;
+    p->base = malloc(sizeof(int) * 2 * (size_t)ng);
     p->idx = malloc((size_t)ng * K * 16);
     p->wts = malloc((size_t)ng * K * 16);
     if (!p->base || !p->idx || !p->wts) { nplan_free(p); return -1; }
     for (int g = 0; g < ng; g++) {
-        const int b = tx->start[16 * g];
-        p->base[g] = b;
+        for (int half = 0; half < 2; half++) {
+            const int d0 = 16 * g + 8 * half < w ? 16 * g + 8 * half : w - 1;
+            p->base[2 * g + half] = tx->start[wide ? d0 : 16 * g];
+        }
         for (int i = 0; i < 16; i++) {
-            const int dx = 16 * g + i;
+            const int dx = 16 * g + i, b = p->base[2 * g + (wide && i >= 8)];
             for (int k = 0; k < K; k++) {
                 const size_t at = ((size_t)g * K + k) * 16 + i;
                 if (dx < w && k < tx->count[dx]) {
                     const int off = tx->start[dx] + k - b;
-                    if (off > 31) { nplan_free(p); return 0; }
+                    if (off >= span) { nplan_free(p); return 0; }
                     p->idx[at] = (uint8_t)off;
                     p->wts[at] = (uint8_t)tx->w[(size_t)dx * K + k];
                 } else {
@@ -54,6 +56,15 @@ static int nplan_init(nplan_t *p, const taps_t *tx) {
         }
     }
     return 1;
+}
+
+/* 1 with the plan filled when this axis fits (Dx <= 255 and every 16 outputs' taps within 32
+   bytes, or every 8 outputs' within 64), 0 when not, -1 when out of memory. */
+static int nplan_init(nplan_t *p, const taps_t *tx) {
+    memset(p, 0, sizeof(*p));
+    if (tx->denom > 255.0 || tx->kmax > 64) return 0;
+    const int ok = nplan_fill(p, tx, 0);
+    return ok ? ok : nplan_fill(p, tx, 1);
 }
 
 /* One BGR row of W pixels -> byte planes pb, pg, pr. */
@@ -69,7 +80,7 @@ static void deinterleave_neon(const uint8_t *s, Py_ssize_t W, uint8_t *pb, uint8
 /* Horizontal sums of one byte plane into dst (ngroups*16 uint16). */
 static inline __attribute__((always_inline)) void hrow_neon_t(const uint8_t *pl, const nplan_t *p, uint16_t *dst, int K) {
     for (int g = 0; g < p->ngroups; g++) {
-        const uint8_t *s = pl + p->base[g], *ix = p->idx + (size_t)g * K * 16, *wt = p->wts + (size_t)g * K * 16;
+        const uint8_t *s = pl + p->base[2 * g], *ix = p->idx + (size_t)g * K * 16, *wt = p->wts + (size_t)g * K * 16;
         const uint8x16x2_t win = vld1q_u8_x2(s);       /* one load into the register pair tbl reads */
         uint16x8_t lo = vdupq_n_u16(0), hi = vdupq_n_u16(0);
         for (int k = 0; k < K; k++) {
@@ -81,12 +92,33 @@ static inline __attribute__((always_inline)) void hrow_neon_t(const uint8_t *pl,
     }
 }
 
+/* The same with a 64-byte window per 8 outputs (low index bytes: outputs 0-7, high: 8-15). */
+static inline __attribute__((always_inline)) void hrow_wide_t(const uint8_t *pl, const nplan_t *p, uint16_t *dst, int K) {
+    for (int g = 0; g < p->ngroups; g++) {
+        const uint8_t *ix = p->idx + (size_t)g * K * 16, *wt = p->wts + (size_t)g * K * 16;
+        const uint8x16x4_t a = vld1q_u8_x4(pl + p->base[2 * g]), b = vld1q_u8_x4(pl + p->base[2 * g + 1]);
+        uint16x8_t lo = vdupq_n_u16(0), hi = vdupq_n_u16(0);
+        for (int k = 0; k < K; k++) {
+            const uint8x16_t ik = vld1q_u8(ix + 16 * k), wk = vld1q_u8(wt + 16 * k);
+            lo = vmlal_u8(lo, vqtbl4_u8(a, vget_low_u8(ik)), vget_low_u8(wk));
+            hi = vmlal_u8(hi, vqtbl4_u8(b, vget_high_u8(ik)), vget_high_u8(wk));
+        }
+        vst1q_u16(dst + 16 * g, lo); vst1q_u16(dst + 16 * g + 8, hi);
+    }
+}
+
 static void hrow_neon(const uint8_t *pl, const nplan_t *p, uint16_t *dst) {
-    switch (p->K) {                                    /* constant trip counts unroll */
+    switch (p->wide ? 8 + (p->K <= 7 ? p->K : 0) : (p->K <= 3 ? p->K : 0)) {   /* constant trip counts unroll */
     case 1: hrow_neon_t(pl, p, dst, 1); break;
     case 2: hrow_neon_t(pl, p, dst, 2); break;
     case 3: hrow_neon_t(pl, p, dst, 3); break;
-    default: hrow_neon_t(pl, p, dst, p->K);
+    case 0: hrow_neon_t(pl, p, dst, p->K); break;
+    case 11: hrow_wide_t(pl, p, dst, 3); break;
+    case 12: hrow_wide_t(pl, p, dst, 4); break;
+    case 13: hrow_wide_t(pl, p, dst, 5); break;
+    case 14: hrow_wide_t(pl, p, dst, 6); break;
+    case 15: hrow_wide_t(pl, p, dst, 7); break;
+    default: hrow_wide_t(pl, p, dst, p->K);
     }
 }
 
@@ -161,7 +193,7 @@ static void vrow_neon(const job_t *j, const uint16_t *ring, int nring, size_t wp
 /* Returns 0, or -1 when out of memory. The caller checked exactness, ty.kmax <= 64 and that
    the vertical weights fit 16 bits. */
 static int kernel_neon(const job_t *j, const nplan_t *np) {
-    const size_t wp = (size_t)np->ngroups * 16, plw = (size_t)j->W + 32;   /* windows read 31 bytes past */
+    const size_t wp = (size_t)np->ngroups * 16, plw = (size_t)j->W + 64;   /* windows read 63 bytes past */
     const int nring = j->ty.kmax + 1;                  /* a pending output row needs the last kmax rows */
     uint8_t *pl = calloc(3 * plw, 1);
     uint16_t *ring = malloc((size_t)nring * 3 * wp * sizeof(uint16_t));
