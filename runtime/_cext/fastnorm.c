@@ -41,7 +41,7 @@
      buffers larger than the cache).
    - AVX2 float: the same with 8 rows in float32 lanes, for wider horizontal footprints.
    - neon (aarch64: Jetson, Graviton, Apple silicon under Linux): the planar plan in NEON,
-     fastnorm_neon.h (vld3q_u8 deinterleave, vqtbl2q_u8 + vmlal_u8 taps, all exact integers).
+     fastnorm_neon.h (vld3q_u8 deinterleave, vqtbl2q_u8/vqtbl4_u8 + vmlal_u8 taps, exact integers).
    - generic: plain loops, row by row (other CPUs, and the rare sizes outside the exact range).
    Instruction counts (callgrind, 640x480 -> 448x448): AVX2 u16 2.55M per image, planar 1.81M
    (the benchmark's six COCO shapes: 2.83M -> 1.92M on average). aarch64 (qemu-aarch64 with the
@@ -213,12 +213,14 @@ static const char *const KERNEL_NAMES[K_COUNT] = {"auto", "planar", "tile16", "t
 /* Run the job with the first kernel, from `want` on (K_AUTO: the fastest), that serves it; *used
    says which. Returns 0, or -1 when out of memory (GIL released: no Python calls). */
 static int run_job(job_t *j, int want, int *used) {
-#ifdef FN_HAVE_AVX2
+#if defined(FN_HAVE_AVX2) || defined(FN_HAVE_NEON)
     /* The SIMD kernels sum in exact integers (FMA in the tile8 one): identical to the unfused,
        ordered float sums while every partial sum is an integer below 2^24. Else the generic
-       kernel keeps the order. */
-    const int exact = 255.0 * j->tx.denom * j->ty.denom < 16777216.0;
-    const int simd = want != K_GENERIC && cpu_has_avx2() && exact && j->ty.kmax <= 64;
+       kernel keeps the order. (At most 64 vertical taps: their row tables live on the stack.) */
+    const int exact = 255.0 * j->tx.denom * j->ty.denom < 16777216.0 && j->ty.kmax <= 64;
+#endif
+#ifdef FN_HAVE_AVX2
+    const int simd = want != K_GENERIC && cpu_has_avx2() && exact;
     int wy_ok = 1;                                     /* vertical weights fit pmaddwd's int16 */
     for (size_t i = 0; i < (size_t)j->ty.n * j->ty.kmax; i++) wy_ok &= j->ty.w[i] <= 32767.0f;
     if (simd && want <= K_PLANAR && wy_ok) {
@@ -299,7 +301,7 @@ static int run_job(job_t *j, int want, int *used) {
 #endif
 #ifdef FN_HAVE_NEON
     /* Exact integer sums as above; vertical weights (<= Dy) must fit vmlal_n_u16's 16 bits. */
-    int neon_ok = want <= K_NEON && 255.0 * j->tx.denom * j->ty.denom < 16777216.0 && j->ty.kmax <= 64;
+    int neon_ok = want <= K_NEON && exact;
     for (size_t i = 0; neon_ok && i < (size_t)j->ty.n * j->ty.kmax; i++) neon_ok = j->ty.w[i] <= 65535.0f;
     if (neon_ok) {
         nplan_t np;
