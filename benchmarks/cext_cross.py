@@ -61,14 +61,14 @@ def write_case(path: Path, img: np.ndarray, expected: np.ndarray, scale, bias) -
     return path
 
 
-def run_harness(cmd: list[str], cases: list[Path]) -> tuple[int, dict[tuple[int, ...], set[str]], str]:
-    """Run the harness on case files: (exit status, {(H, W, h, w): kernels used} for ok cases, output)."""
+def run_harness(cmd: list[str], cases: list[Path]) -> tuple[int, list[tuple[tuple[int, ...], set[str]]], str]:
+    """Run the harness on case files: (exit status, [((H, W, h, w), kernels used)] per ok case, output)."""
     p = subprocess.run([*cmd, *map(str, cases)], capture_output=True, text=True, timeout=600)
-    used = {}
+    used = []
     for line in p.stdout.splitlines():
         m = re.match(r"ok (\d+) (\d+) (\d+) (\d+) (.*)", line)
         if m:
-            used[tuple(int(g) for g in m.groups()[:4])] = set(m.group(5).split())
+            used.append((tuple(int(g) for g in m.groups()[:4]), set(m.group(5).split())))
     return p.returncode, used, p.stdout + p.stderr
 
 

@@ -123,14 +123,21 @@ def test_each_simd_kernel_of_this_cpu_runs_when_asked_for():
 
 
 def _twin_cases(tmp_path: Path) -> list[Path]:
-    """KERNEL_SHAPES' area-path shapes as harness case files: image + the numpy twin's output."""
+    """Harness case files (image + the numpy twin's output): KERNEL_SHAPES' area-path shapes,
+    12 random shrinks, and the float16 range edges."""
+    rng = np.random.default_rng(11)
+    shapes = [s for s in dict.fromkeys(KERNEL_SHAPES) if s[0] == s[1] or s[0][0] > s[1][0] or s[0][1] > s[1][1]]
+    for _ in range(12):
+        H, W = (int(v) for v in rng.integers(8, 200, 2))
+        shapes.append(((H, W), (int(rng.integers(1, H + 1)), int(rng.integers(1, W + 1)))))
+    runs = [(shape, SCALE, BIAS) for shape in shapes]
+    runs += [(((40, 40), (24, 24)), np.float32([s] * 3), np.float32([b] * 3)) for s, b in F16_EDGES]
     cases = []
-    for i, ((H, W), (h, w)) in enumerate(dict.fromkeys(KERNEL_SHAPES)):
-        if (H, W) == (h, w) or H > h or W > w:
-            img = _img(np.random.default_rng(H + W), H, W)
-            twin = np.empty((3, h, w), np.float32)
-            resize_normalize_into(img, twin, SCALE, BIAS, use_ext=False)
-            cases.append(cext_cross.write_case(tmp_path / f"case{i}.bin", img, twin, SCALE, BIAS))
+    for i, (((H, W), (h, w)), scale, bias) in enumerate(runs):
+        img = _img(np.random.default_rng(H + W), H, W)
+        twin = np.empty((3, h, w), np.float32)
+        resize_normalize_into(img, twin, scale, bias, use_ext=False)
+        cases.append(cext_cross.write_case(tmp_path / f"case{i}.bin", img, twin, scale, bias))
     return cases
 
 
@@ -158,8 +165,8 @@ def test_standalone_kernel_harness_is_bit_identical_to_the_numpy_twin(target, tm
     rc, used, out = cext_cross.run_harness(cmd, cases)
     assert rc == 0, out
     assert len(used) == len(cases), out
-    assert set().union(*used.values()) == expect, out
-    assert expect - {"generic"} <= used[(480, 640, 448, 448)], out          # COCO's shape: every SIMD kernel
+    assert set().union(*(k for _, k in used)) == expect, out
+    assert expect - {"generic"} <= dict(used)[(480, 640, 448, 448)], out    # COCO's shape: every SIMD kernel
 
 
 def test_harness_builds_with_the_extensions_flags():
@@ -223,12 +230,15 @@ def test_numpy_twin_matches_the_float64_reference_and_cv2_area():
     np.testing.assert_array_equal(resize(img, 64)[..., 0], np.rint(_area_mean_f64(img, 64, 64)[..., 0]))
 
 
+# (scale, bias) giving subnormal halves, values that round to +-inf, exact ties.
+F16_EDGES = [(1e-7, 0.0), (-3e-8, 1e-9), (300.0, -5000.0), (257.0, -65504.0), (1 / 3, -40.0)]
+
+
 @needs_ext
 def test_float16_rounding_at_the_edges_of_the_half_range():
-    # Subnormal halves, values that round to +-inf, exact ties: the portable converter (generic
-    # kernel) and F16C (SIMD kernel) must both round like numpy.
+    # The portable converter (generic kernel) and F16C (SIMD kernel) must both round like numpy.
     img = _img(np.random.default_rng(5), 40, 40)
-    for scale, bias in [(1e-7, 0.0), (-3e-8, 1e-9), (300.0, -5000.0), (257.0, -65504.0), (1 / 3, -40.0)]:
+    for scale, bias in F16_EDGES:
         args = ((scale,) * 3, (bias,) * 3)
         ref = np.empty((3, 24, 24), np.float32)
         fastnorm.resize_normalize(img, ref, *args)
