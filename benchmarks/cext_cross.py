@@ -14,6 +14,7 @@ uses the same build and case helpers.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import struct
@@ -77,7 +78,7 @@ def count_insns(qemu: str, plugin: Path, harness: Path, hw: tuple[int, int], siz
     counts, used = [], "-"
     for n in (0, reps):
         p = subprocess.run([qemu, "-plugin", str(plugin), str(harness), "--bench", str(hw[0]), str(hw[1]), str(size), str(size), str(n)],
-                           capture_output=True, text=True, check=True, env={"FN_KERNEL": kernel}, timeout=600)
+                           capture_output=True, text=True, check=True, env={**os.environ, "FN_KERNEL": kernel}, timeout=600)
         counts.append(int(re.search(r"insns (\d+)", p.stderr).group(1)))
         used = p.stdout.split()[-1] if n else used
     return (counts[1] - counts[0]) / reps, used
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(tools, str):
         ap.error(tools)
     cc, qemu = tools
+    host_cc = shutil.which("cc") or shutil.which("gcc")
+    if host_cc is None:
+        ap.error("no host C compiler (cc, gcc) for the qemu plugin")
     from runtime.preprocess import normalize_coefficients, resize_normalize_into
 
     scale, bias = normalize_coefficients((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         harness = build_harness(cc, tmp / "fn_harness")
         plugin = tmp / "insn.so"
-        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(plugin), str(PLUGIN_SRC)], check=True)
+        subprocess.run([host_cc, "-shared", "-fPIC", "-O2", "-o", str(plugin), str(PLUGIN_SRC)], check=True)
         rng = np.random.default_rng(0)
         cases = []
         for i, (H, W) in enumerate(shapes):
