@@ -46,7 +46,9 @@ def cross_tools() -> tuple[str, str] | str:
 def build_harness(cc: str, out: Path, static: bool = True) -> Path:
     """Compile the standalone kernel harness with `cc` (static: runs under qemu-user without a sysroot)."""
     cmd = [cc, *CFLAGS, *(["-static"] if static else []), "-o", str(out), str(CEXT / "harness.c")]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr}")
     return out
 
 
