@@ -172,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         return usage_error(f"--max-batch {args.max_batch}: must be >= {TRACE_BATCH}")
     if not Path(args.checkpoint).is_file():          # before importing torch: a typo fails fast
         return usage_error(f"--checkpoint {args.checkpoint}: no such checkpoint file")
+    from export.fp16 import fp16_path
+    from runtime.outputs import OutputError, check_outputs
+    from runtime.pipeline import is_image_name
+    try:                                             # never write over what is read; writable before the work
+        check_outputs([("--output", out), ("--output (FP16)", fp16_path(out) if args.fp16 else None)],
+                      [("--checkpoint", args.checkpoint), ("--verify-images", args.verify_images)],
+                      reads=is_image_name)
+    except OutputError as e:
+        return usage_error(str(e))
     from train.checkpoint import CheckpointError, load_checkpoint
     from train.model import WithSigmoid
 

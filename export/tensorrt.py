@@ -195,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         out = check_output_path(args.output)
+        from runtime.outputs import OutputError, check_outputs
+        from runtime.trt_manifest import manifest_path
+        try:                                        # never write over what is read; writable before the work
+            check_outputs([("--output", out), ("--output's manifest", manifest_path(out)),
+                           ("--timing-cache", args.timing_cache)],
+                          [("--onnx", args.onnx), ("--timing-cache", args.timing_cache)])
+        except OutputError as e:
+            raise UsageError(str(e)) from None
         check_profile(args.min_batch, args.opt_batch, args.max_batch)
         workspace_bytes(args.workspace_gib)
         facts = onnx_facts(args.onnx)

@@ -8,7 +8,8 @@ both. Prints mAP, CP, CR, CF1, OP, OR, OF1 side by side, plus the largest |proba
 difference| and how many images' thresholded label sets differ; writes the JSON report
 atomically; exits 1 when mAP drops by more than --max-map-drop (a fraction, as mAP is).
 Without a reference it compares against the val metrics PyTorch stored in the model's
-metadata, and says so. The image set follows training's evaluation (runtime.coco: images
+metadata, and says so. --json is checked first: never one of the files read, and
+writable. The image set follows training's evaluation (runtime.coco: images
 without annotations dropped unless --keep-empty). Exit 2: usage, model or data errors.
 """
 
@@ -23,7 +24,8 @@ import numpy as np
 from runtime.backends import DEVICES, Backend, BackendError, open_backend
 from runtime.infer import default_threads, positive_int, probability
 from runtime.metrics import multilabel_metrics
-from runtime.pipeline import iter_batches
+from runtime.outputs import OutputError, check_outputs, model_inputs
+from runtime.pipeline import is_image_name, iter_batches
 
 PROG = "probres-eval"
 TABLE_METRICS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
@@ -173,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.max_map_drop < 1:
         print(f"{PROG}: error: --max-map-drop is a fraction in [0, 1), got {args.max_map_drop}", file=sys.stderr)
+        return 2
+    from runtime.coco import annotation_path
+    try:                                          # before any work: never write over what is read
+        check_outputs([("--json", args.json)],
+                      [*model_inputs("--engine", args.engine), *model_inputs("--reference", args.reference),
+                       *model_inputs("--reference-engine", args.reference_engine),
+                       ("annotations", annotation_path(args.coco_root, args.split)),
+                       ("images", f"{args.coco_root}/{args.split}")], reads=is_image_name)
+    except OutputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     try:
         rep, table = evaluate(args)

@@ -17,8 +17,13 @@ from typing import IO, Iterator
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8",
+                commit_on: tuple[type[BaseException], ...] = ()) -> Iterator[IO]:
+    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`.
+
+    commit_on: exceptions that still commit what was written before re-raising (probres-infer
+    passes KeyboardInterrupt: Ctrl-C keeps the results so far); any other removes the temp file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,13 +35,21 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            try:
+                yield f
+            except commit_on:
+                _commit(f, tmp, path)
+                raise
+            _commit(f, tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _commit(f: IO, tmp: str, path: Path) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

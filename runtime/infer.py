@@ -1,12 +1,18 @@
 """probres-infer: classify image files and folders with a TensorRT plan, an ONNX model or a checkpoint.
 
     probres-infer --engine model.onnx photos/ extra.jpg --format jsonl --output results.jsonl
+    probres-infer --engine model.plan --from-list paths.txt --shard 0/4 --output part0.jsonl --resume
 
 MODEL by extension: .plan/.engine (TensorRT, with its .json sidecar), .onnx (ONNX Runtime),
 .pt (PyTorch checkpoint; needs the training extra). Directories are walked recursively in
 sorted order (JPEG, PNG, BMP, WebP, TIFF); files named explicitly are tried whatever their
 extension. Decoding overlaps inference (runtime.pipeline); memory does not grow with the
-number of images. A bad input gets an error record and one stderr line; the rest go on.
+number of images, nor does the list of inputs: paths stream (runtime.inputs). A bad input
+gets an error record and one stderr line; the rest go on. --output is never an input
+(runtime.outputs checks before the model loads); it is written batch by batch, each batch
+flushed whole, into a temp file renamed over FILE at the end or on Ctrl-C (what was
+classified is kept); with --resume (JSONL only) it is appended to and recorded images are
+skipped, so a killed run loses at most the batch in flight.
 Exit status: 0 all classified, 1 some inputs failed, 2 usage or model error (one line, no
 traceback).
 """
@@ -14,14 +20,14 @@ traceback).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
-from typing import IO, Iterator
 
 from runtime.backends import DEVICES, BackendError, open_backend
-from runtime.pipeline import iter_batches, iter_image_paths
+from runtime.inputs import InputError, check_list, iter_inputs, parse_shard, peek, read_done, take_shard
+from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
+from runtime.pipeline import is_image_name, iter_batches
 from runtime.report import FORMATS, Writer
 
 PROG = "probres-infer"
@@ -59,12 +65,18 @@ def probability(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="Multi-label classification of images (COCO labels).")
     ap.add_argument("--engine", required=True, metavar="MODEL", help="model.plan / model.engine, model.onnx or best.pt")
-    ap.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or directories (walked recursively)")
+    ap.add_argument("paths", nargs="*", metavar="PATH", help="image files and/or directories (walked recursively)")
+    ap.add_argument("--from-list", metavar="FILE", help="also classify the paths in FILE, one a line ('-': stdin)")
+    ap.add_argument("--shard", metavar="I/N", default="0/1",
+                    help="only the inputs whose path hash is I mod N (I in 0..N-1): N runs cover each input once")
+    ap.add_argument("--resume", action="store_true",
+                    help="append to the --output JSONL, skipping the images already recorded in it")
     ap.add_argument("--format", choices=FORMATS, default="jsonl", help="output format (default: jsonl)")
     ap.add_argument("--threshold", type=probability, default=0.5, help="report labels with probability >= T (default 0.5)")
     ap.add_argument("--top-k", type=top_k_arg, default=None, metavar="K|all",
                     help="report the K most probable labels whatever their probability ('all': every label)")
-    ap.add_argument("--output", "-o", metavar="FILE", help="write here (atomically) instead of stdout")
+    ap.add_argument("--output", "-o", metavar="FILE",
+                    help="write here instead of stdout (temp file renamed at the end; Ctrl-C keeps what was done)")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="images per inference call (default 16)")
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="CPU threads for decoding and for CPU inference (default: all cores, decoding at most 8)")
@@ -72,43 +84,66 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@contextlib.contextmanager
-def _open_output(path: str | None) -> Iterator[IO[str]]:
-    if path is None:
-        yield sys.stdout
-        sys.stdout.flush()
-        return
-    from runtime.fileio import atomic_open
-    with atomic_open(path, "w") as f:
-        yield f
-
-
-def _progress(total: int):
-    """A tqdm bar on stderr when stderr is a terminal, else a no-op with the same calls."""
+def _progress():
+    """A tqdm bar (count and rate; no total: inputs stream) on stderr when it is a terminal, else a no-op."""
     from tqdm import tqdm
-    return tqdm(total=total, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    return tqdm(unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def check_args(args: argparse.Namespace):
+    """Everything that can fail before the model loads; UsageError-like exceptions carry one line.
+
+    Returns the input stream (shard and resume applied) and the resume bookkeeping (or None).
+    """
+    if not args.paths and args.from_list is None:
+        raise InputError("give image files or directories (PATH ...) and/or --from-list FILE")
+    shard = parse_shard(args.shard)
+    if args.resume and (args.output is None or args.format != "jsonl"):
+        raise InputError("--resume appends to a JSONL file: it needs --output FILE and --format jsonl")
+    check_list(args.from_list)
+    listed = [] if args.from_list in (None, "-") else [("--from-list", args.from_list)]
+    check_outputs([("--output", args.output)],
+                  [*model_inputs("--engine", args.engine), *listed, *(("PATH", p) for p in args.paths)],
+                  reads=is_image_name, append=["--output"] if args.resume else [])
+    source = peek(iter_inputs(args.paths, args.from_list))
+    if source is None:
+        where = " ".join(args.paths + ([f"--from-list {args.from_list}"] if args.from_list else []))
+        raise InputError(f"no images found in {where} "
+                         f"(directories are searched for .jpg .jpeg .png .bmp .webp .tif .tiff)")
+    source = take_shard(source, *shard)
+    done = read_done(args.output) if args.resume else None
+    if done is not None:
+        if done.dropped_bytes:
+            print(f"{PROG}: {args.output}: dropped an unfinished last line ({done.dropped_bytes} bytes) "
+                  f"left by a killed run; that image is classified again", file=sys.stderr)
+        source = done.skip_done(source)
+    return source, done
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        paths, done = check_args(args)
+    except (InputError, OutputError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted before the first input", file=sys.stderr)
+        return 130
+    try:
         backend = open_backend(args.engine, device=args.device, threads=args.threads)
     except BackendError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    paths = list(iter_image_paths(args.paths))
-    if not paths:
-        print(f"{PROG}: error: no images found in {' '.join(args.paths)} "
-              f"(directories are searched for .jpg .jpeg .png .bmp .webp .tif .tiff)", file=sys.stderr)
-        backend.close()
-        return 2
     top_k = backend.contract.labels.num_classes if args.top_k == "all" else args.top_k
     threads = args.threads or default_threads()
     n_ok = n_bad = 0
+    out: ResultFile | None = None
     t0 = time.perf_counter()
     try:
-        with _open_output(args.output) as f, _progress(len(paths)) as bar:
-            writer = Writer(f, args.format, backend.contract.labels, args.threshold, top_k)
+        with ResultFile(args.output, append=args.resume) as out, _progress() as bar:
+            writer = Writer(out, args.format, backend.contract.labels, args.threshold, top_k)
+            out.end_batch()                       # the csv header
             for batch in iter_batches(paths, backend.contract.preprocess, args.batch_size, threads):
                 probs = backend.infer(batch.data) if len(batch.data) else None
                 row = 0
@@ -121,13 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                         writer.error(path, err)
                         bar.write(f"{PROG}: {err}", file=sys.stderr)
                         n_bad += 1
+                out.end_batch(len(batch.paths))   # this batch's records, in one write, flushed
                 bar.update(len(batch.paths))
     except BackendError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted after {n_ok + n_bad} inputs" + (f"; {args.output} not written" if args.output else ""),
-              file=sys.stderr)
+        kept = ""
+        if out is not None and args.output:
+            kept = f"; {out.kept} records kept in {args.output}" + (
+                " (finish with the same command plus --resume)" if args.format == "jsonl" else "")
+        print(f"{PROG}: interrupted after {n_ok + n_bad} inputs{kept}", file=sys.stderr)
         return 130
     except BrokenPipeError:                       # e.g. `probres-infer ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -138,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         backend.close()
     dt = time.perf_counter() - t0
-    print(f"{PROG}: {n_ok + n_bad} inputs, {n_ok} classified, {n_bad} failed in {dt:.1f} s "
+    skipped = f" ({done.skipped} already in {args.output} skipped)" if done is not None else ""
+    print(f"{PROG}: {n_ok + n_bad} inputs{skipped}, {n_ok} classified, {n_bad} failed in {dt:.1f} s "
           f"({(n_ok + n_bad) / max(dt, 1e-9):.1f} img/s) with {backend.describe()}", file=sys.stderr)
     return 1 if n_bad else 0
 

@@ -108,11 +108,11 @@ PEAK_RSS = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], 
             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
-def peak_rss_kib(args: list[str]) -> int:
+def peak_rss_kib(args: list[str], expect_rc: int = 0) -> int:
     import subprocess
     r = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], capture_output=True, text=True, timeout=300)
     rc, kib = r.stdout.split()
-    assert rc == "0", r.stderr
+    assert rc == str(expect_rc), r.stderr
     return int(kib)
 
 

@@ -1,0 +1,154 @@
+"""probres-infer's input stream: command-line paths and --from-list files, sharding, resume bookkeeping.
+
+    probres-infer --engine model.onnx --from-list paths.txt --shard 0/3 --output part0.jsonl --resume
+
+Inputs are a stream, never a list: directories are walked lazily (runtime.pipeline's
+iter_image_paths) and a list file is read line by line, so memory does not depend on how many
+paths there are. --shard I/N keeps the paths whose stable hash (BLAKE2b of the path string as
+given) is I modulo N: the same path lands in the same shard on every machine whatever the
+listing order, so N processes given the same paths label a store together, each input once.
+--resume reads the JSONL already written and skips every image recorded there (results and
+error records alike), keeping only an 8-byte hash per record (8 MB per million), and cuts off
+a last line left unfinished by a hard kill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from array import array
+from itertools import chain
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from runtime.pipeline import iter_image_paths
+
+
+class InputError(Exception):
+    """A bad list file, --shard value or resume file; str() is the one line for stderr."""
+
+
+def path_hash(path: str) -> int:
+    """Stable 64-bit hash of a path string (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(os.fsencode(path), digest_size=8).digest(), "little")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {text!r}: expected I/N, e.g. 0/4 (shards are numbered 0..N-1)") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {text!r}: need N >= 1 and 0 <= I < N (shards are numbered 0..N-1)")
+    return i, n
+
+
+def read_list(path: str) -> Iterator[str]:
+    """Paths from a list file (or '-': stdin), one a line, blank lines skipped; read as it is consumed."""
+    f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    try:
+        for raw in f:                           # bytes: any path the file system allows, decoded like os.listdir
+            line = raw.rstrip(b"\r\n")
+            if line:
+                yield os.fsdecode(line)
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def check_list(path: str | None) -> None:
+    """InputError unless the --from-list file can be opened (checked before any work)."""
+    if path is None or path == "-":
+        return
+    if os.path.isdir(path):
+        raise InputError(f"--from-list {path}: is a directory; give a file with one path a line")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise InputError(f"--from-list {path}: {e.strerror or e}") from None
+
+
+def iter_inputs(paths: Iterable[str], from_list: str | None = None) -> Iterator[str]:
+    """Command-line paths (directories walked), then the list file's paths (taken as given, not walked)."""
+    yield from iter_image_paths(paths)
+    if from_list is not None:
+        yield from read_list(from_list)
+
+
+def take_shard(paths: Iterable[str], index: int, count: int) -> Iterator[str]:
+    """The paths of shard `index` of `count` (all of them when count == 1)."""
+    if count == 1:
+        return iter(paths)
+    return (p for p in paths if path_hash(p) % count == index)
+
+
+def peek(paths: Iterable[str]) -> Iterator[str] | None:
+    """The same stream, or None when it is empty (reads one item)."""
+    it = iter(paths)
+    for first in it:
+        return chain([first], it)
+    return None
+
+
+class DoneSet:
+    """The images already recorded in a JSONL output, as a sorted array of path hashes (uint64)."""
+
+    def __init__(self, hashes: np.ndarray, dropped_bytes: int = 0) -> None:
+        self.hashes = np.sort(hashes.astype(np.uint64))
+        self.dropped_bytes = dropped_bytes       # size of the unfinished last line cut off, 0 if none
+        self.skipped = 0                         # inputs skipped so far by skip_done
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __contains__(self, path: str) -> bool:
+        if not len(self.hashes):
+            return False
+        h = np.uint64(path_hash(path))
+        i = int(np.searchsorted(self.hashes, h))
+        return i < len(self.hashes) and self.hashes[i] == h
+
+    def skip_done(self, paths: Iterable[str]) -> Iterator[str]:
+        """The paths not recorded yet; counts the others in self.skipped."""
+        for p in paths:
+            if p in self:
+                self.skipped += 1
+            else:
+                yield p
+
+
+def read_done(path: str) -> DoneSet:
+    """Scan an existing probres-infer JSONL for --resume; InputError if it is not one.
+
+    A last line without its newline is what a hard kill mid-write leaves: the file is
+    truncated back to the end of the last whole line, and that image is classified again.
+    """
+    hashes = array("Q")
+    if not os.path.exists(path):
+        return DoneSet(np.zeros(0, np.uint64))
+    end, dropped = 0, 0
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"--resume: cannot read {path} ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):          # only the last line can lack it
+                dropped = len(raw)
+                break
+            end += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                image = json.loads(raw)["image"]
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"--resume: {path} line {lineno} is not a probres-infer JSONL record "
+                                 f"(--resume appends to the JSONL output of an earlier run)") from None
+            hashes.append(path_hash(str(image)))
+    if dropped:
+        os.truncate(path, end)
+    return DoneSet(np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64), dropped)

@@ -1,0 +1,155 @@
+"""Output safety for every tool that writes: never overwrite what is read, fail before the work.
+
+    python -c "from runtime.outputs import check_outputs; check_outputs([('--output', 'r.jsonl')], [('--engine', 'm.onnx')])"
+
+check_outputs runs at the start of probres-infer, probres-eval, export.onnx and
+export.tensorrt, before any model is loaded. It refuses (OutputError, one line naming both
+paths; the tools exit 2):
+  - an output that is the same file as an input: same resolved path, or same device and
+    inode (a symlink or hard link to the model, an image, the annotations, the checkpoint);
+  - an existing output that lies inside an input directory and would itself be read
+    (an image the directory walk reaches);
+  - an output that is a directory, or whose location cannot be written: the nearest existing
+    parent directory is probed by creating and removing a temp file there (os.access is not
+    enough: it ignores read-only mounts, and says yes to root everywhere).
+
+ResultFile is the streaming side: records are written batch by batch, each batch's lines in
+one write and flushed whole, into a temp file that is renamed over the target on success and
+also on Ctrl-C (so what was classified is kept), or appended to the target itself (--resume).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+from runtime.fileio import atomic_open
+
+Named = tuple[str, "str | os.PathLike[str] | None"]     # (flag or role, path); None = not given
+
+
+class OutputError(Exception):
+    """An unsafe or unwritable output; str() is the one line for stderr."""
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    try:
+        return os.stat(p)
+    except OSError:
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same resolved path, or (both existing) the same device and inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    sa, sb = _stat(a), _stat(b)
+    return sa is not None and sb is not None and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, root]) == root and real != root
+
+
+def check_writable(flag: str, path: str | os.PathLike[str], append: bool = False) -> None:
+    """OutputError unless `path` can be created (or replaced, or appended to) without running anything first."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{flag} {p}: is a directory; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:   # atomic_open creates missing parents
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {p}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probres-write-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+        if append and p.exists():
+            with open(p, "ab"):
+                pass
+    except OSError as e:
+        where = p if append and p.exists() else parent
+        raise OutputError(f"{flag} {p}: cannot write {where} ({e.strerror or e})") from None
+
+
+def check_outputs(outputs: Iterable[Named], inputs: Iterable[Named],
+                  reads: Callable[[str], bool] = lambda name: True, append: Iterable[str] = ()) -> None:
+    """Refuse (OutputError) any output that is an input, or lies in an input directory and would be read,
+    or cannot be written. `reads(name)` says which files an input directory's walk reads (default all);
+    outputs whose flag is in `append` are opened for appending (their existing content is kept). An
+    output and an input under the same flag are one file the tool updates in place (a timing cache)."""
+    outs = [(f, Path(p)) for f, p in outputs if p is not None]
+    ins = [(f, Path(p)) for f, p in inputs if p is not None]
+    for i, (fa, a) in enumerate(outs):
+        for fb, b in outs[i + 1:]:
+            if _same_file(a, b):
+                raise OutputError(f"{fa} {a} and {fb} {b} are the same file")
+    for fo, o in outs:
+        for fi, i in ins:
+            if fi == fo:                         # read and rewritten by design (a timing cache)
+                continue
+            if _same_file(o, i):
+                raise OutputError(f"{fo} {o} is the same file as {fi} {i}: refusing to overwrite an input")
+            if i.is_dir() and o.exists() and reads(o.name) and _inside(o, i):
+                raise OutputError(f"{fo} {o} is an input inside {fi} {i}: refusing to overwrite it")
+    append = set(append)
+    for fo, o in outs:
+        check_writable(fo, o, append=fo in append)
+
+
+def model_inputs(flag: str, model: str | os.PathLike[str] | None) -> list[Named]:
+    """A model path and the files that travel with it (a TensorRT plan's .json sidecar)."""
+    if model is None:
+        return []
+    p = Path(model)
+    return [(flag, p), (f"{flag}'s sidecar", p.with_name(p.name + ".json"))] if p.suffix in (
+        ".plan", ".engine", ".trt") else [(flag, p)]
+
+
+class ResultFile:
+    """Text records written batch by batch: each batch's text goes out in one write() and is flushed.
+
+    Without append: into a temp file beside `path`, renamed over it on close() and also when
+    the run is interrupted (KeyboardInterrupt), so an interrupted run keeps what it wrote;
+    a failure (any other exception) leaves `path` untouched. With append: onto `path` itself
+    (--resume), so a hard kill loses at most the batch in flight; a line cut short by the kill
+    is repaired by the next --resume (runtime.inputs.read_done).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, append: bool = False) -> None:
+        self.path, self._parts, self.kept = path, [], 0
+        if path is None:
+            self._ctx, self.f = None, sys.stdout
+        elif append:
+            self._ctx, self.f = None, open(path, "a", encoding="utf-8")
+        else:
+            self._ctx = atomic_open(path, "w", commit_on=(KeyboardInterrupt,))
+            self.f = self._ctx.__enter__()
+
+    def write(self, text: str) -> None:
+        """Buffered until end_batch(): a batch's records reach the file together."""
+        self._parts.append(text)
+
+    def end_batch(self, records: int = 0) -> None:
+        """Write and flush what write() buffered: `records` more inputs are now in the file."""
+        if self._parts:
+            self.f.write("".join(self._parts))
+            self._parts.clear()
+        self.f.flush()
+        self.kept += records
+
+    def __enter__(self) -> "ResultFile":
+        return self
+
+    def __exit__(self, et, ev, tb) -> bool:
+        self._parts.clear()                    # an unfinished batch is dropped whole (at most one batch lost)
+        if self._ctx is not None:
+            self._ctx.__exit__(et, ev, tb)     # rename on success or Ctrl-C; temp removed on any other error
+        elif self.path is not None:
+            self.f.close()
+        return False
