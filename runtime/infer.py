@@ -25,7 +25,8 @@ import sys
 import time
 
 from runtime.backends import DEVICES, BackendError, open_backend
-from runtime.inputs import InputError, check_list, iter_inputs, parse_shard, peek, read_done, take_shard
+from runtime.inputs import (InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
+                            refuse_output, take_shard)
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
 from runtime.pipeline import is_image_name, iter_batches
 from runtime.report import FORMATS, Writer
@@ -105,12 +106,19 @@ def check_args(args: argparse.Namespace):
     check_outputs([("--output", args.output)],
                   [*model_inputs("--engine", args.engine), *listed, *(("PATH", p) for p in args.paths)],
                   reads=is_image_name, append=["--output"] if args.resume else [])
+    if args.output and os.path.isfile(args.output) and listed:
+        hit = find_in_list(args.from_list, args.output)        # one pass over the list, before any work
+        if hit:
+            raise InputError(f"--output {args.output} is the same file as --from-list {args.from_list} "
+                             f"line {hit[0]}: {hit[1]}: refusing to overwrite an input")
     source = peek(iter_inputs(args.paths, args.from_list))
     if source is None:
         where = " ".join(args.paths + ([f"--from-list {args.from_list}"] if args.from_list else []))
         raise InputError(f"no images found in {where} "
                          f"(directories are searched for .jpg .jpeg .png .bmp .webp .tif .tiff)")
     source = take_shard(source, *shard)
+    if args.output and os.path.isfile(args.output):
+        source = refuse_output(source, args.output)           # stdin entries: nothing listed them beforehand
     done = read_done(args.output) if args.resume else None
     if done is not None:
         if done.dropped_bytes:
@@ -158,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                         n_bad += 1
                 out.end_batch(len(batch.paths))   # this batch's records, in one write, flushed
                 bar.update(len(batch.paths))
-    except BackendError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except (BackendError, InputError) as e:
+        untouched = isinstance(e, InputError) and not args.resume
+        print(f"{PROG}: error: {e}" + (f"; {args.output} left as it was" if untouched else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = ""

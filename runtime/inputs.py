@@ -27,6 +27,9 @@ import numpy as np
 from runtime.pipeline import iter_image_paths
 
 
+RECORD_START = b'{"image": '      # how every record of runtime.report's jsonl writer begins
+
+
 class InputError(Exception):
     """A bad list file, --shard value or resume file; str() is the one line for stderr."""
 
@@ -77,6 +80,33 @@ def iter_inputs(paths: Iterable[str], from_list: str | None = None) -> Iterator[
     yield from iter_image_paths(paths)
     if from_list is not None:
         yield from read_list(from_list)
+
+
+def _is_file(path: str, target: str, name: str) -> bool:
+    """Is `path` the file `target` (basename `name`)? The basename test first: one string compare per path."""
+    return os.path.basename(path) == name and os.path.exists(path) and os.path.samefile(path, target)
+
+
+def find_in_list(list_path: str, target: str) -> tuple[int, str] | None:
+    """(line number, path) of the first entry of a list file that is the existing file `target`, else None."""
+    name = os.path.basename(target)
+    for lineno, p in enumerate(read_list(list_path), 1):
+        if _is_file(p, target, name):
+            return lineno, p
+    return None
+
+
+def refuse_output(paths: Iterable[str], output: str, flag: str = "--output") -> Iterator[str]:
+    """The same stream; InputError as soon as an input is the existing file `output`.
+
+    The last line of defence, for inputs nothing could list before the run (stdin): the run
+    stops before `output` is replaced (a temp file holds the results until the end).
+    """
+    name = os.path.basename(output)
+    for p in paths:
+        if _is_file(p, output, name):
+            raise InputError(f"{flag} {output} is the same file as the input {p}: refusing to overwrite an input")
+        yield p
 
 
 def take_shard(paths: Iterable[str], index: int, count: int) -> Iterator[str]:
@@ -138,6 +168,9 @@ def read_done(path: str) -> DoneSet:
     with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):          # only the last line can lack it
+                if not (raw.startswith(RECORD_START) or RECORD_START.startswith(raw)):
+                    raise InputError(f"--resume: {path} line {lineno} is not a probres-infer JSONL record "
+                                     f"(--resume appends to the JSONL output of an earlier run)")
                 dropped = len(raw)
                 break
             end += len(raw)

@@ -175,3 +175,14 @@ def test_peak_rss_flat_from_10k_to_1m_listed_paths(data, tmp_path):
           f"{n_big} in shard 0/1000; 1M run {dt:.1f} s")
     assert 850 < n_big < 1150
     assert rss_big < rss_small + 32 * 1024
+
+
+def test_resume_never_truncates_a_file_it_did_not_write(tmp_path):
+    f = tmp_path / "notes.txt"                        # one line, no newline: not an unfinished record
+    f.write_text("my notes")
+    with pytest.raises(InputError, match="not a probres-infer JSONL"):
+        read_done(str(f))
+    assert f.read_text() == "my notes"
+    g = tmp_path / "r.jsonl"                          # a kill 4 bytes into a record
+    g.write_text('{"image": "a.jpg", "predictions": []}\n{"im')
+    assert len(read_done(str(g))) == 1 and g.read_text().endswith("[]}\n")

@@ -197,3 +197,25 @@ def test_check_outputs_rules(tmp_path):
         ro.mkdir(mode=0o555)
         with pytest.raises(OutputError, match="cannot write"):
             check_outputs([("--out", ro / "r.json")], [])
+
+
+def test_infer_refuses_an_output_named_in_the_list_or_on_stdin(tree, capsys, monkeypatch):
+    import io
+
+    from runtime.infer import main
+
+    tmp, imgs, model, _ = tree
+    image = imgs / "00" / "img_00002.jpg"
+    before = image.read_bytes()
+    via = tmp / "via"                                 # the same image through a symlinked directory
+    via.symlink_to(imgs / "00")
+    lst = tmp / "list.txt"
+    lst.write_text(f"{imgs / '00' / 'img_00000.jpg'}\n{via / 'img_00002.jpg'}\n")
+    assert main(["--engine", str(model), "--from-list", str(lst), "--output", str(image)]) == 2
+    assert "line 2" in one_line_error(capsys.readouterr().err, image, lst)
+    # stdin cannot be read twice: the run stops when the entry comes, before anything replaces it
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lst.read_bytes())))
+    assert main(["--engine", str(model), "--from-list", "-", "--output", str(image), "--batch-size", "1"]) == 2
+    assert "left as it was" in one_line_error(capsys.readouterr().err, image)
+    assert image.read_bytes() == before
+    assert sorted(os.listdir(image.parent)) == ["img_00000.jpg", "img_00001.jpg", "img_00002.jpg"]
