@@ -14,7 +14,7 @@ flushed whole, into a temp file renamed over FILE at the end or on Ctrl-C (what 
 classified is kept); with --resume (JSONL only) it is appended to and recorded images are
 skipped, so a killed run loses at most the batch in flight.
 Exit status: 0 all classified, 1 some inputs failed, 2 usage or model error (one line, no
-traceback).
+traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import argparse
 import os
 import sys
 import time
+from typing import Iterator
 
 from runtime.backends import DEVICES, BackendError, open_backend
-from runtime.inputs import (InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
+from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
 from runtime.pipeline import is_image_name, iter_batches
@@ -91,8 +92,8 @@ def _progress():
     return tqdm(unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def check_args(args: argparse.Namespace):
-    """Everything that can fail before the model loads; UsageError-like exceptions carry one line.
+def check_args(args: argparse.Namespace) -> tuple[Iterator[str], DoneSet | None]:
+    """Everything that can fail before the model loads (InputError/OutputError: one line, exit 2).
 
     Returns the input stream (shard and resume applied) and the resume bookkeeping (or None).
     """
