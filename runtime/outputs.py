@@ -122,14 +122,16 @@ class ResultFile:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None, append: bool = False) -> None:
-        self.path, self._parts, self.kept = path, [], 0
+        self.path, self._parts, self.kept, self._writing = path, [], 0, False
         if path is None:
             self._ctx, self.f = None, sys.stdout
         elif append:
             self._ctx, self.f = None, open(path, "a", encoding="utf-8")
+            self._end = self.f.tell()
         else:
             self._ctx = atomic_open(path, "w", commit_on=(KeyboardInterrupt,))
             self.f = self._ctx.__enter__()
+            self._end = 0
 
     def write(self, text: str) -> None:
         """Buffered until end_batch(): a batch's records reach the file together."""
@@ -137,17 +139,26 @@ class ResultFile:
 
     def end_batch(self, records: int = 0) -> None:
         """Write and flush what write() buffered: `records` more inputs are now in the file."""
+        self._writing = True
         if self._parts:
             self.f.write("".join(self._parts))
             self._parts.clear()
         self.f.flush()
+        self._writing = False
         self.kept += records
+        if self.path is not None:
+            self._end = self.f.tell()         # byte offset of the last whole batch
 
     def __enter__(self) -> "ResultFile":
         return self
 
     def __exit__(self, et, ev, tb) -> bool:
         self._parts.clear()                    # an unfinished batch is dropped whole (at most one batch lost)
+        if self._writing and self.path is not None:
+            # Ctrl-C cut a batch's write() short (the signal interrupts the system call): cut the
+            # file back to the end of the last whole batch rather than keep half a line.
+            self.f.flush()
+            self.f.truncate(self._end)
         if self._ctx is not None:
             self._ctx.__exit__(et, ev, tb)     # rename on success or Ctrl-C; temp removed on any other error
         elif self.path is not None:

@@ -186,3 +186,32 @@ def test_resume_never_truncates_a_file_it_did_not_write(tmp_path):
     g = tmp_path / "r.jsonl"                          # a kill 4 bytes into a record
     g.write_text('{"image": "a.jpg", "predictions": []}\n{"im')
     assert len(read_done(str(g))) == 1 and g.read_text().endswith("[]}\n")
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_ctrl_c_inside_a_write_keeps_only_whole_batches(tmp_path, append):
+    from runtime.outputs import ResultFile
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"image": "old"}\n' if append else "")
+    rf = ResultFile(path, append=append)
+    rf.write('{"image": "a"}\n')
+    rf.end_batch(1)
+    real = rf.f
+
+    class CutShort:                           # the signal interrupts write() after 7 bytes reached the file
+        def write(self, text):
+            real.write(text[:7])
+            real.flush()
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    rf.f = CutShort()
+    with pytest.raises(KeyboardInterrupt):
+        with rf:
+            rf.write('{"image": "b"}\n')
+            rf.end_batch(1)
+    assert path.read_text() == ('{"image": "old"}\n' if append else "") + '{"image": "a"}\n' and rf.kept == 1
+    assert os.listdir(tmp_path) == ["r.jsonl"]
