@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from array import array
-from itertools import chain
+from itertools import chain, islice
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -142,13 +142,35 @@ class DoneSet:
         i = int(np.searchsorted(self.hashes, h))
         return i < len(self.hashes) and self.hashes[i] == h
 
-    def skip_done(self, paths: Iterable[str]) -> Iterator[str]:
-        """The paths not recorded yet; counts the others in self.skipped."""
-        for p in paths:
-            if p in self:
-                self.skipped += 1
-            else:
-                yield p
+    def skip_done(self, paths: Iterable[str], chunk: int = 4096) -> Iterator[str]:
+        """The paths not recorded yet, in order; counts the others in self.skipped.
+
+        Looked up `chunk` paths at a time with one vectorised searchsorted (a scalar lookup
+        costs ~10 us of numpy call overhead; this, well under 1 us a path).
+        """
+        it = iter(paths)
+        while block := list(islice(it, chunk)):
+            if not len(self.hashes):
+                yield from block
+                continue
+            h = np.fromiter((path_hash(p) for p in block), dtype=np.uint64, count=len(block))
+            i = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
+            seen = self.hashes[i] == h
+            self.skipped += int(seen.sum())
+            yield from (p for p, s in zip(block, seen.tolist()) if not s)
+
+
+def _record_image(raw: bytes) -> str:
+    """The "image" of one JSONL record. Records this tool wrote begin with RECORD_START: only
+    their first value is decoded (raw_decode stops after it: 1M records in seconds, not tens)."""
+    if raw.startswith(RECORD_START) and raw.rstrip().endswith(b"}"):
+        image = _DECODER.raw_decode(raw[len(RECORD_START):].decode("utf-8"))[0]
+        if isinstance(image, str):
+            return image
+    return json.loads(raw)["image"]
+
+
+_DECODER = json.JSONDecoder()
 
 
 def read_done(path: str) -> DoneSet:
@@ -177,7 +199,7 @@ def read_done(path: str) -> DoneSet:
             if not raw.strip():
                 continue
             try:
-                image = json.loads(raw)["image"]
+                image = _record_image(raw)
             except (ValueError, KeyError, TypeError):
                 raise InputError(f"--resume: {path} line {lineno} is not a probres-infer JSONL record "
                                  f"(--resume appends to the JSONL output of an earlier run)") from None
