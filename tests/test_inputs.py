@@ -4,7 +4,9 @@
 
 The model is test_pipeline_memory's tiny ONNX graph (sigmoid of channel means); the images
 are small generated JPEGs. The kill test feeds paths through stdin (--from-list -) so the
-process is provably mid-run, waiting for input, when it gets SIGKILL.
+process is provably mid-run, waiting for input, when it gets SIGKILL. Ctrl-C is tested both
+with a real SIGINT to a subprocess and, for exact counts in every format, by raising
+KeyboardInterrupt at a batch boundary in-process.
 """
 
 from __future__ import annotations
@@ -215,3 +217,26 @@ def test_ctrl_c_inside_a_write_keeps_only_whole_batches(tmp_path, append):
             rf.end_batch(1)
     assert path.read_text() == ('{"image": "old"}\n' if append else "") + '{"image": "a"}\n' and rf.kept == 1
     assert os.listdir(tmp_path) == ["r.jsonl"]
+
+
+def test_real_sigint_keeps_the_finished_batches(data, tmp_path):
+    model, paths = data
+    lst = tmp_path / "many.txt"
+    lst.write_text("".join(f"{paths[i % len(paths)]}\n" for i in range(20000)))    # far more than 1 s of work
+    out = tmp_path / "r.jsonl"
+    p = subprocess.Popen([EXE, "--engine", str(model), "--from-list", str(lst), "--output", str(out),
+                          "--batch-size", "4", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        tmps = list(tmp_path.glob(".r.jsonl.*.tmp"))
+        if tmps and tmps[0].read_text().count("\n") >= 40:
+            break
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 40 <= len(kept) < 20000 and len(kept) % 4 == 0 and f"{len(kept)} records kept in {out}" in err
+    assert [r["image"] for r in kept] == [paths[i % len(paths)] for i in range(len(kept))]
+    assert sorted(os.listdir(tmp_path)) == ["many.txt", "r.jsonl"]
