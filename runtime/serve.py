@@ -1,0 +1,187 @@
+"""probres-serve: serve a model on NVIDIA Triton Inference Server through PyTriton (HTTP, gRPC, metrics).
+
+    make serve ENGINE=model.onnx          # builds .venv-serve once, then runs:
+    .venv-serve/bin/probres-serve --engine model.onnx [--http-port 8000] [--instances 2]
+
+Two models on Triton's own protocol (KServe v2; /v2/health/ready, Prometheus metrics on
+--metrics-port):
+  probres         input  image   BYTES (1,)          encoded JPEG/PNG/BMP/WebP/TIFF, decoded here
+  probres_tensor  input  images  FP32/FP16 (3, S, S) already preprocessed (runtime.preprocess)
+  both output    probs   FP32 (C,)    per-label probabilities, contract.labels order
+                 labels  BYTES (1,)   JSON list of the labels passing the thresholds
+                 error   BYTES (1,)   "" or one line naming what is wrong with that image
+Dynamic batching up to --max-batch (at most the engine's own limit) with --max-queue-delay-us;
+--instances model instances, each with its own backend (runtime.backends.open_backend).
+Safe by default: listens on 127.0.0.1 only (Triton has no authentication); an image over
+--max-request-bytes (64 MiB) or whose header claims more than runtime.preprocess.MAX_IMAGE_PIXELS
+pixels is refused for that item. PyTriton (which bundles the tritonserver binary) pins numpy<2,
+so it lives in its own environment, .venv-serve (Makefile `serve-env`); it is imported lazily.
+Exit status 2 for usage or model errors (one line, before the server starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+
+import numpy as np
+
+from runtime.backends import DEVICES, BackendError, open_backend
+from runtime.infer import positive_int, probability
+from runtime.serve_model import MAX_REQUEST_BYTES, ServeModel
+
+PROG = "probres-serve"
+BYTES_MODEL, TENSOR_MODEL = "probres", "probres_tensor"
+DEFAULT_MAX_BATCH = 16
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description="Serve a probres model on Triton Inference Server (PyTriton).")
+    ap.add_argument("--engine", required=True, metavar="MODEL", help="model.plan / model.engine, model.onnx or best.pt")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1; Triton has no authentication: "
+                         "use 0.0.0.0 only behind your own access control)")
+    ap.add_argument("--http-port", type=positive_int, default=8000)
+    ap.add_argument("--grpc-port", type=positive_int, default=8001)
+    ap.add_argument("--metrics-port", type=positive_int, default=8002)
+    ap.add_argument("--max-batch", type=positive_int, default=None,
+                    help=f"dynamic batching limit (default {DEFAULT_MAX_BATCH}, at most the engine's max batch)")
+    ap.add_argument("--max-queue-delay-us", type=int, default=2000,
+                    help="how long Triton may hold a request to fill a batch (default 2000 us)")
+    ap.add_argument("--instances", type=positive_int, default=1, help="model instances (each its own backend)")
+    ap.add_argument("--threads", type=positive_int, default=None,
+                    help="CPU threads per instance, for decoding and CPU inference (default: cores / instances)")
+    ap.add_argument("--device", choices=DEVICES, default="auto")
+    ap.add_argument("--max-request-bytes", type=positive_int, default=MAX_REQUEST_BYTES,
+                    help=f"largest encoded image accepted (default {MAX_REQUEST_BYTES} = 64 MiB)")
+    ap.add_argument("--threshold", type=probability, default=None,
+                    help="one decision threshold for every label (default: the contract's, else 0.5)")
+    ap.add_argument("--log-verbose", type=int, default=0, help="Triton's verbose log level (0 = off)")
+    return ap
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the flags (one line), before anything is loaded; None when fine."""
+    try:
+        ipaddress.ip_address(args.host)
+    except ValueError:
+        return f"--host must be an IP address (127.0.0.1, ::1, 0.0.0.0), got {args.host!r}"
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    if len(set(ports.values())) != 3:
+        return "--http-port, --grpc-port and --metrics-port must differ"
+    for flag, port in ports.items():
+        if not 1 <= port <= 65535:
+            return f"{flag} must be in 1..65535, got {port}"
+        fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((args.host, port))
+            except OSError as e:
+                return f"{flag} {port}: cannot listen on {args.host}:{port} ({e.strerror or e})"
+    if args.max_queue_delay_us < 0:
+        return "--max-queue-delay-us must be >= 0"
+    return None
+
+
+def open_instances(args: argparse.Namespace) -> list[ServeModel]:
+    """One ServeModel (its own backend and input buffer) per --instances; BackendError on a bad model."""
+    threads = args.threads or max(1, _cores() // args.instances)
+    models: list[ServeModel] = []
+    try:
+        for _ in range(args.instances):
+            backend = open_backend(args.engine, device=args.device, threads=threads)
+            limit = backend.max_batch or DEFAULT_MAX_BATCH
+            max_batch = min(args.max_batch or DEFAULT_MAX_BATCH, limit)
+            thresholds = None if args.threshold is None else np.full(backend.contract.labels.num_classes,
+                                                                      args.threshold, np.float32)
+            models.append(ServeModel(backend, max_batch, threads, args.max_request_bytes, thresholds))
+    except BaseException:
+        for m in models:
+            m.close()
+        raise
+    return models
+
+
+def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> None:
+    """Bind the bytes-in and tensors-in models, one inference callable per instance."""
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
+    m0 = models[0]
+    s, c = m0.spec.size, m0.labels.num_classes
+    outputs = [Tensor(name="probs", dtype=np.float32, shape=(c,)),
+               Tensor(name="labels", dtype=bytes, shape=(1,)),
+               Tensor(name="error", dtype=bytes, shape=(1,))]
+    config = ModelConfig(max_batch_size=m0.max_batch,
+                         batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
+
+    def bytes_fn(model: ServeModel):
+        @batch
+        def infer(image: np.ndarray) -> dict[str, np.ndarray]:   # image (N, 1) object: bytes
+            return model.from_bytes(list(image[:, 0]))
+        return infer
+
+    def tensor_fn(model: ServeModel):
+        @batch
+        def infer(images: np.ndarray) -> dict[str, np.ndarray]:  # images (N, 3, S, S)
+            return model.from_tensors(images)
+        return infer
+
+    triton.bind(model_name=BYTES_MODEL, infer_func=[bytes_fn(m) for m in models],
+                inputs=[Tensor(name="image", dtype=bytes, shape=(1,))], outputs=outputs, config=config)
+    triton.bind(model_name=TENSOR_MODEL, infer_func=[tensor_fn(m) for m in models],
+                inputs=[Tensor(name="images", dtype=m0.backend.input_dtype.type, shape=(3, s, s))],
+                outputs=outputs, config=config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        from pytriton.triton import Triton, TritonConfig
+    except ImportError as e:
+        print(f"{PROG}: error: PyTriton is not installed here ({e}); it needs numpy<2, so it has its own "
+              f"environment: run `make serve-env`, then .venv-serve/bin/{PROG}", file=sys.stderr)
+        return 2
+    try:
+        models = open_instances(args)
+    except (BackendError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
+    for name in ("pytriton", "pytriton.proxy"):        # PyTriton's per-request chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
+    config = TritonConfig(http_address=args.host, http_port=args.http_port, grpc_address=args.host,
+                          grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
+                          allow_metrics=True, allow_gpu_metrics=False, exit_on_error=True, exit_timeout_secs=5,
+                          log_verbose=args.log_verbose)
+    m0 = models[0]
+    print(f"{PROG}: {m0.backend.describe()} x{len(models)} on http://{args.host}:{args.http_port} "
+          f"grpc {args.host}:{args.grpc_port} metrics :{args.metrics_port}; models {BYTES_MODEL} (image bytes), "
+          f"{TENSOR_MODEL} (tensors); max batch {m0.max_batch}", file=sys.stderr, flush=True)
+    try:
+        with Triton(config=config) as triton:
+            bind_models(triton, models, args.max_queue_delay_us)
+            triton.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for m in models:
+            m.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""What probres-serve does with one dynamic batch: image bytes or tensors in, probabilities + labels out.
+
+    python -c "from runtime.serve_model import ServeModel; from runtime.backends import open_backend; \
+m = ServeModel(open_backend('model.onnx')); print(m.from_bytes([open('a.jpg','rb').read()])['labels'])"
+
+No Triton here (runtime/serve.py binds these calls into PyTriton), so it is tested without a
+server. Every image in a request goes through the runtime's own checks before OpenCV sees it:
+the request-size cap (`max_bytes`), the decompression-bomb guard on the header
+(runtime.pipeline.check_header) and the checked decode + preprocessing of probres-infer
+(runtime.preprocess), so a served image gets exactly the pixels probres-infer gives it.
+
+A bad image becomes an error for that item, in the `error` output, and its `probs` row is
+zeros; the other items of the batch are unaffected. (PyTriton turns an exception in the
+callable into one error, with a Python traceback, for every request of the dynamic batch: a
+corrupt image from one client would fail the other clients' images batched with it.)
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+
+from runtime.backends import Backend
+from runtime.pipeline import check_header
+from runtime.preprocess import ImageDecodeError, preprocess_into
+from runtime.report import select
+
+MAX_REQUEST_BYTES = 64 << 20       # per image in a request; --max-request-bytes
+DEFAULT_THRESHOLD = 0.5            # when the contract carries no per-class thresholds
+
+
+def contract_thresholds(backend: Backend) -> np.ndarray:
+    """(C,) decision thresholds: the contract's per-class `thresholds` when it has them, else 0.5."""
+    c = backend.contract.labels.num_classes
+    t = getattr(backend.contract, "thresholds", None)
+    if t is None:
+        return np.full(c, DEFAULT_THRESHOLD, dtype=np.float32)
+    t = np.asarray(t, dtype=np.float32).reshape(-1)
+    if t.shape != (c,):
+        raise ValueError(f"{backend.path}: contract has {t.size} thresholds for {c} labels")
+    return t
+
+
+class ServeModel:
+    """One model instance: a backend, its input buffer for the largest batch, a decode pool."""
+
+    def __init__(self, backend: Backend, max_batch: int = 16, threads: int = 1,
+                 max_bytes: int = MAX_REQUEST_BYTES, thresholds: np.ndarray | None = None) -> None:
+        self.backend, self.max_batch, self.max_bytes = backend, int(max_batch), int(max_bytes)
+        self.spec = backend.contract.preprocess
+        self.labels = backend.contract.labels
+        self.thresholds = contract_thresholds(backend) if thresholds is None else np.asarray(thresholds, np.float32)
+        (self._buf,) = backend.allocate_inputs(self.max_batch, 1)    # (max_batch, 3, S, S) input_dtype
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-serve") if threads > 1 else None
+
+    # ---------------------------------------------------------------------------------- requests
+
+    def _decode(self, i: int, data: object, row: np.ndarray) -> str | None:
+        """Check and preprocess item i into `row` (3, S, S); None, or a one-line error naming the item."""
+        name = f"image {i}"
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return f"{name}: expected encoded image bytes, got {type(data).__name__}"
+        if len(data) > self.max_bytes:
+            return f"{name}: request too large ({len(data)} bytes, limit {self.max_bytes} bytes)"
+        try:
+            check_header(data, name)
+            preprocess_into(data, row, self.spec, name=name)
+            return None
+        except ImageDecodeError as e:
+            return str(e)
+        except Exception as e:  # cv2.error, MemoryError: still this item's problem, not the server's
+            text = str(e).strip().splitlines()
+            return f"{name}: {e.__class__.__name__}: {text[-1] if text else 'failed'}"
+
+    def from_bytes(self, images: Sequence[object]) -> dict[str, np.ndarray]:
+        """Encoded images (N items) -> outputs, per item; N <= max_batch (Triton's max_batch_size)."""
+        n = len(images)
+        if n > self.max_batch:
+            raise ValueError(f"batch of {n} exceeds max_batch {self.max_batch}")
+        buf = self._buf
+        jobs = [(i, images[i], buf[i]) for i in range(n)]
+        if self._pool is not None and n > 1:     # decode + the C kernel release the GIL
+            errors = list(self._pool.map(lambda j: self._decode(*j), jobs))
+        else:
+            errors = [self._decode(*j) for j in jobs]
+        ok = [i for i, e in enumerate(errors) if e is None]
+        for dst, src in enumerate(ok):           # good rows to the front, in order
+            if dst != src:
+                buf[dst] = buf[src]
+        probs = np.zeros((n, self.labels.num_classes), dtype=np.float32)
+        if ok:
+            probs[ok] = self.backend.infer(buf[:len(ok)])
+        return self._outputs(probs, errors)
+
+    def from_tensors(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Preprocessed (N, 3, S, S) float32/float16 (Triton checked shape and dtype) -> outputs."""
+        probs = self.backend.infer(images)
+        return self._outputs(probs, [None] * len(images))
+
+    # ---------------------------------------------------------------------------------- responses
+
+    def labels_json(self, probs: np.ndarray) -> bytes:
+        """The labels passing the thresholds, most probable first, as probres-infer's JSONL writes them."""
+        keep = [i for i in select(probs, top_k=probs.size) if probs[i] >= self.thresholds[i]]
+        return json.dumps([{"label": self.labels.names[i], "category_id": self.labels.category_ids[i],
+                            "probability": round(float(probs[i]), 6)} for i in keep]).encode()
+
+    def _outputs(self, probs: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
+        """probs (N, C) float32; labels and error (N, 1) bytes objects (error b"" when the item is fine)."""
+        labels = np.array([[b"[]" if e else self.labels_json(p)] for p, e in zip(probs, errors)], dtype=np.object_)
+        err = np.array([[(e or "").encode()] for e in errors], dtype=np.object_)
+        return {"probs": probs, "labels": labels.reshape(-1, 1), "error": err.reshape(-1, 1)}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        self.backend.close()
