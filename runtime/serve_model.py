@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from runtime.backends import Backend
+from runtime.contract import PreprocessSpec
 from runtime.pipeline import check_header
 from runtime.preprocess import ImageDecodeError, preprocess_into
 from runtime.report import select
@@ -44,6 +45,28 @@ def contract_thresholds(backend: Backend) -> np.ndarray:
     return t
 
 
+def decode_item(i: int, data: object, row: np.ndarray, spec: PreprocessSpec, max_bytes: int) -> str | None:
+    """Check and preprocess request item i (encoded bytes) into `row` (3, S, S).
+
+    None when fine, else one line naming the item: over `max_bytes`, a header claiming too
+    many pixels (checked before decoding), or not decodable.
+    """
+    name = f"image {i}"
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return f"{name}: expected encoded image bytes, got {type(data).__name__}"
+    if len(data) > max_bytes:
+        return f"{name}: request too large ({len(data)} bytes, limit {max_bytes} bytes)"
+    try:
+        check_header(data, name)
+        preprocess_into(data, row, spec, name=name)
+        return None
+    except ImageDecodeError as e:
+        return str(e)
+    except Exception as e:  # cv2.error, MemoryError: still this item's problem, not the server's
+        text = str(e).strip().splitlines()
+        return f"{name}: {e.__class__.__name__}: {text[-1] if text else 'failed'}"
+
+
 class ServeModel:
     """One model instance: a backend, its input buffer for the largest batch, a decode pool."""
 
@@ -58,23 +81,6 @@ class ServeModel:
 
     # ---------------------------------------------------------------------------------- requests
 
-    def _decode(self, i: int, data: object, row: np.ndarray) -> str | None:
-        """Check and preprocess item i into `row` (3, S, S); None, or a one-line error naming the item."""
-        name = f"image {i}"
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            return f"{name}: expected encoded image bytes, got {type(data).__name__}"
-        if len(data) > self.max_bytes:
-            return f"{name}: request too large ({len(data)} bytes, limit {self.max_bytes} bytes)"
-        try:
-            check_header(data, name)
-            preprocess_into(data, row, self.spec, name=name)
-            return None
-        except ImageDecodeError as e:
-            return str(e)
-        except Exception as e:  # cv2.error, MemoryError: still this item's problem, not the server's
-            text = str(e).strip().splitlines()
-            return f"{name}: {e.__class__.__name__}: {text[-1] if text else 'failed'}"
-
     def from_bytes(self, images: Sequence[object]) -> dict[str, np.ndarray]:
         """Encoded images (N items) -> outputs, per item; N <= max_batch (Triton's max_batch_size)."""
         n = len(images)
@@ -83,9 +89,9 @@ class ServeModel:
         buf = self._buf
         jobs = [(i, images[i], buf[i]) for i in range(n)]
         if self._pool is not None and n > 1:     # decode + the C kernel release the GIL
-            errors = list(self._pool.map(lambda j: self._decode(*j), jobs))
+            errors = list(self._pool.map(lambda j: decode_item(*j, self.spec, self.max_bytes), jobs))
         else:
-            errors = [self._decode(*j) for j in jobs]
+            errors = [decode_item(*j, self.spec, self.max_bytes) for j in jobs]
         ok = [i for i, e in enumerate(errors) if e is None]
         for dst, src in enumerate(ok):           # good rows to the front, in order
             if dst != src:
