@@ -47,7 +47,7 @@ class TritonPythonModel:
             out = np.empty((len(items), 3, s, s), dtype=self.dtype)
             error = None
             for i, data in enumerate(items):
-                error = decode_item(i, data, out[i], self.contract.preprocess, self.max_bytes)
+                error = decode_item(f"image {i}", data, out[i], self.contract.preprocess, self.max_bytes)
                 if error:
                     break
             if error:

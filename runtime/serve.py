@@ -99,8 +99,9 @@ def open_instances(args: argparse.Namespace) -> list[ServeModel]:
     try:
         for _ in range(args.instances):
             backend = open_backend(args.engine, device=args.device, threads=threads)
-            limit = backend.max_batch or DEFAULT_MAX_BATCH
-            max_batch = min(args.max_batch or DEFAULT_MAX_BATCH, limit)
+            max_batch = args.max_batch or DEFAULT_MAX_BATCH
+            if backend.max_batch:                    # a TensorRT profile's limit
+                max_batch = min(max_batch, backend.max_batch)
             thresholds = None if args.threshold is None else np.full(backend.contract.labels.num_classes,
                                                                       args.threshold, np.float32)
             models.append(ServeModel(backend, max_batch, threads, args.max_request_bytes, thresholds))
@@ -111,9 +112,14 @@ def open_instances(args: argparse.Namespace) -> list[ServeModel]:
     return models
 
 
+def split(outputs: dict[str, np.ndarray], items: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """One dynamic batch's outputs back into one dict per request (request r had len(items[r]) rows)."""
+    ends = np.cumsum([len(x) for x in items])
+    return [{k: v[e - len(x):e] for k, v in outputs.items()} for x, e in zip(items, ends)]
+
+
 def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> None:
     """Bind the bytes-in and tensors-in models, one inference callable per instance."""
-    from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     m0 = models[0]
@@ -125,15 +131,16 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
                          batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
 
     def bytes_fn(model: ServeModel):
-        @batch
-        def infer(image: np.ndarray) -> dict[str, np.ndarray]:   # image (N, 1) object: bytes
-            return model.from_bytes(list(image[:, 0]))
+        def infer(requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+            items = [r["image"].reshape(-1) for r in requests]       # each (n_r,) object: bytes
+            names = [f"image {j}" for x in items for j in range(len(x))]   # as the client numbers them
+            return split(model.from_bytes(list(np.concatenate(items)), names), items)
         return infer
 
     def tensor_fn(model: ServeModel):
-        @batch
-        def infer(images: np.ndarray) -> dict[str, np.ndarray]:  # images (N, 3, S, S)
-            return model.from_tensors(images)
+        def infer(requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+            items = [r["images"] for r in requests]                  # each (n_r, 3, S, S)
+            return split(model.from_tensors(np.concatenate(items)), items)
         return infer
 
     triton.bind(model_name=BYTES_MODEL, infer_func=[bytes_fn(m) for m in models],

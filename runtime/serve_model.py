@@ -45,13 +45,12 @@ def contract_thresholds(backend: Backend) -> np.ndarray:
     return t
 
 
-def decode_item(i: int, data: object, row: np.ndarray, spec: PreprocessSpec, max_bytes: int) -> str | None:
-    """Check and preprocess request item i (encoded bytes) into `row` (3, S, S).
+def decode_item(name: str, data: object, row: np.ndarray, spec: PreprocessSpec, max_bytes: int) -> str | None:
+    """Check and preprocess one request item (encoded bytes) called `name` into `row` (3, S, S).
 
     None when fine, else one line naming the item: over `max_bytes`, a header claiming too
     many pixels (checked before decoding), or not decodable.
     """
-    name = f"image {i}"
     if not isinstance(data, (bytes, bytearray, memoryview)):
         return f"{name}: expected encoded image bytes, got {type(data).__name__}"
     if len(data) > max_bytes:
@@ -81,13 +80,14 @@ class ServeModel:
 
     # ---------------------------------------------------------------------------------- requests
 
-    def from_bytes(self, images: Sequence[object]) -> dict[str, np.ndarray]:
-        """Encoded images (N items) -> outputs, per item; N <= max_batch (Triton's max_batch_size)."""
+    def from_bytes(self, images: Sequence[object], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Encoded images (N items, named in errors by `names`) -> outputs, per item; N <= max_batch."""
         n = len(images)
+        names = names or [f"image {i}" for i in range(n)]
         if n > self.max_batch:
             raise ValueError(f"batch of {n} exceeds max_batch {self.max_batch}")
         buf = self._buf
-        jobs = [(i, images[i], buf[i]) for i in range(n)]
+        jobs = [(names[i], images[i], buf[i]) for i in range(n)]
         if self._pool is not None and n > 1:     # decode + the C kernel release the GIL
             errors = list(self._pool.map(lambda j: decode_item(*j, self.spec, self.max_bytes), jobs))
         else:

@@ -1,0 +1,225 @@
+"""probres-serve under load: p50/p99 latency and images/s at 1, 8, 32 clients, image bytes in vs tensors in.
+
+    .venv-serve/bin/python -m benchmarks.serve --engine model.onnx --images val2014/ [--requests 20] \
+        [--clients 1,8,32] [--instances 1] [--max-batch 16] [--json serve.json]
+    .venv-serve/bin/python -m benchmarks.serve load --url 127.0.0.1:8001 --jobs jobs.json --clients 32 --out r.jsonl
+
+The first form starts probres-serve (the shipped server, with the flags given), waits until it is
+ready, and drives it through tritonclient's gRPC client from C concurrent client threads, each
+sending its requests one after another (one image per request):
+  bytes    the encoded file to model "probres" (decoded + preprocessed by the server)
+  tensors  runtime.preprocess on the client, the float tensor to "probres_tensor"; the client's
+           preprocessing is inside the measured latency, so both columns are end to end.
+Figures are measured, not asserted (benchmarks/RESULTS.md). The `load` form sends a given list
+of files and writes one JSON line per request (what tests/test_serve.py checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("bytes", "tensors")
+
+
+@dataclass
+class Record:
+    """One request's fate: answered (probs or an item error) or a transport error."""
+
+    index: int
+    client: int
+    model: str
+    latency_s: float
+    answered_id: str | None = None    # the id in the response (the request's own when answered)
+    probs: list[float] | None = None
+    labels: list[dict] | None = None
+    item_error: str | None = None      # the server's `error` output for the image
+    error: str | None = None           # no answer: the transport/server error
+
+
+def _client(url: str, timeout_s: float):
+    import tritonclient.grpc as grpcclient
+    return grpcclient.InferenceServerClient(url=url, verbose=False)
+
+
+def send(client, model: str, payload, request_id: str, timeout_s: float) -> Record:
+    """One request: payload is encoded bytes (model probres) or a (3, S, S) tensor (probres_tensor)."""
+    import tritonclient.grpc as grpcclient
+
+    if isinstance(payload, np.ndarray):
+        x = payload[None]
+        inp = grpcclient.InferInput("images", list(x.shape), "FP16" if x.dtype == np.float16 else "FP32")
+    else:
+        x = np.array([[payload]], dtype=np.object_)
+        inp = grpcclient.InferInput("image", [1, 1], "BYTES")
+    inp.set_data_from_numpy(x)
+    r = client.infer(model, [inp], request_id=request_id, client_timeout=timeout_s)
+    err = r.as_numpy("error")[0, 0].decode()
+    return Record(int(request_id), -1, model, 0.0, answered_id=r.get_response().id,
+                  probs=[float(p) for p in r.as_numpy("probs")[0]],
+                  labels=json.loads(r.as_numpy("labels")[0, 0]), item_error=err or None)
+
+
+def run_load(url: str, jobs: list[tuple[str, object]], clients: int, timeout_s: float = 30.0,
+             prepare=None) -> list[Record]:
+    """Send jobs [(model, payload)] from `clients` threads (client k takes jobs k, k+clients, ...).
+
+    prepare(payload) -> payload runs inside the timed region (client-side preprocessing).
+    Every job gets exactly one Record, in job order; a request that fails or times out records
+    the error and the client goes on with its next job.
+    """
+    records: list[Record | None] = [None] * len(jobs)
+
+    def work(k: int) -> None:
+        client = _client(url, timeout_s)
+        try:
+            for i in range(k, len(jobs), clients):
+                model, payload = jobs[i]
+                t0 = time.perf_counter()
+                try:
+                    rec = send(client, model, prepare(payload) if prepare else payload, str(i), timeout_s)
+                except Exception as e:  # InferenceServerException, connection refused, deadline exceeded
+                    rec = Record(i, k, model, 0.0, error=f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}")
+                rec.latency_s, rec.client = time.perf_counter() - t0, k
+                records[i] = rec
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(min(clients, len(jobs)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r for r in records if r is not None]
+
+
+def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until the server reports ready (RuntimeError on timeout or when `proc` exited)."""
+    client = _client(url, 5.0)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server exited with status {proc.returncode} before becoming ready")
+            try:
+                if client.is_server_ready() and client.is_model_ready("probres"):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+    finally:
+        client.close()
+    raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f} s")
+
+
+def start_server(engine: str, ports: tuple[int, int, int], extra: list[str]) -> subprocess.Popen:
+    """probres-serve in its own process group (so stop_server ends tritonserver and its stubs too)."""
+    cmd = [sys.executable, "-m", "runtime.serve", "--engine", engine, "--http-port", str(ports[0]),
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout_s: float = 30.0) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+def summarize(records: list[Record], wall_s: float) -> dict:
+    lat = np.array([r.latency_s for r in records if r.error is None]) * 1e3
+    return {"requests": len(records), "failed": sum(r.error is not None for r in records),
+            "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+            "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+            "images_per_s": len(lat) / wall_s if wall_s > 0 else None}
+
+
+def benchmark(url: str, files: list[Path], spec, clients_list: list[int], requests: int, dtype) -> list[dict]:
+    from runtime.preprocess import preprocess_one
+
+    rows = []
+    data = [f.read_bytes() for f in files]
+    for clients in clients_list:
+        n = clients * requests
+        for mode in MODES:
+            model = "probres" if mode == "bytes" else "probres_tensor"
+            jobs = [(model, data[i % len(data)]) for i in range(n)]
+            prep = None if mode == "bytes" else (lambda b: preprocess_one(b, spec).astype(dtype, copy=False))
+            run_load(url, jobs[:clients], clients, prepare=prep)            # warm-up: connections, first batch
+            t0 = time.perf_counter()
+            recs = run_load(url, jobs, clients, prepare=prep)
+            row = {"clients": clients, "mode": mode, **summarize(recs, time.perf_counter() - t0)}
+            rows.append(row)
+            print(f"{clients:>3} clients  {mode:<8} p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  "
+                  f"{row['images_per_s']:7.1f} img/s  ({row['failed']} failed)", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load"]:
+        return load_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engine", required=True)
+    ap.add_argument("--images", required=True, type=Path, help="a directory of images (the first 64 are used)")
+    ap.add_argument("--requests", type=int, default=20, help="requests per client (default 20)")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--ports", default="18000,18001,18002", help="http,grpc,metrics ports of the server started")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    args, serve_flags = ap.parse_known_args(argv)   # the rest go to probres-serve (--instances, --max-batch...)
+    from runtime.backends import open_backend
+    from runtime.pipeline import iter_image_paths
+
+    files = [Path(p) for p, _ in zip(iter_image_paths([str(args.images)]), range(64))]
+    if not files:
+        print(f"error: --images {args.images}: no images", file=sys.stderr)
+        return 2
+    with open_backend(args.engine, device="cpu") as b:
+        spec, dtype, desc = b.contract.preprocess, b.input_dtype, b.describe()
+    ports = tuple(int(p) for p in args.ports.split(","))
+    proc = start_server(args.engine, ports, serve_flags)
+    try:
+        wait_ready(f"127.0.0.1:{ports[1]}", 180, proc)
+        rows = benchmark(f"127.0.0.1:{ports[1]}", files, spec, [int(c) for c in args.clients.split(",")],
+                         args.requests, dtype)
+    finally:
+        stop_server(proc)
+    result = {"engine": desc, "serve_flags": serve_flags, "cpu_count": os.cpu_count(), "rows": rows}
+    if args.json:
+        from runtime.fileio import atomic_write_text
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def load_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serve load")
+    ap.add_argument("--url", required=True, help="host:port of Triton's gRPC endpoint")
+    ap.add_argument("--jobs", required=True, type=Path, help='JSON list of {"model": ..., "file": ...}')
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
+    ap.add_argument("--out", required=True, type=Path, help="one JSON line per request")
+    args = ap.parse_args(argv)
+    jobs = [(j["model"], Path(j["file"]).read_bytes()) for j in json.loads(args.jobs.read_text())]
+    recs = run_load(args.url, jobs, args.clients, args.timeout)
+    from runtime.fileio import atomic_write_text
+    atomic_write_text(args.out, "".join(json.dumps(asdict(r)) + "\n" for r in recs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""probres-serve and export.triton on the real Triton server (the tritonserver binary of nvidia-pytriton).
+
+    make serve-env && .venv/bin/python -m pytest -q tests/test_serve.py
+
+PyTriton pins numpy<2, so the server, its clients and the protobuf checks run in .venv-serve
+(built by `make serve-env`, a dependency of `make test`) as subprocesses; this file only drives
+them and checks what comes back. Loopback only, every subprocess under a hard timeout. The model
+is test_infer's tiny ONNX graph, and the reference is probres-infer on the same files with the
+same backend (ONNX Runtime CPU in .venv-serve).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime.contract import LabelSet, ModelContract, PreprocessSpec
+from runtime.serve_model import MAX_REQUEST_BYTES, ServeModel
+from test_infer import S, png_header, smooth_image, tiny_onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE_PY = Path(os.environ.get("PROBRES_SERVE_PYTHON", ROOT / ".venv-serve" / "bin" / "python"))
+CAP = 200_000                    # the server's --max-request-bytes in these tests
+needs_serve_env = pytest.mark.skipif(not SERVE_PY.is_file(),
+                                     reason=f"no serve environment at {SERVE_PY}: run `make serve-env`")
+
+
+def serve_py(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([str(SERVE_PY), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except Exception:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    contract = ModelContract(LabelSet.coco(), PreprocessSpec(size=S))
+    path = tmp_path_factory.mktemp("serve_model") / "tiny.onnx"
+    tiny_onnx(path, contract, seed=3)
+    return path, contract
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Four distinct good images and one of each kind of bad one (kind -> the error it must get)."""
+    d = tmp_path_factory.mktemp("serve_images")
+    good = []
+    for k, (h, w) in enumerate([(48, 64), (90, 40), (33, 33), (120, 200)]):
+        p = d / f"good{k}.{'png' if k % 2 else 'jpg'}"
+        cv2.imwrite(str(p), smooth_image(h, w, seed=k)[:, :, ::-1])
+        good.append(p)
+    jpeg = good[0].read_bytes()
+    bad = {"truncated": (jpeg[: len(jpeg) // 2], "not a decodable image"),
+           "random": (np.random.default_rng(1).bytes(3000), "not a decodable image"),
+           "bomb": (png_header(100000, 100000), "image too large (100000x100000 pixels claimed"),
+           "oversize": (jpeg + b"\0" * CAP, f"request too large ({len(jpeg) + CAP} bytes, limit {CAP} bytes)")}
+    paths = {}
+    for kind, (data, _) in bad.items():
+        paths[kind] = d / f"bad_{kind}.jpg"
+        paths[kind].write_bytes(data)
+    return good, {k: (paths[k], msg) for k, (_, msg) in bad.items()}
+
+
+# ------------------------------------------------------------------------------ no server needed
+
+def test_serve_model_per_item_errors_order_and_default_cap(model, images):
+    """Bad items get their own error and zero probs; good ones keep their order and exact values."""
+    from runtime.backends import open_backend
+    from runtime.preprocess import preprocess
+
+    path, contract = model
+    good, bad = images
+    m = ServeModel(open_backend(path, device="cpu"), max_batch=8, threads=2)
+    assert m.max_bytes == MAX_REQUEST_BYTES == 64 << 20
+    items = [good[0].read_bytes(), bad["random"][0].read_bytes(), good[2].read_bytes(),
+             bad["bomb"][0].read_bytes(), b"\xff" * (MAX_REQUEST_BYTES + 1)]
+    out = m.from_bytes(items)
+    ref = m.backend.infer(preprocess([str(good[0]), str(good[2])], spec=contract.preprocess))
+    np.testing.assert_array_equal(out["probs"][[0, 2]], ref)
+    assert not out["probs"][[1, 3, 4]].any()
+    errs = [e.decode() for e in out["error"][:, 0]]
+    assert errs[0] == errs[2] == ""
+    assert errs[1].startswith("image 1: not a decodable image")
+    assert errs[3].startswith("image 3: image too large (100000x100000")
+    assert errs[4] == f"image 4: request too large ({MAX_REQUEST_BYTES + 1} bytes, limit {MAX_REQUEST_BYTES} bytes)"
+    labels = json.loads(out["labels"][0, 0])            # the contract has no thresholds: 0.5, most probable first
+    assert [x["label"] for x in labels] == [contract.labels.names[i] for i in np.argsort(-ref[0], kind="stable")
+                                            if ref[0, i] >= 0.5]
+    m.close()
+
+
+def test_export_triton_refuses_nonempty_out_and_bad_engine(model, tmp_path, capsys):
+    from export.triton import main
+
+    path, _ = model
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["--engine", str(path), "--out", str(tmp_path / "full")]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert main(["--engine", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "r")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--engine", str(path), "--out", str(path)]) == 2      # never over the model
+    assert path.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------ the real server
+
+@pytest.fixture(scope="module")
+def server(model):
+    """probres-serve on loopback: 2 instances, max batch 8, a 200 kB request cap."""
+    http, grpc, metrics = free_ports(3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--instances", "2",
+                             "--threads", "1", "--max-batch", "8", "--max-request-bytes", str(CAP)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 90
+    while http_status(f"http://127.0.0.1:{http}/v2/models/probres_tensor/ready") != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"probres-serve did not start: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.3)
+    yield proc, http, grpc, metrics
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def run_load(tmp_path: Path, grpc: int, files: list[Path], clients: int, timeout: float = 20):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"model": "probres", "file": str(f)} for f in files]))
+    out = tmp_path / "load.jsonl"
+    cmd = ["-m", "benchmarks.serve", "load", "--url", f"127.0.0.1:{grpc}", "--jobs", str(jobs),
+           "--clients", str(clients), "--timeout", str(timeout), "--out", str(out)]
+    return cmd, out
+
+
+@needs_serve_env
+def test_load_and_faults_32_clients(server, model, images, tmp_path):
+    """32 clients x 20 requests, one in five bad: exact answers, per-request errors, none lost or doubled."""
+    proc, http, grpc, metrics = server
+    good, bad = images
+    kinds = list(bad)
+    files = [bad[kinds[(i // 5) % len(kinds)]][0] if i % 5 == 4 else good[i % len(good)] for i in range(640)]
+    cmd, out = run_load(tmp_path, grpc, files, clients=32)
+    r = serve_py(*cmd, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(x["index"] for x in recs) == list(range(640))                 # none lost, none twice
+    assert all(x["answered_id"] == str(x["index"]) for x in recs)               # each answer is its own
+    assert all(x["error"] is None for x in recs), [x["error"] for x in recs if x["error"]][:3]
+
+    ref = serve_py("-m", "runtime.infer", "--engine", str(model[0]), "--top-k", "all", *map(str, good))
+    want = {}
+    for line in ref.stdout.splitlines():
+        row = json.loads(line)
+        p = np.zeros(len(model[1].labels.names))
+        for pred in row["predictions"]:
+            p[model[1].labels.names.index(pred["label"])] = pred["probability"]
+        want[row["image"]] = p
+    worst = 0.0
+    for x, f in zip(sorted(recs, key=lambda x: x["index"]), files):
+        if f in good:
+            assert x["item_error"] is None
+            worst = max(worst, float(np.abs(np.array(x["probs"]) - want[str(f)]).max()))
+        else:
+            kind = next(k for k in kinds if bad[k][0] == f)
+            assert x["item_error"].startswith("image 0: ") and bad[kind][1] in x["item_error"], x["item_error"]
+            assert x["labels"] == [] and not any(x["probs"])
+    assert worst <= 1e-6                                # probres-infer writes 6 decimals
+    assert http_status(f"http://127.0.0.1:{http}/v2/health/ready") == 200
+    assert http_status(f"http://127.0.0.1:{metrics}/metrics") == 200
+    assert proc.poll() is None
+
+
+@needs_serve_env
+def test_tensor_requests_and_usage_errors(server, model, images, tmp_path):
+    """Preprocessed tensors in give the same probabilities; bad flags exit 2 with one line."""
+    _, http, grpc, _ = server
+    good, _ = images
+    code = ("import sys, json, numpy as np; from benchmarks.serve import _client, send; "
+            "from runtime.preprocess import preprocess_one; from runtime.contract import PreprocessSpec; "
+            f"c = _client('127.0.0.1:{grpc}', 10); x = preprocess_one(sys.argv[1], PreprocessSpec(size={S})); "
+            "b = send(c, 'probres', open(sys.argv[1], 'rb').read(), '1', 10); "
+            "t = send(c, 'probres_tensor', x, '2', 10); print(json.dumps([b.probs, t.probs]))")
+    r = serve_py("-c", code, str(good[1]), timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    b, t = json.loads(r.stdout)
+    assert b == t
+    r = serve_py("-m", "runtime.serve", "--engine", str(tmp_path / "nope.onnx"), "--http-port", "1",
+                 "--grpc-port", "2", "--metrics-port", "3", timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    r = serve_py("-m", "runtime.serve", "--engine", str(model[0]), "--http-port", str(http), timeout=60)
+    assert r.returncode == 2 and f"--http-port {http}: cannot listen" in r.stderr, r.stderr
+
+
+@needs_serve_env
+def test_exported_repository_parses_and_its_preprocessing_serves(model, images, tmp_path):
+    """Every config.pbtxt parses with tritonclient's model-config protobuf; the Python-backend
+    preprocessing model runs on tritonserver and returns runtime.preprocess's exact tensor."""
+    from export.triton import write_repository
+
+    repo = tmp_path / "repo"
+    write_repository(model[0], repo, max_batch=4, preprocess_instances=1)
+    check = ("import sys, glob, json; from google.protobuf import text_format; "
+             "from tritonclient.grpc import model_config_pb2 as mc; from google.protobuf.json_format import MessageToDict; "
+             "print(json.dumps({p: MessageToDict(text_format.Parse(open(p).read(), mc.ModelConfig())) "
+             "for p in sorted(glob.glob(sys.argv[1] + '/*/config.pbtxt'))}))")
+    r = serve_py("-c", check, str(repo), timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = {Path(p).parent.name: c for p, c in json.loads(r.stdout).items()}
+    assert cfg["probres_model"]["platform"] == "onnxruntime_onnx" and cfg["probres_model"]["maxBatchSize"] == 4
+    assert cfg["probres_model"]["input"][0] == {"name": "images", "dataType": "TYPE_FP32", "dims": ["3", str(S), str(S)]}
+    assert cfg["probres_model"]["output"][0]["labelFilename"] == "labels.txt"
+    assert cfg["probres_preprocess"]["backend"] == "python"
+    steps = cfg["probres"]["ensembleScheduling"]["step"]
+    assert [s["modelName"] for s in steps] == ["probres_preprocess", "probres_model"]
+    assert ModelContract.from_json(cfg["probres"]["parameters"]["probres.contract"]["stringValue"]) == model[1]
+    assert (repo / "probres_model" / "labels.txt").read_text().splitlines() == list(model[1].labels.names)
+
+    http, grpc, metrics = free_ports(3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([str(SERVE_PY), "-m", "export.triton_local", "--repo", str(repo), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while http_status(f"http://127.0.0.1:{http}/v2/models/probres_preprocess/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:] \
+                if proc.poll() is not None else "tritonserver not ready in 90 s"
+            time.sleep(0.3)
+        code = ("import sys, json, numpy as np, tritonclient.http as h; "
+                "from runtime.preprocess import preprocess; from runtime.contract import PreprocessSpec; "
+                f"c = h.InferenceServerClient('127.0.0.1:{http}'); out = []\n"
+                "for f in sys.argv[1:]:\n"
+                "    i = h.InferInput('image', [1, 1], 'BYTES'); i.set_data_from_numpy(np.array([[open(f, 'rb').read()]], dtype=object))\n"
+                "    try:\n"
+                f"        x = c.infer('probres_preprocess', [i]).as_numpy('images'); out.append(float(np.abs(x - preprocess([f], spec=PreprocessSpec(size={S}))).max()))\n"
+                "    except Exception as e: out.append(str(e))\n"
+                "print(json.dumps(out))")
+        _, bad = images
+        r = serve_py("-c", code, str(images[0][0]), str(images[0][3]), str(bad["random"][0]), str(bad["bomb"][0]),
+                     timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        d0, d3, e_random, e_bomb = json.loads(r.stdout)
+        assert d0 == 0.0 and d3 == 0.0
+        assert "image 0: not a decodable image" in e_random and "image too large (100000x100000" in e_bomb
+        assert http_status(f"http://127.0.0.1:{http}/v2/health/ready") == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+@needs_serve_env
+def test_killed_server_gives_clients_errors_not_hangs(server, images, tmp_path):
+    """Last: SIGKILL the server mid-load; every request still ends, the late ones with an error."""
+    proc, http, grpc, _ = server
+    good, _ = images
+    cmd, out = run_load(tmp_path, grpc, [good[i % 4] for i in range(32 * 150)], clients=32, timeout=10)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    load = subprocess.Popen([str(SERVE_PY), *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(2.0)
+    assert load.poll() is None, "load finished before the kill: make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert load.wait(60) == 0, load.stderr.read().decode()[-2000:]
+    assert time.monotonic() - t0 < 60
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 32 * 150
+    answered = [x for x in recs if x["error"] is None]
+    failed = [x for x in recs if x["error"] is not None]
+    assert answered and failed
+    assert all(x["item_error"] is None and x["answered_id"] == str(x["index"]) for x in answered)
+    assert all(x["answered_id"] is None for x in failed)
