@@ -7,7 +7,14 @@ BIN := $(VENV)/bin
 EXTRAS ?= train,export,cpu,dev
 DEMO_DIR ?= demo_out
 
-.PHONY: venv test demo clean test-aarch64
+.PHONY: venv test demo clean test-aarch64 serve-env serve
+
+# The serving environment (probres-serve, tests/test_serve.py): PyTriton pins numpy<2, so it gets
+# its own venv. Debian's python3.11 by default: the Python-backend stub of the bundled tritonserver
+# links libpython3.11.so.1.0 from the loader path (a pyenv build also works: probres-serve puts
+# its lib/ on LD_LIBRARY_PATH).
+SERVE_PY ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
+SERVE_VENV := .venv-serve
 
 # Reinstall when pyproject.toml or the C extension source changes.
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard runtime/_cext/*.c runtime/_cext/*.h)
@@ -19,7 +26,20 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard runtime/_cext/*.c runtime
 
 venv: $(VENV)/.installed
 
-test: $(VENV)/.installed
+$(SERVE_VENV)/.installed: pyproject.toml setup.py $(wildcard runtime/_cext/*.c runtime/_cext/*.h)
+	test -x $(SERVE_VENV)/bin/python || $(SERVE_PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q -e '.[serve]' 2>&1 | { grep -v "is ignored" || true; }
+	$(SERVE_VENV)/bin/python -c "import pytriton, tritonclient.grpc, onnxruntime, cv2, runtime.serve"
+	touch $@
+
+serve-env: $(SERVE_VENV)/.installed
+
+# make serve ENGINE=model.onnx [SERVE_ARGS="--instances 2 --http-port 8000"]
+serve: $(SERVE_VENV)/.installed
+	@test -n "$(ENGINE)" || { echo "usage: make serve ENGINE=model.onnx|model.plan [SERVE_ARGS='--instances 2']" >&2; exit 2; }
+	$(SERVE_VENV)/bin/probres-serve --engine $(ENGINE) $(SERVE_ARGS)
+
+test: $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 # The C kernel on aarch64 (NEON), from an x86 Debian/Ubuntu machine: installs the cross compiler

@@ -19,9 +19,10 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
+
+from runtime.serve import add_python_libdir
 
 
 def tritonserver_dist() -> tuple[Path, Path, Path]:
@@ -43,9 +44,8 @@ def server_command(repo: Path, workdir: Path, load: list[str], host: str, http_p
     backends = workdir / "backends"
     shutil.copytree(dist / "backends", backends)
     shutil.copy(stub, backends / "python" / "triton_python_backend_stub")
-    env = dict(os.environ)
-    ld = [str(libs), sysconfig.get_config_var("LIBDIR") or ""]
-    env["LD_LIBRARY_PATH"] = ":".join(p for p in ld + [env.get("LD_LIBRARY_PATH", "")] if p)
+    env = add_python_libdir(dict(os.environ))
+    env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}"
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"   # the stub's python environment
     cmd = [str(dist / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={backends}",
            "--model-control-mode=explicit", *[f"--load-model={m}" for m in load],

@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import sys
+import sysconfig
 
 import numpy as np
 
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_python_libdir(env: dict[str, str]) -> dict[str, str]:
+    """Put this Python's lib/ on LD_LIBRARY_PATH: Triton's Python-backend stub links libpython3.X.so
+    from the loader path, which a pyenv build does not provide by default (Debian's python does)."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    parts = [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+    if libdir and libdir not in parts:
+        env["LD_LIBRARY_PATH"] = ":".join([libdir, *parts])
+    return env
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -174,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                           grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
                           allow_metrics=True, allow_gpu_metrics=False, exit_on_error=True, exit_timeout_secs=5,
                           log_verbose=args.log_verbose)
+    add_python_libdir(os.environ)              # inherited by tritonserver and its stubs
     m0 = models[0]
     print(f"{PROG}: {m0.backend.describe()} x{len(models)} on http://{args.host}:{args.http_port} "
           f"grpc {args.host}:{args.grpc_port} metrics :{args.metrics_port}; models {BYTES_MODEL} (image bytes), "
