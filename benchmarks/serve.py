@@ -3,6 +3,7 @@
     .venv-serve/bin/python -m benchmarks.serve --engine model.onnx --images val2014/ [--requests 20] \
         [--clients 1,8,32] [--instances 1] [--max-batch 16] [--json serve.json]
     .venv-serve/bin/python -m benchmarks.serve load --url 127.0.0.1:8001 --jobs jobs.json --clients 32 --out r.jsonl
+    .venv/bin/python -m benchmarks.serve toy-model toy448.onnx [--size 448]     # needs the onnx package
 
 The first form starts probres-serve (the shipped server, with the flags given), waits until it is
 ready, and drives it through tritonclient's gRPC client from C concurrent client threads, each
@@ -11,7 +12,10 @@ sending its requests one after another (one image per request):
   tensors  runtime.preprocess on the client, the float tensor to "probres_tensor"; the client's
            preprocessing is inside the measured latency, so both columns are end to end.
 Figures are measured, not asserted (benchmarks/RESULTS.md). The `load` form sends a given list
-of files and writes one JSON line per request (what tests/test_serve.py checks).
+of files and writes one JSON line per request (what tests/test_serve.py checks). `toy-model`
+writes an ONNX graph with the COCO contract that costs almost nothing to run (per-channel mean ->
+linear -> sigmoid), so a run on it measures the server itself: transport, decoding and
+preprocessing, batching; a real engine adds its own batch time (benchmarks.latency).
 """
 
 from __future__ import annotations
@@ -22,15 +26,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-MODES = ("bytes", "tensors")
-
 
 @dataclass
 class Record:
@@ -64,6 +66,8 @@ def send(client, model: str, payload, request_id: str, timeout_s: float) -> Reco
         inp = grpcclient.InferInput("image", [1, 1], "BYTES")
     inp.set_data_from_numpy(x)
     r = client.infer(model, [inp], request_id=request_id, client_timeout=timeout_s)
+    if r.as_numpy("probs") is None:      # the exported ensemble's preprocessing model: a tensor out
+        return Record(int(request_id), -1, model, 0.0, answered_id=r.get_response().id)
     err = r.as_numpy("error")[0, 0].decode()
     return Record(int(request_id), -1, model, 0.0, answered_id=r.get_response().id,
                   probs=[float(p) for p in r.as_numpy("probs")[0]],
@@ -103,7 +107,7 @@ def run_load(url: str, jobs: list[tuple[str, object]], clients: int, timeout_s: 
     return [r for r in records if r is not None]
 
 
-def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None, model: str = "probres") -> None:
     """Block until the server reports ready (RuntimeError on timeout or when `proc` exited)."""
     client = _client(url, 5.0)
     deadline = time.monotonic() + timeout_s
@@ -112,7 +116,7 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"server exited with status {proc.returncode} before becoming ready")
             try:
-                if client.is_server_ready() and client.is_model_ready("probres"):
+                if client.is_server_ready() and client.is_model_ready(model):
                     return
             except Exception:
                 pass
@@ -122,11 +126,16 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
     raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f} s")
 
 
-def start_server(engine: str, ports: tuple[int, int, int], extra: list[str]) -> subprocess.Popen:
-    """probres-serve in its own process group (so stop_server ends tritonserver and its stubs too)."""
-    cmd = [sys.executable, "-m", "runtime.serve", "--engine", engine, "--http-port", str(ports[0]),
+def start_server(engine: str, ports: tuple[int, int, int], extra: list[str], repo: bool = False) -> subprocess.Popen:
+    """probres-serve (or, repo=True, export.triton_local on the model repository `engine`) in its
+    own process group, so stop_server ends tritonserver and its stubs too."""
+    head = ["-m", "export.triton_local", "--repo"] if repo else ["-m", "runtime.serve", "--engine"]
+    cmd = [sys.executable, *head, engine, "--http-port", str(ports[0]),
            "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = tempfile.TemporaryFile()         # the server's log (a pipe nobody reads would fill and block it)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
 
 
 def stop_server(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout_s: float = 30.0) -> None:
@@ -149,33 +158,72 @@ def summarize(records: list[Record], wall_s: float) -> dict:
             "images_per_s": len(lat) / wall_s if wall_s > 0 else None}
 
 
-def benchmark(url: str, files: list[Path], spec, clients_list: list[int], requests: int, dtype) -> list[dict]:
+def benchmark(url: str, files: list[Path], spec, clients_list: list[int], requests: int, dtype,
+              modes: dict[str, str] | None = None) -> list[dict]:
+    """Rows for each client count x mode; modes maps a mode name to the model it sends to."""
     from runtime.preprocess import preprocess_one
 
     rows = []
     data = [f.read_bytes() for f in files]
+    modes = modes or {"bytes": "probres", "tensors": "probres_tensor"}
     for clients in clients_list:
         n = clients * requests
-        for mode in MODES:
-            model = "probres" if mode == "bytes" else "probres_tensor"
+        for mode, model in modes.items():
             jobs = [(model, data[i % len(data)]) for i in range(n)]
-            prep = None if mode == "bytes" else (lambda b: preprocess_one(b, spec).astype(dtype, copy=False))
+            prep = None if mode != "tensors" else (lambda b: preprocess_one(b, spec).astype(dtype, copy=False))
             run_load(url, jobs[:clients], clients, prepare=prep)            # warm-up: connections, first batch
             t0 = time.perf_counter()
             recs = run_load(url, jobs, clients, prepare=prep)
             row = {"clients": clients, "mode": mode, **summarize(recs, time.perf_counter() - t0)}
             rows.append(row)
+            if row["failed"] == len(recs):
+                raise RuntimeError(f"every request failed, e.g. {recs[0].error}")
             print(f"{clients:>3} clients  {mode:<8} p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  "
                   f"{row['images_per_s']:7.1f} img/s  ({row['failed']} failed)", file=sys.stderr, flush=True)
     return rows
+
+
+def toy_model(path: Path, size: int = 448, seed: int = 0) -> None:
+    """probs (N, 80) = sigmoid(channel means (N, 3) @ W + b), carrying the COCO contract at `size`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtime.contract import ModelContract
+    from runtime.fileio import atomic_write_bytes
+    from runtime.onnx_meta import KEY_CONTRACT
+
+    contract = ModelContract.coco(size)
+    c = contract.labels.num_classes
+    rng = np.random.default_rng(seed)
+    w, b = rng.normal(size=(3, c)).astype(np.float32), rng.normal(scale=0.3, size=c).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["means"]), helper.make_node("Gemm", ["means", "w", "b"], ["logits"]),
+         helper.make_node("Sigmoid", ["logits"], ["probs"])], "toy",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", c])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel().tolist()),
+         helper.make_tensor("b", TensorProto.FLOAT, b.shape, b.tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.metadata_props.add(key=KEY_CONTRACT, value=contract.to_json())
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["load"]:
         return load_main(argv[1:])
+    if argv[:1] == ["toy-model"]:
+        ap = argparse.ArgumentParser(prog="python -m benchmarks.serve toy-model")
+        ap.add_argument("out", type=Path)
+        ap.add_argument("--size", type=int, default=448)
+        a = ap.parse_args(argv[1:])
+        toy_model(a.out, a.size)
+        return 0
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", required=True)
+    ap.add_argument("--engine", help="the model probres-serve serves")
+    ap.add_argument("--repo", help="instead: an export.triton repository; measures its Python-backend preprocessing "
+                                   "model on the bundled tritonserver (export.triton_local)")
     ap.add_argument("--images", required=True, type=Path, help="a directory of images (the first 64 are used)")
     ap.add_argument("--requests", type=int, default=20, help="requests per client (default 20)")
     ap.add_argument("--clients", default="1,8,32")
@@ -189,14 +237,30 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print(f"error: --images {args.images}: no images", file=sys.stderr)
         return 2
-    with open_backend(args.engine, device="cpu") as b:
-        spec, dtype, desc = b.contract.preprocess, b.input_dtype, b.describe()
+    if bool(args.engine) == bool(args.repo):
+        print("error: give --engine MODEL or --repo DIR", file=sys.stderr)
+        return 2
+    if args.repo:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        from runtime.contract import ModelContract
+        cfg = text_format.Parse((Path(args.repo) / "probres_preprocess" / "config.pbtxt").read_text(),
+                                model_config_pb2.ModelConfig())
+        instances = cfg.instance_group[0].count
+        spec = ModelContract.from_json(cfg.parameters["probres.contract"].string_value).preprocess
+        dtype, desc, model = np.float32, f"python-backend preprocessing x{instances} {args.repo}", "probres_preprocess"
+        modes = {"python-backend": model}
+    else:
+        with open_backend(args.engine, device="cpu") as b:
+            spec, dtype, desc = b.contract.preprocess, b.input_dtype, b.describe()
+        model, modes = "probres", None
     ports = tuple(int(p) for p in args.ports.split(","))
-    proc = start_server(args.engine, ports, serve_flags)
+    proc = start_server(args.repo or args.engine, ports, serve_flags, repo=bool(args.repo))
     try:
-        wait_ready(f"127.0.0.1:{ports[1]}", 180, proc)
+        wait_ready(f"127.0.0.1:{ports[1]}", 180, proc, model)
         rows = benchmark(f"127.0.0.1:{ports[1]}", files, spec, [int(c) for c in args.clients.split(",")],
-                         args.requests, dtype)
+                         args.requests, dtype, modes)
     finally:
         stop_server(proc)
     result = {"engine": desc, "serve_flags": serve_flags, "cpu_count": os.cpu_count(), "rows": rows}

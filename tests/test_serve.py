@@ -134,21 +134,31 @@ def test_export_triton_refuses_nonempty_out_and_bad_engine(model, tmp_path, caps
 
 # ------------------------------------------------------------------------------ the real server
 
+def server_log(tmp: Path):
+    """A file for a server's output: a pipe nobody reads would fill up and block the server."""
+    return open(tmp / "server.log", "wb")
+
+
+def tail(path: Path) -> str:
+    return path.read_bytes().decode(errors="replace")[-2000:]
+
+
 @pytest.fixture(scope="module")
-def server(model):
+def server(model, tmp_path_factory):
     """probres-serve on loopback: 2 instances, max batch 8, a 200 kB request cap."""
     http, grpc, metrics = free_ports(3)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log_dir = tmp_path_factory.mktemp("serve_log")
     proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]), "--http-port", str(http),
                              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--instances", "2",
                              "--threads", "1", "--max-batch", "8", "--max-request-bytes", str(CAP)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=env, stdout=server_log(log_dir), stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 90
     while http_status(f"http://127.0.0.1:{http}/v2/models/probres_tensor/ready") != 200:
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"probres-serve did not start: {proc.stderr.read().decode()[-2000:]}")
+            pytest.fail(f"probres-serve did not start: {tail(log_dir / 'server.log')}")
         time.sleep(0.3)
     yield proc, http, grpc, metrics
     if proc.poll() is None:
@@ -252,12 +262,11 @@ def test_exported_repository_parses_and_its_preprocessing_serves(model, images, 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([str(SERVE_PY), "-m", "export.triton_local", "--repo", str(repo), "--http-port", str(http),
                              "--grpc-port", str(grpc), "--metrics-port", str(metrics)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=server_log(tmp_path), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while http_status(f"http://127.0.0.1:{http}/v2/models/probres_preprocess/ready") != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:] \
-                if proc.poll() is not None else "tritonserver not ready in 90 s"
+            assert proc.poll() is None and time.monotonic() < deadline, tail(tmp_path / "server.log")
             time.sleep(0.3)
         code = ("import sys, json, numpy as np, tritonclient.http as h; "
                 "from runtime.preprocess import preprocess; from runtime.contract import PreprocessSpec; "
@@ -288,12 +297,13 @@ def test_killed_server_gives_clients_errors_not_hangs(server, images, tmp_path):
     good, _ = images
     cmd, out = run_load(tmp_path, grpc, [good[i % 4] for i in range(32 * 150)], clients=32, timeout=10)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    load = subprocess.Popen([str(SERVE_PY), *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    load = subprocess.Popen([str(SERVE_PY), *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "load.err", "wb"))
     time.sleep(2.0)
     assert load.poll() is None, "load finished before the kill: make it longer"
     os.killpg(proc.pid, signal.SIGKILL)
     t0 = time.monotonic()
-    assert load.wait(60) == 0, load.stderr.read().decode()[-2000:]
+    assert load.wait(60) == 0, tail(tmp_path / "load.err")
     assert time.monotonic() - t0 < 60
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 32 * 150
