@@ -29,6 +29,7 @@
 #   8b trt_tests: the TensorRT doubles + real cuda-python tests, and the real-TensorRT test where
 #     tensorrt and a GPU exist (export.tensorrt + the backend vs ONNX Runtime)
 #   9 a short table, printed last
+#  10 (before 9) probres-serve bytes-in vs tensors-in, where PyTriton is installed (see the step)
 # $OUT gets at most 8 files (the device tool's limit): run.log preprocess.json latency.json
 # latency.png train_step.json latency_compile.json latency_onnx.json summary.txt.
 set -uo pipefail
@@ -143,6 +144,21 @@ fi
 # export.tensorrt and the backend against ONNX Runtime (its first real run). Output in run.log.
 step trt_tests "$(left 120)" $PY -m pytest -q -p no:cacheprovider -rs tests/test_trt_cuda_python.py \
   tests/test_trt_backend_logic.py tests/test_trt_export_doubles.py
+
+# 10 probres-serve (Triton through PyTriton): image bytes in vs tensors in at 1/8/32 clients, on the
+# TensorRT plan when one was built, else the FP32 ONNX; rows go to run.log (the 8-file limit).
+# Only where PyTriton imports: it pins numpy<2, so the device image needs its wheels carried in .whl
+# (nvidia-pytriton, tritonclient, numpy<2 ...); otherwise reported "not installed".
+SERVE_ENGINE=""
+for f in "$WORK/model.plan" "$WORK/model.onnx"; do [ -z "$SERVE_ENGINE" ] && [ -f "$f" ] && SERVE_ENGINE=$f; done
+if [ -n "$SERVE_ENGINE" ] && $PY -c "import pytriton, tritonclient.grpc" 2>/dev/null; then
+  $PY -m benchmarks.images "$WORK/serve_img" --count 32 > /dev/null
+  step serve "$(left 150)" $PY -m benchmarks.serve --engine "$SERVE_ENGINE" --images "$WORK/serve_img" \
+    --requests "$([ "$TINY" = 1 ] && echo 2 || echo 20)" --instances 2 --max-batch 32
+else
+  echo "=== serve: PyTriton not importable here (or no exported model): serve rows unmeasured"
+  STATUS[serve]="not installed"
+fi
 
 # 9 summary, last
 {
