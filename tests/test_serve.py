@@ -132,6 +132,25 @@ def test_export_triton_refuses_nonempty_out_and_bad_engine(model, tmp_path, caps
     assert path.stat().st_size > 0
 
 
+def test_serve_without_pytriton_or_with_bad_flags_exits_2_with_one_line(model, capsys):
+    """Checked before anything loads: the host, the ports, then PyTriton's presence (it lives in .venv-serve)."""
+    import importlib.util
+
+    from runtime.serve import main
+
+    path = str(model[0])
+    assert main(["--engine", path, "--host", "localhost:80"]) == 2
+    assert "--host must be an IP address" in capsys.readouterr().err
+    assert main(["--engine", path, "--http-port", "9", "--grpc-port", "9"]) == 2
+    assert "must differ" in capsys.readouterr().err
+    if importlib.util.find_spec("pytriton") is None:
+        free = free_ports(3)
+        assert main(["--engine", path, "--http-port", str(free[0]), "--grpc-port", str(free[1]),
+                     "--metrics-port", str(free[2])]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "make serve-env" in err
+
+
 # ------------------------------------------------------------------------------ the real server
 
 def server_log(tmp: Path):
