@@ -241,11 +241,18 @@ def test_tensor_requests_and_usage_errors(server, model, images, tmp_path):
             "from runtime.preprocess import preprocess_one; from runtime.contract import PreprocessSpec; "
             f"c = _client('127.0.0.1:{grpc}', 10); x = preprocess_one(sys.argv[1], PreprocessSpec(size={S})); "
             "b = send(c, 'probres', open(sys.argv[1], 'rb').read(), '1', 10); "
-            "t = send(c, 'probres_tensor', x, '2', 10); print(json.dumps([b.probs, t.probs]))")
+            "t = send(c, 'probres_tensor', x, '2', 10); import tritonclient.grpc as g; "
+            "i = g.InferInput('image', [2, 1], 'BYTES'); "
+            "i.set_data_from_numpy(np.array([[open(sys.argv[1], 'rb').read()], [b'junk']], dtype=object)); "
+            "two = c.infer('probres', [i]); "
+            "print(json.dumps([b.probs, t.probs, two.as_numpy('probs').tolist(), "
+            "[e.decode() for e in two.as_numpy('error')[:, 0]]]))")
     r = serve_py("-c", code, str(good[1]), timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
-    b, t = json.loads(r.stdout)
-    assert b == t
+    b, t, two, two_errors = json.loads(r.stdout)
+    assert b == t                                        # same tensor, same engine: identical
+    np.testing.assert_allclose(two[0], b, rtol=0, atol=1e-6)   # one request of two images: per-item answers
+    assert two_errors[0] == "" and two_errors[1].startswith("image 1: not a decodable image")
     r = serve_py("-m", "runtime.serve", "--engine", str(tmp_path / "nope.onnx"), "--http-port", "1",
                  "--grpc-port", "2", "--metrics-port", "3", timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
