@@ -18,6 +18,7 @@ corrupt image from one client would fail the other clients' images batched with 
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -77,6 +78,8 @@ class ServeModel:
         self.thresholds = contract_thresholds(backend) if thresholds is None else np.asarray(thresholds, np.float32)
         (self._buf,) = backend.allocate_inputs(self.max_batch, 1)    # (max_batch, 3, S, S) input_dtype
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-serve") if threads > 1 else None
+        # Triton runs one batch at a time per instance; the lock keeps the one buffer safe even if not.
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------- requests
 
@@ -84,6 +87,11 @@ class ServeModel:
         """Encoded images (N items, named in errors by `names`) -> outputs, per item; N <= max_batch."""
         n = len(images)
         names = names or [f"image {i}" for i in range(n)]
+        with self._lock:
+            return self._from_bytes(images, names)
+
+    def _from_bytes(self, images: Sequence[object], names: Sequence[str]) -> dict[str, np.ndarray]:
+        n = len(images)
         if n > self.max_batch:
             raise ValueError(f"batch of {n} exceeds max_batch {self.max_batch}")
         buf = self._buf
