@@ -107,8 +107,9 @@ def run_load(url: str, jobs: list[tuple[str, object]], clients: int, timeout_s: 
     return [r for r in records if r is not None]
 
 
-def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None, model: str = "probres") -> None:
-    """Block until the server reports ready (RuntimeError on timeout or when `proc` exited)."""
+def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None,
+               models: tuple[str, ...] = ("probres", "probres_tensor")) -> None:
+    """Block until the server and `models` report ready (RuntimeError on timeout or when `proc` exited)."""
     client = _client(url, 5.0)
     deadline = time.monotonic() + timeout_s
     try:
@@ -116,7 +117,7 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None,
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"server exited with status {proc.returncode} before becoming ready")
             try:
-                if client.is_server_ready() and client.is_model_ready(model):
+                if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
                     return
             except Exception:
                 pass
@@ -159,13 +160,12 @@ def summarize(records: list[Record], wall_s: float) -> dict:
 
 
 def benchmark(url: str, files: list[Path], spec, clients_list: list[int], requests: int, dtype,
-              modes: dict[str, str] | None = None) -> list[dict]:
+              modes: dict[str, str]) -> list[dict]:
     """Rows for each client count x mode; modes maps a mode name to the model it sends to."""
     from runtime.preprocess import preprocess_one
 
     rows = []
     data = [f.read_bytes() for f in files]
-    modes = modes or {"bytes": "probres", "tensors": "probres_tensor"}
     for clients in clients_list:
         n = clients * requests
         for mode, model in modes.items():
@@ -249,16 +249,16 @@ def main(argv: list[str] | None = None) -> int:
                                 model_config_pb2.ModelConfig())
         instances = cfg.instance_group[0].count
         spec = ModelContract.from_json(cfg.parameters["probres.contract"].string_value).preprocess
-        dtype, desc, model = np.float32, f"python-backend preprocessing x{instances} {args.repo}", "probres_preprocess"
-        modes = {"python-backend": model}
+        dtype, desc = np.float32, f"python-backend preprocessing x{instances} {args.repo}"
+        modes = {"python-backend": "probres_preprocess"}
     else:
         with open_backend(args.engine, device="cpu") as b:
             spec, dtype, desc = b.contract.preprocess, b.input_dtype, b.describe()
-        model, modes = "probres", None
+        modes = {"bytes": "probres", "tensors": "probres_tensor"}
     ports = tuple(int(p) for p in args.ports.split(","))
     proc = start_server(args.repo or args.engine, ports, serve_flags, repo=bool(args.repo))
     try:
-        wait_ready(f"127.0.0.1:{ports[1]}", 180, proc, model)
+        wait_ready(f"127.0.0.1:{ports[1]}", 180, proc, tuple(modes.values()))
         rows = benchmark(f"127.0.0.1:{ports[1]}", files, spec, [int(c) for c in args.clients.split(",")],
                          args.requests, dtype, modes)
     finally:
