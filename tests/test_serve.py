@@ -60,6 +60,50 @@ def http_status(url: str) -> int:
         return 0
 
 
+# Shared memory that PyTriton and Triton's Python backend create in /dev/shm; a SIGKILLed server
+# (the kill test) cannot remove its own, so the tests remove what is left and no process uses.
+SHM_PREFIXES = ("pytrtion", "psm_", "triton_python_backend_shm_region_")
+
+
+def shm_names() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)}
+    except OSError:
+        return set()
+
+
+def reap_shm(before: set[str]) -> None:
+    """Unlink segments created since `before` that no live process has open or mapped."""
+    new = shm_names() - before
+    if not new:
+        return
+    used = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                used.add(os.path.basename(os.readlink(f"/proc/{pid}/fd/{fd}")))
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(os.path.basename(line.split()[-1]) for line in f if "/dev/shm/" in line)
+        except OSError:
+            continue
+    for name in new - used:
+        try:
+            os.unlink(f"/dev/shm/{name}")
+        except OSError:
+            pass
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT to the server's process group (Triton and its stubs clean up), SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     contract = ModelContract(LabelSet.coco(), PreprocessSpec(size=S))
@@ -168,6 +212,7 @@ def server(model, tmp_path_factory):
     http, grpc, metrics = free_ports(3)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log_dir = tmp_path_factory.mktemp("serve_log")
+    shm_before = shm_names()
     proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]), "--http-port", str(http),
                              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--instances", "2",
                              "--threads", "1", "--max-batch", "8", "--max-request-bytes", str(CAP)],
@@ -180,9 +225,8 @@ def server(model, tmp_path_factory):
             pytest.fail(f"probres-serve did not start: {tail(log_dir / 'server.log')}")
         time.sleep(0.3)
     yield proc, http, grpc, metrics
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    stop(proc)
+    reap_shm(shm_before)
 
 
 def run_load(tmp_path: Path, grpc: int, files: list[Path], clients: int, timeout: float = 20):
@@ -286,6 +330,7 @@ def test_exported_repository_parses_and_its_preprocessing_serves(model, images, 
 
     http, grpc, metrics = free_ports(3)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    shm_before = shm_names()
     proc = subprocess.Popen([str(SERVE_PY), "-m", "export.triton_local", "--repo", str(repo), "--http-port", str(http),
                              "--grpc-port", str(grpc), "--metrics-port", str(metrics)], cwd=ROOT, env=env,
                             stdout=server_log(tmp_path), stderr=subprocess.STDOUT, start_new_session=True)
@@ -312,8 +357,8 @@ def test_exported_repository_parses_and_its_preprocessing_serves(model, images, 
         assert "image 0: not a decodable image" in e_random and "image too large (100000x100000" in e_bomb
         assert http_status(f"http://127.0.0.1:{http}/v2/health/ready") == 200
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        stop(proc)
+        reap_shm(shm_before)
 
 
 @needs_serve_env
