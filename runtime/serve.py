@@ -12,9 +12,10 @@ Two models on Triton's own protocol (KServe v2; /v2/health/ready, Prometheus met
                  error   BYTES (1,)   "" or one line naming what is wrong with that image
 Dynamic batching up to --max-batch (at most the engine's own limit) with --max-queue-delay-us;
 --instances model instances, each with its own backend (runtime.backends.open_backend).
-Safe by default: listens on 127.0.0.1 only (Triton has no authentication); an image over
---max-request-bytes (64 MiB) or whose header claims more than runtime.preprocess.MAX_IMAGE_PIXELS
-pixels is refused for that item. PyTriton (which bundles the tritonserver binary) pins numpy<2,
+Ctrl-C or SIGTERM stops it cleanly. Safe by default: listens on 127.0.0.1 only (Triton has no
+authentication); an image over --max-request-bytes (64 MiB) or whose header claims more than
+runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
+request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles the tritonserver binary) pins numpy<2,
 so it lives in its own environment, .venv-serve (Makefile `serve-env`); it is imported lazily.
 Exit status 2 for usage or model errors (one line, before the server starts).
 """
@@ -25,6 +26,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 import sysconfig
@@ -161,6 +163,10 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
                 outputs=outputs, config=config)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problem = check_args(args)
@@ -186,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                           allow_metrics=True, allow_gpu_metrics=False, exit_on_error=True, exit_timeout_secs=5,
                           log_verbose=args.log_verbose)
     add_python_libdir(os.environ)              # inherited by tritonserver and its stubs
+    signal.signal(signal.SIGTERM, _interrupt)  # docker stop / systemd: the same clean stop as Ctrl-C
     m0 = models[0]
     print(f"{PROG}: {m0.backend.describe()} x{len(models)} on http://{args.host}:{args.http_port} "
           f"grpc {args.host}:{args.grpc_port} metrics :{args.metrics_port}; models {BYTES_MODEL} (image bytes), "
