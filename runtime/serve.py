@@ -15,8 +15,9 @@ Dynamic batching up to --max-batch (at most the engine's own limit) with --max-q
 Ctrl-C or SIGTERM stops it cleanly. Safe by default: listens on 127.0.0.1 only (Triton has no
 authentication); an image over --max-request-bytes (64 MiB) or whose header claims more than
 runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
-request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles the tritonserver binary) pins numpy<2,
-so it lives in its own environment, .venv-serve (Makefile `serve-env`); it is imported lazily.
+request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles
+the tritonserver binary) pins numpy<2, so it lives in its own environment, .venv-serve (Makefile
+`serve-env`); it is imported lazily.
 Exit status 2 for usage or model errors (one line, before the server starts).
 """
 
