@@ -363,7 +363,7 @@ def test_exported_repository_parses_and_its_preprocessing_serves(model, images, 
 
 @needs_serve_env
 def test_killed_server_gives_clients_errors_not_hangs(server, images, tmp_path):
-    """Last: SIGKILL the server mid-load; every request still ends, the late ones with an error."""
+    """Last user of the server fixture: SIGKILL it mid-load; every request still ends, the late ones with an error."""
     proc, http, grpc, _ = server
     good, _ = images
     cmd, out = run_load(tmp_path, grpc, [good[i % 4] for i in range(32 * 150)], clients=32, timeout=10)
@@ -383,3 +383,31 @@ def test_killed_server_gives_clients_errors_not_hangs(server, images, tmp_path):
     assert answered and failed
     assert all(x["item_error"] is None and x["answered_id"] == str(x["index"]) for x in answered)
     assert all(x["answered_id"] is None for x in failed)
+
+
+def test_export_triton_plan_takes_names_and_batch_from_the_manifest(tmp_path, capsys):
+    """A TensorRT plan: platform tensorrt_plan, KIND_GPU, names and max_batch_size from its sidecar."""
+    from export.triton import main, write_repository
+    from runtime.trt_manifest import write_manifest
+    from test_trt_manifest import _manifest
+
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not a real plan: export.triton copies it as is")
+    m = _manifest(input_name="input_0", output_name="output_0", max_batch=32)
+    write_manifest(plan, m)
+    write_repository(plan, tmp_path / "repo")
+    cfg = (tmp_path / "repo" / "probres_model" / "config.pbtxt").read_text()
+    for line in ('platform: "tensorrt_plan"', "max_batch_size: 32", 'name: "input_0" data_type: TYPE_FP32 dims: [ 3, 448, 448 ]',
+                 'name: "output_0" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt"', "kind: KIND_GPU"):
+        assert line in cfg, line
+    assert (tmp_path / "repo" / "probres_model" / "1" / "model.plan").read_bytes() == plan.read_bytes()
+    ens = (tmp_path / "repo" / "probres" / "config.pbtxt").read_text()
+    assert 'input_map { key: "input_0" value: "preprocessed" }' in ens and 'key: "output_0" value: "probs"' in ens
+    assert main(["--engine", str(plan), "--out", str(tmp_path / "r2"), "--max-batch", "64"]) == 2
+    assert "at most 32" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    if SERVE_PY.is_file():                       # the same configs parse with tritonclient's protobuf
+        r = serve_py("-c", "import sys, glob; from google.protobuf import text_format; "
+                     "from tritonclient.grpc import model_config_pb2 as mc; "
+                     "[text_format.Parse(open(p).read(), mc.ModelConfig()) for p in glob.glob(sys.argv[1] + '/*/config.pbtxt')]",
+                     str(tmp_path / "repo"), timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
