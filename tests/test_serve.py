@@ -30,10 +30,12 @@ from runtime.serve_model import MAX_REQUEST_BYTES, ServeModel
 from test_infer import S, png_header, smooth_image, tiny_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
+# `make serve-env` marks a complete .venv-serve with .installed; PROBRES_SERVE_PYTHON names another.
 SERVE_PY = Path(os.environ.get("PROBRES_SERVE_PYTHON", ROOT / ".venv-serve" / "bin" / "python"))
+SERVE_OK = SERVE_PY.is_file() and ("PROBRES_SERVE_PYTHON" in os.environ or (ROOT / ".venv-serve" / ".installed").is_file())
 CAP = 200_000                    # the server's --max-request-bytes in these tests
-needs_serve_env = pytest.mark.skipif(not SERVE_PY.is_file(),
-                                     reason=f"no serve environment at {SERVE_PY}: run `make serve-env`")
+needs_serve_env = pytest.mark.skipif(not SERVE_OK, reason=f"no complete serve environment at {SERVE_PY}: "
+                                                          f"run `make serve-env` (PyTriton needs numpy<2: its own venv)")
 
 
 def serve_py(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -405,7 +407,7 @@ def test_export_triton_plan_takes_names_and_batch_from_the_manifest(tmp_path, ca
     assert 'input_map { key: "input_0" value: "preprocessed" }' in ens and 'key: "output_0" value: "probs"' in ens
     assert main(["--engine", str(plan), "--out", str(tmp_path / "r2"), "--max-batch", "64"]) == 2
     assert "at most 32" in capsys.readouterr().err and not (tmp_path / "r2").exists()
-    if SERVE_PY.is_file():                       # the same configs parse with tritonclient's protobuf
+    if SERVE_OK:                                 # the same configs parse with tritonclient's protobuf
         r = serve_py("-c", "import sys, glob; from google.protobuf import text_format; "
                      "from tritonclient.grpc import model_config_pb2 as mc; "
                      "[text_format.Parse(open(p).read(), mc.ModelConfig()) for p in glob.glob(sys.argv[1] + '/*/config.pbtxt')]",
