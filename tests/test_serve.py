@@ -74,11 +74,7 @@ def shm_names() -> set[str]:
         return set()
 
 
-def reap_shm(before: set[str]) -> None:
-    """Unlink segments created since `before` that no live process has open or mapped."""
-    new = shm_names() - before
-    if not new:
-        return
+def _shm_in_use() -> set[str]:
     used = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -88,11 +84,24 @@ def reap_shm(before: set[str]) -> None:
                 used.update(os.path.basename(line.split()[-1]) for line in f if "/dev/shm/" in line)
         except OSError:
             continue
-    for name in new - used:
-        try:
-            os.unlink(f"/dev/shm/{name}")
-        except OSError:
-            pass
+    return used
+
+
+def reap_shm(before: set[str], wait_s: float = 15.0) -> None:
+    """Unlink segments created since `before` once no live process has them open or mapped
+    (the killed server's stubs take a few seconds to exit)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        new = shm_names() - before
+        busy = new & _shm_in_use()
+        for name in new - busy:
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except OSError:
+                pass
+        if not busy or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
 
 
 def stop(proc: subprocess.Popen) -> None:
