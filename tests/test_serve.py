@@ -315,10 +315,36 @@ def test_tensor_requests_and_usage_errors(server, model, images, tmp_path):
     assert r.returncode == 2 and f"--http-port {http}: cannot listen" in r.stderr, r.stderr
 
 
+# The wheel's tritonserver has no ONNX Runtime backend, so for the ensemble check probres_model
+# becomes a Python-backend model that runs the same model.onnx with ONNX Runtime, under the
+# config export.triton wrote (names, dtypes, dims, batching): Triton validates every request
+# against that config exactly as it would for the onnxruntime_onnx platform.
+ORT_STAND_IN = """
+import json, os
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        self.inp, self.out = cfg["input"][0]["name"], cfg["output"][0]["name"]
+        self.sess = ort.InferenceSession(os.path.join(os.path.dirname(__file__), "model.onnx"),
+                                         providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            (y,) = self.sess.run([self.out], {self.inp: pb_utils.get_input_tensor_by_name(r, self.inp).as_numpy()})
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.out, y)]))
+        return out
+"""
+
+
 @needs_serve_env
 def test_exported_repository_parses_and_its_preprocessing_serves(model, images, tmp_path):
     """Every config.pbtxt parses with tritonclient's model-config protobuf; the Python-backend
-    preprocessing model runs on tritonserver and returns runtime.preprocess's exact tensor."""
+    preprocessing model runs on tritonserver and returns runtime.preprocess's exact tensor, and
+    the ensemble (with an ONNX Runtime stand-in for the model step) answers like the runtime."""
     from export.triton import write_repository
 
     repo = tmp_path / "repo"
@@ -339,15 +365,19 @@ def test_exported_repository_parses_and_its_preprocessing_serves(model, images, 
     assert ModelContract.from_json(cfg["probres"]["parameters"]["probres.contract"]["stringValue"]) == model[1]
     assert (repo / "probres_model" / "labels.txt").read_text().splitlines() == list(model[1].labels.names)
 
+    config = repo / "probres_model" / "config.pbtxt"
+    config.write_text(config.read_text().replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
+    (repo / "probres_model" / "1" / "model.py").write_text(ORT_STAND_IN)
     http, grpc, metrics = free_ports(3)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     shm_before = shm_names()
+    loads = [a for m in ("probres_preprocess", "probres_model", "probres") for a in ("--load", m)]
     proc = subprocess.Popen([str(SERVE_PY), "-m", "export.triton_local", "--repo", str(repo), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics)], cwd=ROOT, env=env,
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), *loads], cwd=ROOT, env=env,
                             stdout=server_log(tmp_path), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while http_status(f"http://127.0.0.1:{http}/v2/models/probres_preprocess/ready") != 200:
+        while http_status(f"http://127.0.0.1:{http}/v2/models/probres/ready") != 200:
             assert proc.poll() is None and time.monotonic() < deadline, tail(tmp_path / "server.log")
             time.sleep(0.3)
         code = ("import sys, json, numpy as np, tritonclient.http as h; "
@@ -366,6 +396,26 @@ def test_exported_repository_parses_and_its_preprocessing_serves(model, images, 
         d0, d3, e_random, e_bomb = json.loads(r.stdout)
         assert d0 == 0.0 and d3 == 0.0
         assert "image 0: not a decodable image" in e_random and "image too large (100000x100000" in e_bomb
+
+        ensemble = ("import sys, json, numpy as np, tritonclient.http as h; from runtime.backends import open_backend; "
+                    "from runtime.preprocess import preprocess; "
+                    f"c = h.InferenceServerClient('127.0.0.1:{http}'); b = open_backend(sys.argv[1], device='cpu'); out = []\n"
+                    "for f in sys.argv[2:]:\n"
+                    "    i = h.InferInput('image', [1, 1], 'BYTES'); i.set_data_from_numpy(np.array([[open(f, 'rb').read()]], dtype=object))\n"
+                    "    try:\n"
+                    "        p = c.infer('probres', [i]).as_numpy('probs')\n"
+                    "        top = c.infer('probres', [i], outputs=[h.InferRequestedOutput('probs', class_count=2)]).as_numpy('probs')\n"
+                    "        ref = b.infer(preprocess([f], spec=b.contract.preprocess))\n"
+                    "        out.append([float(np.abs(p - ref).max()), [t.decode() for t in top[0]], int(np.argmax(ref[0]))])\n"
+                    "    except Exception as e: out.append(str(e))\n"
+                    "print(json.dumps(out))")
+        r = serve_py("-c", ensemble, str(model[0]), str(images[0][1]), str(bad["truncated"][0]), timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        (diff, top, best), e_truncated = json.loads(r.stdout)
+        assert diff <= 1e-6
+        value, index, label = top[0].split(":")       # the classification extension, labels.txt
+        assert int(index) == best and label == model[1].labels.names[best]
+        assert "image 0: not a decodable image" in e_truncated
         assert http_status(f"http://127.0.0.1:{http}/v2/health/ready") == 200
     finally:
         stop(proc)
