@@ -472,3 +472,27 @@ def test_export_triton_plan_takes_names_and_batch_from_the_manifest(tmp_path, ca
                      "[text_format.Parse(open(p).read(), mc.ModelConfig()) for p in glob.glob(sys.argv[1] + '/*/config.pbtxt')]",
                      str(tmp_path / "repo"), timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+@needs_serve_env
+def test_serve_benchmark_runs_its_documented_command(tmp_path, images):
+    """benchmarks.serve toy-model, then the benchmark itself (tiny: 1 and 2 clients x 2 requests)."""
+    from benchmarks.serve import main as bench_main
+    from runtime.backends import open_backend
+
+    toy = tmp_path / "toy.onnx"
+    assert bench_main(["toy-model", str(toy), "--size", "32"]) == 0
+    with open_backend(toy, device="cpu") as b:
+        assert b.contract == ModelContract.coco(32) and b.infer(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 80)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for f in images[0]:
+        (imgs / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "serve.json"
+    ports = ",".join(map(str, free_ports(3)))
+    r = serve_py("-m", "benchmarks.serve", "--engine", str(toy), "--images", str(imgs), "--requests", "2",
+                 "--clients", "1,2", "--ports", ports, "--json", str(out), "--instances", "1", timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["clients"], x["mode"]) for x in rows] == [(1, "bytes"), (1, "tensors"), (2, "bytes"), (2, "tensors")]
+    assert all(x["failed"] == 0 and x["requests"] == 2 * x["clients"] and x["p50_ms"] <= x["p99_ms"] for x in rows)
