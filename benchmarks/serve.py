@@ -49,7 +49,8 @@ class Record:
     error: str | None = None           # no answer: the transport/server error
 
 
-def _client(url: str, timeout_s: float):
+def _client(url: str):
+    """A gRPC client (thread-safe; each client thread makes its own connection anyway)."""
     import tritonclient.grpc as grpcclient
     return grpcclient.InferenceServerClient(url=url, verbose=False)
 
@@ -85,7 +86,7 @@ def run_load(url: str, jobs: list[tuple[str, object]], clients: int, timeout_s: 
     records: list[Record | None] = [None] * len(jobs)
 
     def work(k: int) -> None:
-        client = _client(url, timeout_s)
+        client = _client(url)
         try:
             for i in range(k, len(jobs), clients):
                 model, payload = jobs[i]
@@ -110,7 +111,7 @@ def run_load(url: str, jobs: list[tuple[str, object]], clients: int, timeout_s: 
 def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None,
                models: tuple[str, ...] = ("probres", "probres_tensor")) -> None:
     """Block until the server and `models` report ready (RuntimeError on timeout or when `proc` exited)."""
-    client = _client(url, 5.0)
+    client = _client(url)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
@@ -185,7 +186,6 @@ def benchmark(url: str, files: list[Path], spec, clients_list: list[int], reques
 
 def toy_model(path: Path, size: int = 448, seed: int = 0) -> None:
     """probs (N, 80) = sigmoid(channel means (N, 3) @ W + b), carrying the COCO contract at `size`."""
-    import onnx
     from onnx import TensorProto, helper
 
     from runtime.contract import ModelContract

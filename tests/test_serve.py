@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -294,7 +293,7 @@ def test_tensor_requests_and_usage_errors(server, model, images, tmp_path):
     good, _ = images
     code = ("import sys, json, numpy as np; from benchmarks.serve import _client, send; "
             "from runtime.preprocess import preprocess_one; from runtime.contract import PreprocessSpec; "
-            f"c = _client('127.0.0.1:{grpc}', 10); x = preprocess_one(sys.argv[1], PreprocessSpec(size={S})); "
+            f"c = _client('127.0.0.1:{grpc}'); x = preprocess_one(sys.argv[1], PreprocessSpec(size={S})); "
             "b = send(c, 'probres', open(sys.argv[1], 'rb').read(), '1', 10); "
             "t = send(c, 'probres_tensor', x, '2', 10); import tritonclient.grpc as g; "
             "i = g.InferInput('image', [2, 1], 'BYTES'); "
