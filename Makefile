@@ -9,7 +9,7 @@ DEMO_DIR ?= demo_out
 
 .PHONY: venv test demo clean test-aarch64 serve-env serve
 
-# The serving environment (probres-serve, tests/test_serve.py): PyTriton pins numpy<2, so it gets
+# The serving environment (probres-serve, tests/test_serve.py, test_export_triton.py): PyTriton pins numpy<2, so it gets
 # its own venv. Debian's python3.11 by default: the Python-backend stub of the bundled tritonserver
 # links libpython3.11.so.1.0 from the loader path (a pyenv build also works: probres-serve puts
 # its lib/ on LD_LIBRARY_PATH).
@@ -39,10 +39,10 @@ serve: $(SERVE_VENV)/.installed
 	@test -n "$(ENGINE)" || { echo "usage: make serve ENGINE=model.onnx|model.plan [SERVE_ARGS='--instances 2']" >&2; exit 2; }
 	$(SERVE_VENV)/bin/probres-serve --engine $(ENGINE) $(SERVE_ARGS)
 
-# The serving env is built first; where it cannot be (no python3.11 here), tests/test_serve.py
+# The serving env is built first; where it cannot be (no python3.11 here), the Triton tests
 # skips its server tests and says why.
 test: $(VENV)/.installed
-	$(MAKE) --no-print-directory serve-env || echo "make test: the serve environment could not be built; tests/test_serve.py skips its server tests" >&2
+	$(MAKE) --no-print-directory serve-env || echo "make test: the serve environment could not be built; the Triton tests (tests/test_serve.py, test_export_triton.py) skip" >&2
 	$(BIN)/python -m pytest -q
 
 # The C kernel on aarch64 (NEON), from an x86 Debian/Ubuntu machine: installs the cross compiler
