@@ -9,8 +9,8 @@ DEMO_DIR ?= demo_out
 
 .PHONY: venv test demo clean test-aarch64 serve-env serve
 
-# The serving environment (probres-serve, tests/test_serve.py, test_export_triton.py): PyTriton pins numpy<2, so it gets
-# its own venv. Debian's python3.11 by default: the Python-backend stub of the bundled tritonserver
+# The serving environment (probres-serve; tests/test_serve.py, test_export_triton.py): PyTriton
+# pins numpy<2, so it gets its own venv. Debian's python3.11 by default: the Python-backend stub of the bundled tritonserver
 # links libpython3.11.so.1.0 from the loader path (a pyenv build also works: probres-serve puts
 # its lib/ on LD_LIBRARY_PATH).
 SERVE_PY ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
@@ -40,7 +40,7 @@ serve: $(SERVE_VENV)/.installed
 	$(SERVE_VENV)/bin/probres-serve --engine $(ENGINE) $(SERVE_ARGS)
 
 # The serving env is built first; where it cannot be (no python3.11 here), the Triton tests
-# skips its server tests and says why.
+# skip and say why.
 test: $(VENV)/.installed
 	$(MAKE) --no-print-directory serve-env || echo "make test: the serve environment could not be built; the Triton tests (tests/test_serve.py, test_export_triton.py) skip" >&2
 	$(BIN)/python -m pytest -q
