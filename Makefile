@@ -10,9 +10,9 @@ DEMO_DIR ?= demo_out
 .PHONY: venv test demo clean test-aarch64 serve-env serve
 
 # The serving environment (probres-serve; tests/test_serve.py, test_export_triton.py): PyTriton
-# pins numpy<2, so it gets its own venv. Debian's python3.11 by default: the Python-backend stub of the bundled tritonserver
-# links libpython3.11.so.1.0 from the loader path (a pyenv build also works: probres-serve puts
-# its lib/ on LD_LIBRARY_PATH).
+# pins numpy<2, so it gets its own venv. Debian's python3.11 by default: the Python-backend stub
+# of the bundled tritonserver links libpython3.11.so.1.0 from the loader path (a pyenv build also
+# works: probres-serve puts its lib/ on LD_LIBRARY_PATH).
 SERVE_PY ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
 SERVE_VENV := .venv-serve
 
