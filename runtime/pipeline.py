@@ -1,14 +1,18 @@
-"""Streaming decode + preprocess in a thread pool, feeding a bounded queue of batches to the inference loop.
+"""The one image path: decode + preprocess in a thread pool, straight into the backend's own input buffers.
 
     python -c "from runtime.pipeline import iter_batches, iter_image_paths; from runtime.contract import PreprocessSpec; \
 print(sum(len(b.paths) for b in iter_batches(iter_image_paths(['imgs']), PreprocessSpec(size=64))))"
 
-A producer thread takes the input paths batch_size at a time and spreads each batch's images
-over `threads` workers (cv2.imdecode/resize release the GIL, so they use every core), keeping
-two batches in flight so the workers never idle at a batch boundary. Finished batches wait in
-a queue of `prefetch` slots while the caller runs inference on the previous one. Batch
-buffers (batch_size, 3, S, S) float32 are preallocated and recycled, so memory is fixed by
-batch_size x (prefetch + 3), never by the number of images.
+One batching engine (`fill_rows`) writes images into the rows of a batch buffer, one task per
+worker, each taking the next image (cv2 decode and the C kernel release the GIL, so workers use
+every core). `runtime.preprocess.preprocess()` is a single call of it; `iter_batches` streams:
+a producer thread takes the input paths batch_size at a time, keeping two batches in flight so
+the workers never idle at a batch boundary, and finished batches wait in a queue of `prefetch`
+slots while the caller runs inference. The buffers come from `allocate` (a backend's
+`allocate_inputs`: its input dtype, pinned memory on a GPU), once per run, sized
+min(batch_size, inputs) by reading at most one batch of paths ahead, and recycled: memory is
+fixed by batch_size x (IN_FLIGHT + prefetch + hold), never by the number of images.
+`classify` is probres-infer's loop over them: batch k+1 is submitted before batch k is waited for.
 
 A bad input never stops the stream: it becomes an error message in its batch and the other
 images go on. Before OpenCV sees a file, its header's claimed size is checked against
@@ -26,13 +30,16 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from runtime.contract import PreprocessSpec
-from runtime.preprocess import (MAX_IMAGE_PIXELS, STREAM_BYTES, ImageDecodeError, decode_path_reusing,
-                                preprocess_array_into, preprocess_into, read_bytes)
+from runtime.preprocess import (MAX_IMAGE_PIXELS, OUT_DTYPES, STREAM_BYTES, ImageDecodeError, ImageSource,
+                                aligned_empty, decode_bgr, decode_path_reusing, preprocess_array_into, read_bytes)
+
+if TYPE_CHECKING:
+    from runtime.backends.base import Backend, Pending
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff"})
 MAX_FILE_BYTES = 256 << 20     # no camera image is this big; refuse before reading it into memory
@@ -187,19 +194,64 @@ def load_into(path: str, out: np.ndarray, spec: PreprocessSpec, stream: bool = F
         return
     buf = read_bytes(path)
     check_header(buf.data, path)
-    preprocess_into(buf.data, out, spec, name=path)
+    preprocess_array_into(decode_bgr(buf.data, path), out, spec, stream=stream)
 
 
-def _load(path: str, out: np.ndarray, spec: PreprocessSpec, stream: bool = False) -> str | None:
-    """load_into, with every failure turned into a one-line message (None = ok)."""
-    try:
-        load_into(path, out, spec, stream)
-        return None
-    except ImageDecodeError as e:
+def load_source(src: ImageSource, out: np.ndarray, spec: PreprocessSpec, stream: bool = False) -> None:
+    """load_into for a path; encoded bytes get the same header check, then decode_bgr."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        check_header(src, f"<{len(src)} bytes>")
+        preprocess_array_into(decode_bgr(src), out, spec, stream=stream)
+    else:
+        load_into(os.fspath(src), out, spec, stream)
+
+
+def error_message(src: ImageSource, e: BaseException) -> str:
+    """One line for a failed input: ImageDecodeError's own message, else the input and the exception."""
+    if isinstance(e, ImageDecodeError):
         return str(e)
-    except Exception as e:  # cv2.error, MemoryError...: still this image's problem, not the run's
-        text = str(e).strip().splitlines()
-        return f"{path}: {e.__class__.__name__}: {text[-1] if text else 'failed'}"
+    text = str(e).strip().splitlines()        # cv2.error, MemoryError...: still this image's problem
+    name = f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
+    return f"{name}: {e.__class__.__name__}: {text[-1] if text else 'failed'}"
+
+
+# ---------------------------------------------------------------------------------------------- one batch
+
+class fill_rows:
+    """Preprocess sources[i] into out[i], spread over `workers` tasks of `pool` (one task per worker,
+    each taking the next image, rather than one future per image, whose wake-ups contend for the GIL
+    with the workers), plus the calling thread when `caller_works`. `result()` waits and gives one
+    exception or None per source, in order. Rows are written with streaming stores when `out` is
+    larger than STREAM_BYTES (it cannot stay in cache until the model reads it).
+    """
+
+    def __init__(self, sources: Sequence[ImageSource], out: np.ndarray, spec: PreprocessSpec,
+                 pool: ThreadPoolExecutor | None = None, workers: int = 0, caller_works: bool = False) -> None:
+        self._sources, self._out, self._spec = sources, out, spec
+        self._stream = out[:len(sources)].nbytes >= STREAM_BYTES
+        self.errors: list[BaseException | None] = [None] * len(sources)
+        self._next, self._take = 0, threading.Lock()
+        n_tasks = min(workers, len(sources)) if pool is not None else 0
+        self._futs: list[Future] = [pool.submit(self._work) for _ in range(n_tasks)]
+        if caller_works or not self._futs:
+            self._work()
+
+    def _work(self) -> None:
+        while True:
+            with self._take:
+                i = self._next
+                self._next += 1
+            if i >= len(self._sources):
+                return
+            try:
+                load_source(self._sources[i], self._out[i], self._spec, self._stream)
+            except Exception as e:                   # every image is still attempted
+                self.errors[i] = e
+
+    def result(self) -> list[BaseException | None]:
+        for f in self._futs:
+            f.result()
+        return self.errors
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -209,7 +261,8 @@ class Batch:
     """One batch of inputs, in input order.
 
     paths[i] failed when errors[i] is not None; the others' pixels are data's rows, in order.
-    `data` (n_ok, 3, S, S) float32 is a recycled buffer: valid until the next batch is requested.
+    `data` (n_ok, 3, S, S) is a view of a recycled buffer (the backend's own when iter_batches got
+    its allocate_inputs): valid until `hold` more batches have been requested.
     """
 
     start: int                    # index of paths[0] in the whole input stream
@@ -222,6 +275,7 @@ class Batch:
         return [i for i, e in enumerate(self.errors) if e is None]
 
 
+Allocate = Callable[[int, int], "list[np.ndarray]"]
 _END = object()
 
 
@@ -230,19 +284,55 @@ class _Failed:
         self.exc = exc
 
 
-def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 16, threads: int = 4,
-                 prefetch: int = 1) -> Iterator[Batch]:
-    """Decode + preprocess `paths` in a background thread pool; yield Batch objects in input order."""
-    if batch_size < 1 or threads < 1 or prefetch < 1:
-        raise ValueError("batch_size, threads and prefetch must be >= 1")
+def numpy_buffers(spec: PreprocessSpec, dtype: "np.typing.DTypeLike" = np.float32) -> Allocate:
+    """allocate(batch_size, count) for callers without a backend: 64-byte aligned numpy buffers."""
+    return lambda b, count: [aligned_empty((b, 3, spec.size, spec.size), dtype) for _ in range(count)]
+
+
+def _allocate(allocate: Allocate, rows: int, count: int, spec: PreprocessSpec) -> list[np.ndarray]:
+    """`count` checked buffers of (rows, 3, S, S); MemoryError saying how much and which flag."""
     s = spec.size
+    try:
+        bufs = list(allocate(rows, count))
+    except MemoryError:
+        gib = count * rows * 3 * s * s * 4 / 2**30
+        raise MemoryError(f"--batch-size {rows}: {count} input buffers of {rows} images ({gib:.1f} GiB as float32) "
+                          f"do not fit in memory; use a smaller --batch-size") from None
+    for b in bufs:
+        if (not isinstance(b, np.ndarray) or b.dtype not in OUT_DTYPES or b.shape != (rows, 3, s, s)
+                or not b.flags.c_contiguous):
+            raise ValueError(f"allocate gave {getattr(b, 'dtype', type(b).__name__)} {getattr(b, 'shape', '')}, "
+                             f"expected C-contiguous float32/float16 ({rows}, 3, {s}, {s})")
+    if len(bufs) != count:
+        raise ValueError(f"allocate gave {len(bufs)} buffers, expected {count}")
+    return bufs
+
+
+def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 16, threads: int = 4,
+                 prefetch: int = 1, allocate: Allocate | None = None, hold: int = 1) -> Iterator[Batch]:
+    """Decode + preprocess `paths` in a background thread pool; yield Batch objects in input order.
+
+    allocate(rows, count): the `count` buffers (rows, 3, S, S) float32/float16 to write into, e.g.
+    a backend's allocate_inputs (default: float32 numpy). Called once, with rows = min(batch_size,
+    number of inputs): at most one batch of paths is read ahead to find that, never the whole list.
+    hold: batches the caller keeps at once (2 for submit k+1 before wait k); a batch's buffer is
+    recycled when `hold` later batches have been requested.
+    """
+    if batch_size < 1 or threads < 1 or prefetch < 1 or hold < 1:
+        raise ValueError("batch_size, threads, prefetch and hold must be >= 1")
+    source = iter(paths)
+    first = list(islice(source, batch_size))         # the peek: at most one batch of paths
+    if not first:
+        return
+    # One short batch is the whole input: one buffer of its size (--batch-size 100000 on one image
+    # allocates one image, not 56 GiB).
+    count = 1 if len(first) < batch_size else IN_FLIGHT + prefetch + hold
     free: queue.Queue = queue.Queue()
-    for _ in range(IN_FLIGHT + prefetch + 1):          # in flight + queued + held by the caller
-        free.put(np.empty((batch_size, 3, s, s), dtype=np.float32))
+    for b in _allocate(allocate or numpy_buffers(spec), len(first), count, spec):
+        free.put(b)
     ready: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-decode")
-    source = iter(paths)
 
     def wait(op, *args):
         """A blocking queue op that gives up when the consumer has gone away."""
@@ -255,50 +345,68 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
 
     def produce() -> None:
         try:
-            inflight: deque[tuple[int, list[str], np.ndarray, list[Future]]] = deque()
-            start, more = 0, True
+            inflight: deque[tuple[int, list[str], np.ndarray, fill_rows]] = deque()
+            start, more, chunk = 0, True, first
             while not stop.is_set():
                 while more and len(inflight) < IN_FLIGHT:
-                    chunk = list(islice(source, batch_size))
+                    chunk = chunk or list(islice(source, batch_size))
                     if not chunk:
                         more = False
                         break
                     buf = wait(free.get)
                     if buf is None:
                         return
-                    stream = buf.nbytes >= STREAM_BYTES
-                    futs = [pool.submit(_load, p, buf[i], spec, stream) for i, p in enumerate(chunk)]
-                    inflight.append((start, chunk, buf, futs))
+                    inflight.append((start, chunk, buf, fill_rows(chunk, buf, spec, pool, threads)))
                     start += len(chunk)
+                    chunk = None
                 if not inflight:
                     break
-                first, chunk, buf, futs = inflight.popleft()
-                errors = [f.result() for f in futs]
+                first_index, paths_k, buf, fill = inflight.popleft()
+                errors = [None if e is None else error_message(p, e) for p, e in zip(paths_k, fill.result())]
                 ok = [i for i, e in enumerate(errors) if e is None]
-                for dst, src in enumerate(ok):         # compact the good rows to the front
+                for dst, src in enumerate(ok):         # compact the good rows to the front (in place)
                     if dst != src:
                         buf[dst] = buf[src]
-                wait(ready.put, (Batch(first, chunk, errors, buf[:len(ok)]), buf))
+                wait(ready.put, (Batch(first_index, paths_k, errors, buf[:len(ok)]), buf))
             wait(ready.put, _END)
         except BaseException as e:  # a bug or a failing path iterator: re-raised in the caller
             wait(ready.put, _Failed(e))
 
     producer = threading.Thread(target=produce, name="probres-producer", daemon=True)
     producer.start()
-    held = None
+    held: deque[np.ndarray] = deque()
     try:
         while True:
-            if held is not None:
-                free.put(held)
-                held = None
+            while len(held) >= hold:
+                free.put(held.popleft())
             item = ready.get()
             if item is _END:
                 return
             if isinstance(item, _Failed):
                 raise item.exc
-            batch, held = item
+            batch, buf = item
+            held.append(buf)
             yield batch
     finally:
         stop.set()
         producer.join()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def classify(backend: "Backend", paths: Iterable[str], batch_size: int = 16, threads: int = 4
+             ) -> Iterator[tuple[Batch, np.ndarray | None]]:
+    """probres-infer's loop: (batch, probs float32 (len(batch.ok), C) or None if no image decoded), in order.
+
+    Images are preprocessed straight into the backend's own buffers (allocate_inputs: its input
+    dtype, pinned on a GPU) and batch k+1 is submitted before batch k's result is waited for, so
+    an asynchronous backend transfers k+1 while it computes k. No batch is copied on the host.
+    """
+    prev: tuple[Batch, Pending | None] | None = None
+    for batch in iter_batches(paths, backend.contract.preprocess, batch_size, threads,
+                              allocate=backend.allocate_inputs, hold=2):
+        pending = backend.submit(batch.data) if len(batch.data) else None
+        if prev is not None:
+            yield prev[0], prev[1].wait() if prev[1] is not None else None
+        prev = (batch, pending)
+    if prev is not None:
+        yield prev[0], prev[1].wait() if prev[1] is not None else None

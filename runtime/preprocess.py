@@ -148,15 +148,6 @@ def decode_path_reusing(path: str) -> np.ndarray | None:
     return img if ok else None                              # rotated by EXIF: a new array
 
 
-def _decode_for_batch(src: ImageSource) -> np.ndarray:
-    """decode_bgr, through the reusable buffer when src is a path (the caller uses the pixels at once)."""
-    if isinstance(src, (str, os.PathLike)):
-        img = decode_path_reusing(os.fspath(src))
-        if img is not None:
-            return img
-    return decode_bgr(src)
-
-
 def decode(src: ImageSource, name: str | None = None) -> np.ndarray:
     """Decode to RGB uint8 HxWx3 (for training-time augmentation; the eval path stays BGR)."""
     return cv2.cvtColor(decode_bgr(src, name), cv2.COLOR_BGR2RGB)
@@ -358,10 +349,11 @@ def preprocess(
     `spec` (a contract's PreprocessSpec) overrides size/mean/std/interpolation.
     `out`, if given, is a preallocated C-contiguous (>=N, 3, S, S) float32/float16 buffer
     (e.g. pinned host memory from a GPU backend) written in place; else `dtype` picks the type.
-    `threads` > 1 spreads images over the calling thread and threads - 1 pool workers (decode
-    and the C kernel release the GIL). Paths to complete JPEG/PNG files are decoded into a buffer
-    each thread reuses (see SCRATCH_MAX_BYTES). Raises ImageDecodeError naming the first input
-    (in input order) that cannot be decoded.
+    One call of runtime.pipeline's batching engine (fill_rows), the one probres-infer streams
+    through: paths get its checks (file size, header pixel limit) and the per-thread reused
+    decode buffer (see SCRATCH_MAX_BYTES). `threads` > 1 spreads images over the calling thread
+    and threads - 1 pool workers (decode and the C kernel release the GIL). Raises the error
+    (ImageDecodeError naming the input) of the first input, in input order, that fails.
     """
     spec = _spec(spec, size, mean, std, interpolation)
     n, s = len(images), spec.size
@@ -371,37 +363,12 @@ def preprocess(
             or out.shape[1:] != (3, s, s)):
         got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
         raise ValueError(f"out must be float32 or float16 (>= {n}, 3, {s}, {s}), got {got}")
-    scale, bias = normalize_coefficients(spec.mean, spec.std)
-    stream = out[:n].nbytes >= STREAM_BYTES
+    from runtime.pipeline import fill_rows   # the batching engine iter_batches uses (pipeline imports this module)
 
-    def one(i: int) -> None:
-        resize_normalize_into(_decode_for_batch(images[i]), out[i], scale, bias, spec.interpolation, stream=stream)
-
-    if threads <= 1 or n <= 1:
-        for i in range(n):
-            one(i)
-        return out[:n]
-    # The caller's thread works too, beside threads - 1 pool workers, and each worker takes the
-    # next image until none is left: one task per worker rather than one per image, whose
-    # futures and wake-ups contend for the GIL with the workers.
-    todo, errors = iter(range(n)), {}
-    take = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with take:
-                i = next(todo, None)
-            if i is None:
-                return
-            try:
-                one(i)
-            except Exception as e:                   # every image is still attempted, as map() did
-                errors[i] = e
-
-    helpers = [_pool(min(threads, n) - 1).submit(work) for _ in range(min(threads, n) - 1)]
-    work()
-    for h in helpers:
-        h.result()
-    if errors:                                       # the first failing input, in input order
-        raise errors[min(errors)]
+    # The calling thread works too, beside threads - 1 pool workers.
+    helpers = threads - 1 if n > 1 else 0
+    errors = fill_rows(images, out, spec, _pool(helpers) if helpers else None, helpers, caller_works=True).result()
+    bad = [e for e in errors if e is not None]
+    if bad:                                          # the first failing input, in input order
+        raise bad[0]
     return out[:n]

@@ -25,15 +25,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from runtime.contract import ContractError, ModelContract
+from runtime.checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
+from runtime.contract import ModelContract
 from runtime.fileio import atomic_open
 from train.model import build_model
 
-CHECKPOINT_FORMAT = "probres-checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, or not a probres checkpoint."""
+__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 
 @dataclass
@@ -80,24 +77,11 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a probres checkpoint safely (weights_only=True); CheckpointError names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} file")
-    try:
-        contract = ModelContract.from_json(obj["contract"])
-    except (KeyError, ContractError) as e:
-        raise CheckpointError(f"{path}: bad model contract ({e})") from None
+    """Read a probres checkpoint safely (runtime.checkpoint: weights_only=True); CheckpointError names the file."""
+    obj, contract = read_checkpoint(path)
     known = {"format", "arch", "state_dict", "contract", "config", "epoch", "val_metrics", "weights"}
     return Checkpoint(
         arch=obj["arch"], state_dict=obj["state_dict"], contract=contract, config=obj.get("config", {}),
         epoch=int(obj.get("epoch", 0)), val_metrics=obj.get("val_metrics", {}), weights=obj.get("weights", "raw"),
         extra={k: v for k, v in obj.items() if k not in known},
     )
-

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from runtime.checkpoint import ARCHS, build_network
+
+__all__ = ["ARCHS", "PretrainedWeightsError", "WithSigmoid", "build_model"]
 
 # Where torchvision's own ImageNet weights come from (IMAGENET1K_V1 / V2 file names).
 PRETRAINED_HINT = (
@@ -35,9 +36,7 @@ def build_model(arch: str = "resnet101", num_classes: int = 80, pretrained: str 
     pretrained: a local torchvision ImageNet state_dict (.pth) for the backbone; the fc
     layer is re-initialised for the new head. Loaded with weights_only=True.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    model = getattr(torchvision.models, arch)(weights=None)
+    model = build_network(arch, num_classes)          # the same network the runtime's reader builds
     if pretrained is not None:
         path = Path(pretrained)
         if not path.is_file():
@@ -55,7 +54,6 @@ def build_model(arch: str = "resnet101", num_classes: int = 80, pretrained: str 
             raise PretrainedWeightsError(
                 f"--pretrained {path}: does not match {arch} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
             )
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
 
