@@ -1,6 +1,6 @@
-"""FP16 conversion of the exported graph, keeping float32 inputs/outputs and an FP32 classifier head.
+"""FP16 conversion of the exported graph: FP16 input (or float32), float32 output, an FP32 classifier head.
 
-    python -m export.fp16 model.onnx model_fp16.onnx
+    python -m export.fp16 model.onnx model_fp16.onnx [--fp32-input]
 
 Why an FP16 *graph* (not only an FP16 engine flag): TensorRT 11 removed BuilderFlag.FP16 and
 weak typing; networks are strongly typed and take their precision from the ONNX dtypes
@@ -11,6 +11,12 @@ onnxconverter-common's convert_float_to_float16 with keep_io_types=True inserts 
 the float32 input and before the float32 output. The head (Gemm on the pooled 2048-vector,
 then Sigmoid) stays FP32: its cost is negligible, and FP16 probabilities near 1.0 are
 spaced about 5e-4 apart, which would add ties to the ranking that mAP is computed from.
+
+FP16 input (the default, fp16_input=True): the converter's Cast after the float32 input is
+removed and "images" becomes float16, so the runtime's pipeline writes FP16 (its C kernel
+rounds the same float32 value once) and half the bytes cross the host and the PCIe bus. The
+graph computed in FP16 from that Cast on anyway, so the numbers are the same; probres-eval on
+the toy set measured both (benchmarks/RESULTS.md, "FP16 input").
 """
 
 from __future__ import annotations
@@ -31,11 +37,11 @@ class Fp16Error(RuntimeError):
     """The FP16 conversion produced an unusable graph."""
 
 
-def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """FP32 graph -> FP16 graph with float32 I/O and an FP32 head; metadata_props are kept.
+def convert_fp16(model: onnx.ModelProto, fp16_input: bool = True) -> onnx.ModelProto:
+    """FP32 graph -> FP16 graph with FP16 (or float32) input, float32 output and an FP32 head; metadata kept.
 
     Sets metadata "probres.precision" to "fp16". Raises Fp16Error when the result is not
-    mostly FP16 (a silent no-op conversion) or its I/O is not float32.
+    mostly FP16 (a silent no-op conversion) or its I/O types are not the ones asked for.
     """
     from onnxconverter_common import float16
 
@@ -59,9 +65,31 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         warnings.filterwarnings("ignore", message=r"the float32 number", category=UserWarning)
         out = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     restore_fp32_outputs(out, float_outputs)
+    if fp16_input:
+        make_inputs_fp16(out)
     _set_meta(out, "probres.precision", "fp16")
-    check_fp16(out)
+    check_fp16(out, fp16_input)
     return out
+
+
+def make_inputs_fp16(model: onnx.ModelProto) -> None:
+    """Retype each float32 graph input that feeds only Cast(to=FLOAT16) nodes as float16 and drop those Casts."""
+    nodes = list(model.graph.node)
+    for inp in model.graph.input:
+        if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            continue
+        users = [n for n in nodes if inp.name in n.input]
+        casts = [n for n in users if n.op_type == "Cast"
+                 and next((a.i for a in n.attribute if a.name == "to"), None) == onnx.TensorProto.FLOAT16]
+        if not users or len(casts) != len(users):
+            raise Fp16Error(f"FP16 graph: input {inp.name} is not only cast to FP16; cannot make it an FP16 input")
+        for cast in casts:
+            for n in nodes:                               # readers of the Cast's output read the input itself
+                for k, name in enumerate(n.input):
+                    if name == cast.output[0]:
+                        n.input[k] = inp.name
+            model.graph.node.remove(cast)
+        inp.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
 
 
 def restore_fp32_outputs(model: onnx.ModelProto, names: set[str]) -> None:
@@ -109,11 +137,12 @@ def fp16_weight_fraction(model: onnx.ModelProto) -> float:
     return n16 / max(n, 1)
 
 
-def check_fp16(model: onnx.ModelProto) -> None:
-    """Fp16Error unless I/O are float32 and >= 90% of the weights are FP16 (the head is ~1%)."""
-    for v in list(model.graph.input) + list(model.graph.output):
-        if v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            raise Fp16Error(f"FP16 graph: {v.name} is not float32 (keep_io_types failed)")
+def check_fp16(model: onnx.ModelProto, fp16_input: bool = True) -> None:
+    """Fp16Error unless the input is float16 (fp16_input) or float32, outputs float32, >= 90% of the weights FP16."""
+    want_in = onnx.TensorProto.FLOAT16 if fp16_input else onnx.TensorProto.FLOAT
+    for v, want in [(i, want_in) for i in model.graph.input] + [(o, onnx.TensorProto.FLOAT) for o in model.graph.output]:
+        if v.type.tensor_type.elem_type != want:
+            raise Fp16Error(f"FP16 graph: {v.name} is not {onnx.TensorProto.DataType.Name(want).lower()}")
     frac = fp16_weight_fraction(model)
     if frac < 0.9:
         raise Fp16Error(f"FP16 graph: only {frac:.1%} of the weights are FP16; the conversion did not take")
@@ -126,12 +155,15 @@ def fp16_path(output: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m export.fp16 IN.onnx [OUT.onnx]: convert and write atomically (no PyTorch check)."""
+    """python -m export.fp16 IN.onnx [OUT.onnx] [--fp32-input]: convert and write atomically (no PyTorch check)."""
     from runtime.fileio import atomic_write_bytes
 
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    fp16_input = "--fp32-input" not in args
+    args = [a for a in args if a != "--fp32-input"]
     if not 1 <= len(args) <= 2 or args[0].startswith("-"):
-        print("usage: python -m export.fp16 IN.onnx [OUT.onnx]  (default OUT: IN_fp16.onnx)", file=sys.stderr)
+        print("usage: python -m export.fp16 IN.onnx [OUT.onnx] [--fp32-input]  (default OUT: IN_fp16.onnx)",
+              file=sys.stderr)
         return 2
     src = Path(args[0])
     dst = Path(args[1]) if len(args) == 2 else fp16_path(src)
@@ -139,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {src}: no such ONNX file", file=sys.stderr)
         return 2
     try:
-        model = convert_fp16(onnx.load(str(src)))
+        model = convert_fp16(onnx.load(str(src)), fp16_input)
         onnx.checker.check_model(model)
     except Exception as e:
         print(f"error: {src}: FP16 conversion failed: {str(e).splitlines()[0]}", file=sys.stderr)

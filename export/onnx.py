@@ -1,6 +1,6 @@
 """Export a checkpoint to ONNX (sigmoid included, symbolic batch), verified against PyTorch.
 
-    python -m export.onnx --checkpoint runs/x/best.pt --output model.onnx [--fp16] [--opset 18]
+    python -m export.onnx --checkpoint runs/x/best.pt --output model.onnx [--fp16 [--fp32-input]] [--opset 18]
         [--max-batch 64] [--exporter auto|dynamo|torchscript] [--verify-images DIR] [--slim]
 
 Graph: input "images" float32 (N, 3, S, S), output "probs" float32 (N, C), N symbolic.
@@ -11,7 +11,8 @@ alone is enough to serve the model.
 Every graph is checked before it is written: onnx.checker, a symbolic dim 0 on input and
 output (tracing specializes a size-1 dimension, pytorch #157621, so we trace at batch 2),
 and ONNX Runtime CPU vs PyTorch at batch 1 and 7 on preprocessed images (export/verify.py):
-max |Δprob| <= 1e-4 (FP32) and <= 5e-3 (--fp16: OUT_fp16.onnx, float32 I/O, FP32 head).
+max |Δprob| <= 1e-4 (FP32) and <= 5e-3 (--fp16: OUT_fp16.onnx, FP32 head, float32 output and
+FP16 input, verified on the float16-rounded batch; --fp32-input keeps a float32 input).
 A graph that fails is not written; exit code 1. Usage errors exit 2.
 
 Exporter: "auto" (default) uses torch.onnx's dynamo exporter (the default and maintained one
@@ -147,7 +148,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="RUN_DIR/best.pt")
     ap.add_argument("--output", required=True, help="model.onnx (FP16 graph: OUTPUT stem + _fp16.onnx)")
-    ap.add_argument("--fp16", action="store_true", help="also write and verify the FP16 graph")
+    ap.add_argument("--fp16", action="store_true", help="also write and verify the FP16 graph (FP16 input)")
+    ap.add_argument("--fp32-input", action="store_true",
+                    help="with --fp16: keep the FP16 graph's input float32 (default: float16, half the bytes moved)")
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--max-batch", type=int, default=64, help="upper bound of the symbolic batch (dynamo)")
     ap.add_argument("--exporter", choices=EXPORTERS, default="auto")
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         from export.fp16 import convert_fp16, fp16_path, fp16_weight_fraction
 
         try:
-            p16 = convert_fp16(proto)
+            p16 = convert_fp16(proto, fp16_input=not args.fp32_input)
             onnx.checker.check_model(p16, full_check=True)
             r16 = compare(ort_session(p16.SerializeToString()), x, ref, "fp16", FP16_TOL)
         except Exception as e:   # Fp16Error, ValidationError, VerifyError
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         atomic_write_bytes(fp16_path(out), p16.SerializeToString())
         print(f"wrote {fp16_path(out)} ({fp16_path(out).stat().st_size / 1e6:.1f} MB, "
-              f"{fp16_weight_fraction(p16):.2%} of weights FP16, float32 I/O, FP32 head)")
+              f"{fp16_weight_fraction(p16):.2%} of weights FP16, {'float32' if args.fp32_input else 'float16'} input, "
+              f"float32 output, FP32 head)")
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import DEVICES, Backend, BackendError, open_backend
+from runtime.backends import DEVICES, Backend, BackendError, add_backend_args, backend_options, open_backend
 from runtime.infer import default_threads, positive_int, probability
 from runtime.metrics import multilabel_metrics
 from runtime.outputs import OutputError, check_outputs, model_inputs
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--device", choices=DEVICES, default="auto")
+    add_backend_args(ap)                          # options of the model under test (the reference: defaults)
     return ap
 
 
@@ -59,8 +60,10 @@ def run_pair(paths: list, engine: Backend, reference: Backend | None, batch_size
              ) -> tuple[np.ndarray, np.ndarray | None, list[tuple[int, str]]]:
     """(engine probs (N, C), reference probs (N, C) or None, [(index, error)]) over `paths`.
 
-    Each image is decoded once; both models see the very same float32 batch. Rows of images
-    that failed to decode stay NaN and are reported.
+    Each image is decoded once, into a float32 buffer when either model takes float32 (an
+    FP16-input engine then gets it rounded to float16, so the comparison includes the input's
+    rounding), else into the engine's own FP16 buffer; both submitted before either is waited
+    for. Rows of images that failed to decode stay NaN and are reported.
     """
     n, c = len(paths), engine.contract.labels.num_classes
     pe = np.full((n, c), np.nan, dtype=np.float32)
@@ -68,13 +71,17 @@ def run_pair(paths: list, engine: Backend, reference: Backend | None, batch_size
     failed: list[tuple[int, str]] = []
     from tqdm import tqdm
     with tqdm(total=n, unit="img", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
-        for batch in iter_batches([str(p) for p in paths], engine.contract.preprocess, batch_size, threads):
+        models = [m for m in (engine, reference) if m is not None]
+        owner = next((m for m in models if m.input_dtype == np.float32), engine)
+        for batch in iter_batches([str(p) for p in paths], engine.contract.preprocess, batch_size, threads,
+                                  allocate=owner.allocate_inputs):
             rows = [batch.start + i for i in batch.ok]
             failed += [(batch.start + i, e) for i, e in enumerate(batch.errors) if e is not None]
             if rows:
-                pe[rows] = engine.infer(batch.data)
+                pending = [m.submit(batch.data) for m in models]
+                pe[rows] = pending[0].wait()
                 if reference is not None:
-                    pr[rows] = reference.infer(batch.data)
+                    pr[rows] = pending[1].wait()
             bar.update(len(batch.paths))
     return pe, pr, failed
 
@@ -110,7 +117,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """Everything but the exit code: (report, table). UsageError/BackendError for exit 2."""
     from runtime.coco import CocoDataError, load_coco_split
 
-    engine = open_backend(args.engine, device=args.device, threads=args.threads)
+    engine = open_backend(args.engine, device=args.device, threads=args.threads, **backend_options(args))
     reference, ref_path = None, args.reference or args.reference_engine
     try:
         if ref_path:

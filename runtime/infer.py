@@ -25,11 +25,11 @@ import sys
 import time
 from typing import Iterator
 
-from runtime.backends import DEVICES, BackendError, open_backend
+from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
 from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
-from runtime.pipeline import is_image_name, iter_batches
+from runtime.pipeline import classify, is_image_name
 from runtime.report import FORMATS, Writer
 
 PROG = "probres-infer"
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="CPU threads for decoding and for CPU inference (default: all cores, decoding at most 8)")
     ap.add_argument("--device", choices=DEVICES, default="auto", help="auto (GPU if the backend has one), cpu or cuda")
+    add_backend_args(ap)
     return ap
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted before the first input", file=sys.stderr)
         return 130
     try:
-        backend = open_backend(args.engine, device=args.device, threads=args.threads)
+        backend = open_backend(args.engine, device=args.device, threads=args.threads, **backend_options(args))
     except BackendError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         with ResultFile(args.output, append=args.resume) as out, _progress() as bar:
             writer = Writer(out, args.format, backend.contract.labels, args.threshold, top_k)
             out.end_batch()                       # the csv header
-            for batch in iter_batches(paths, backend.contract.preprocess, args.batch_size, threads):
-                probs = backend.infer(batch.data) if len(batch.data) else None
+            # Preprocessed straight into the backend's own buffers; batch k+1 submitted before k is waited for.
+            for batch, probs in classify(backend, paths, args.batch_size, threads):
                 row = 0
                 for path, err in zip(batch.paths, batch.errors):
                     if err is None:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                         n_bad += 1
                 out.end_batch(len(batch.paths))   # this batch's records, in one write, flushed
                 bar.update(len(batch.paths))
-    except (BackendError, InputError) as e:
+    except (BackendError, InputError, MemoryError) as e:    # MemoryError: the batch buffers (names --batch-size)
         untouched = isinstance(e, InputError) and not args.resume
         print(f"{PROG}: error: {e}" + (f"; {args.output} left as it was" if untouched else ""), file=sys.stderr)
         return 2

@@ -1,49 +1,97 @@
-"""Open a model file with the backend its extension names.
+"""Open a model file with a named backend (default: the one its extension names) and that backend's options.
 
     python -c "from runtime.backends import open_backend; print(open_backend('model.onnx').describe())"
 
-    .plan / .engine  -> TensorRT (needs the `tensorrt` and `cuda-python` packages and a GPU)
-    .onnx            -> ONNX Runtime
-    .pt              -> PyTorch (a training checkpoint; needs the training extra)
+    .plan / .engine  -> tensorrt     (needs the `tensorrt` and `cuda-python` packages and a GPU)
+    .onnx            -> onnxruntime  (option provider: tensorrt | cuda | cpu)
+    .pt              -> pytorch      (a training checkpoint; options precision, cuda_graph, compile)
 
-Every failure to load is a BackendError with one line naming the file, so the CLIs can exit 2.
+A backend is one line of BACKENDS (name -> module, class); a class lists the keyword options
+its constructor takes in `options`, and the CLIs' flags (add_backend_args) map onto them, so
+every benchmark row is a command line of probres-infer. Every failure to load is a BackendError
+with one line naming the file or the flag, so the CLIs can exit 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 from pathlib import Path
+from typing import Any
 
 from runtime.backends.base import Backend, BackendError
 
+BACKENDS = {
+    "tensorrt": ("runtime.backends.tensorrt", "TensorRTBackend"),
+    "onnxruntime": ("runtime.backends.onnxrt", "OnnxRuntimeBackend"),
+    "pytorch": ("runtime.backends.torch_backend", "TorchBackend"),
+}
 EXTENSIONS = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt": "pytorch"}
 DEVICES = ("auto", "cpu", "cuda")
+GPU_ONLY = ("tensorrt",)
 
-__all__ = ["Backend", "BackendError", "open_backend", "EXTENSIONS", "DEVICES"]
+__all__ = ["Backend", "BackendError", "open_backend", "add_backend_args", "backend_options", "option_flags",
+           "BACKENDS", "EXTENSIONS", "DEVICES"]
 
 
-def open_backend(path: str | os.PathLike[str], device: str = "auto", threads: int | None = None) -> Backend:
-    """Load `path` with the backend for its extension.
+def open_backend(path: str | os.PathLike[str], device: str = "auto", threads: int | None = None,
+                 backend: str | None = None, **options: Any) -> Backend:
+    """Load `path` with `backend` (default: by its extension), passing the backend's `options`.
 
     device: "auto" (GPU when the backend has one, else CPU), "cpu" or "cuda".
     threads: CPU threads for inference (ONNX Runtime intra-op / torch); None = physical cores.
+    options: keyword options of that backend (its class's `options`); None values are left out.
     """
     p = Path(path)
-    kind = EXTENSIONS.get(p.suffix.lower())
-    if kind is None:
-        raise BackendError(f"{p}: unknown model type {p.suffix or '(no extension)'!r}; expected one of "
-                           f"{', '.join(sorted(EXTENSIONS))}")
+    if backend is None:
+        backend = EXTENSIONS.get(p.suffix.lower())
+        if backend is None:
+            raise BackendError(f"{p}: unknown model type {p.suffix or '(no extension)'!r}; expected one of "
+                               f"{', '.join(sorted(EXTENSIONS))} (or name one with --backend)")
+    if backend not in BACKENDS:
+        raise BackendError(f"--backend must be one of {', '.join(sorted(BACKENDS))}, got {backend!r}")
     if device not in DEVICES:
         raise BackendError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if not p.is_file():
         raise BackendError(f"{p}: no such model file")
-    if kind == "tensorrt":
-        if device == "cpu":
-            raise BackendError(f"{p}: a TensorRT plan runs on a GPU only; use --device cuda/auto or the .onnx on CPU")
-        from runtime.backends.tensorrt import TensorRTBackend
-        return TensorRTBackend(p)
-    if kind == "onnxruntime":
-        from runtime.backends.onnxrt import OnnxRuntimeBackend
-        return OnnxRuntimeBackend(p, device=device, threads=threads)
-    from runtime.backends.torch_backend import TorchBackend
-    return TorchBackend(p, device=device, threads=threads)
+    if backend in GPU_ONLY and device == "cpu":
+        raise BackendError(f"{p}: a TensorRT plan runs on a GPU only; use --device cuda/auto or the .onnx on CPU")
+    module, cls_name = BACKENDS[backend]
+    cls = getattr(importlib.import_module(module), cls_name)
+    given = {k: v for k, v in options.items() if v is not None}
+    allowed = tuple(getattr(cls, "options", ()))
+    for k in given:
+        if k not in allowed:
+            raise BackendError(f"{option_flags().get(k, k)}: the {backend} backend has no such option"
+                               f" ({', '.join(option_flags().get(o, o) for o in allowed) or 'it takes none'})")
+    if backend in GPU_ONLY:
+        return cls(p, **given)
+    return cls(p, device=device, threads=threads, **given)
+
+
+# ------------------------------------------------------------------------------------------- CLI flags
+
+def add_backend_args(ap: argparse.ArgumentParser) -> None:
+    """--backend and every backend option as a flag (defaults None: the backend's own default)."""
+    g = ap.add_argument_group("backend options")
+    g.add_argument("--backend", choices=sorted(BACKENDS), default=None,
+                   help="backend to open MODEL with (default: by its extension)")
+    g.add_argument("--precision", choices=("fp32", "fp16"), default=None,
+                   help="PyTorch: compute precision (fp16: half weights, FP16 input, channels_last)")
+    g.add_argument("--cuda-graph", action="store_true", default=None, help="PyTorch: replay CUDA graphs (GPU)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="PyTorch: torch.compile (Inductor; compiles for minutes before the first batch)")
+    g.add_argument("--provider", choices=("tensorrt", "cuda", "cpu"), default=None,
+                   help="ONNX Runtime: execution provider (default: the best this build has for --device)")
+
+
+def option_flags() -> dict[str, str]:
+    """backend option name -> the CLI flag that sets it."""
+    return {"precision": "--precision", "cuda_graph": "--cuda-graph", "compile": "--compile", "provider": "--provider"}
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The backend= and **options for open_backend from parsed add_backend_args flags (unset ones left out)."""
+    opts = {k: getattr(args, k, None) for k in option_flags()}
+    return {"backend": getattr(args, "backend", None), **{k: v for k, v in opts.items() if v is not None}}

@@ -1,12 +1,15 @@
 """ONNX Runtime backend: TensorRT EP, then CUDA EP, then CPU, whichever this onnxruntime build has.
 
-    python -c "from runtime.backends.onnxrt import OnnxRuntimeBackend as B; print(B('model.onnx').describe())"
+    probres-infer --engine model_fp16.onnx [--provider tensorrt|cuda|cpu] photos/
 
-The graph follows export's convention: input "images" float32 (N, 3, S, S), output "probs"
-float32 (N, C), symbolic batch. The contract (labels + preprocessing) comes from the
+The graph follows export's convention: input "images" float32 or float16 (N, 3, S, S; float16
+for an FP16 export: the pipeline then writes FP16, half the bytes), output "probs" float32
+(N, C), symbolic batch. On a GPU provider the batch goes through IO binding: the input is bound
+in place from the host buffer the pipeline wrote (no numpy -> OrtValue copy), the output is
+bound on the device and copied back once per batch. The contract (labels + preprocessing) comes from the
 model's metadata_props ("probres.contract"), so the file alone says how to feed it.
 CUDA EP comes after TensorRT EP so that nodes TensorRT cannot take fall back to CUDA, and
-CPU is always last (ONNX Runtime docs, execution providers).
+CPU is always last (ONNX Runtime docs, execution providers). Option `provider` names one.
 """
 
 from __future__ import annotations
@@ -22,15 +25,27 @@ from runtime.onnx_meta import OnnxMetaError, metadata_props, read_onnx_meta
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = PREFERRED_PROVIDERS[:2]
+PROVIDER_NAMES = {"tensorrt": PREFERRED_PROVIDERS[0], "cuda": PREFERRED_PROVIDERS[1], "cpu": PREFERRED_PROVIDERS[2]}
 OUTPUT_NAME = "probs"
 
 
-def choose_providers(available: list[str], device: str) -> list[str]:
+def choose_providers(available: list[str], device: str, provider: str | None = None) -> list[str]:
     """The providers to ask for, in preference order, limited to `available`.
 
     device "cpu": CPU only; "auto": every available one of TensorRT, CUDA, CPU; "cuda": like
-    auto, but BackendError when neither GPU provider is available.
+    auto, but BackendError when neither GPU provider is available. provider ("tensorrt", "cuda",
+    "cpu"): that one first (with CUDA, then CPU behind TensorRT for the nodes it cannot take).
     """
+    if provider is not None:
+        if provider not in PROVIDER_NAMES:
+            raise BackendError(f"--provider must be one of {', '.join(PROVIDER_NAMES)}, got {provider!r}")
+        want = PROVIDER_NAMES[provider]
+        if want not in available:
+            raise BackendError(f"--provider {provider}: this onnxruntime build has no {want} "
+                               f"(it has {', '.join(available)})")
+        if device == "cpu" and provider != "cpu":
+            raise BackendError(f"--provider {provider} runs on a GPU; it contradicts --device cpu")
+        return [p for p in PREFERRED_PROVIDERS[PREFERRED_PROVIDERS.index(want):] if p in available]
     if device == "cpu":
         return ["CPUExecutionProvider"]
     chosen = [p for p in PREFERRED_PROVIDERS if p in available]
@@ -43,15 +58,17 @@ def choose_providers(available: list[str], device: str) -> list[str]:
 class OnnxRuntimeBackend(Backend):
     """One InferenceSession over an exported probres ONNX file."""
 
+    options = ("provider",)
+
     def __init__(self, path: str | os.PathLike[str], device: str = "auto", threads: int | None = None,
-                 trt_cache_dir: str | os.PathLike[str] | None = None) -> None:
+                 provider: str | None = None, trt_cache_dir: str | os.PathLike[str] | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendError(f"{path}: onnxruntime is not installed; install the `cpu` or `gpu` extra "
                                f"(pip install -e '.[cpu]')") from None
         self.path = str(path)
-        providers = choose_providers(ort.get_available_providers(), device)
+        providers = choose_providers(ort.get_available_providers(), device, provider)
         opts = ort.SessionOptions()
         # intra-op 0 = one thread per physical core (ONNX Runtime's default); one op at a time.
         opts.intra_op_num_threads = int(threads) if threads else 0
@@ -95,9 +112,22 @@ class OnnxRuntimeBackend(Backend):
         used = self._sess.get_providers()
         self.name = f"onnxruntime[{used[0]}]"
         self.providers = used
+        self._io = self._sess.io_binding() if used[0] in GPU_PROVIDERS else None
+        self._out_device = "cuda"                        # where IO binding leaves "probs" before the copy back
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        (probs,) = self._sess.run([self._output], {self._input: batch})   # batch is already input_dtype
+        if self._io is None:                             # CPU: run() reads the numpy buffer in place
+            (probs,) = self._sess.run([self._output], {self._input: batch})   # batch is already input_dtype
+            return np.asarray(probs, dtype=np.float32)
+        # GPU: bind the host buffer in place (ORT copies it to the device once, inside the run),
+        # the output on the device, one copy back. Prepared on this CPU-only machine, not run here.
+        io = self._io
+        io.bind_input(self._input, "cpu", 0, self.input_dtype.type, list(batch.shape), batch.ctypes.data)
+        io.bind_output(self._output, self._out_device, 0)
+        self._sess.run_with_iobinding(io)
+        (probs,) = io.copy_outputs_to_cpu()
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
         return np.asarray(probs, dtype=np.float32)
 
     def close(self) -> None:
