@@ -1,19 +1,21 @@
 """Preprocessing throughput: JPEG decode alone vs probres vs PIL + torchvision, per thread count.
 
-    python -m benchmarks.preprocess [--images DIR] [--threads 1,2] [--repeats 9] [--json OUT] [--extra]
+    python -m benchmarks.preprocess [--images DIR] [--threads 1,2] [--repeats 9] [--batch-size 16] [--json OUT] [--extra]
 
 Pipelines, each over every image of DIR (default: the COCO-like photo set of benchmarks.images,
 built in a temporary folder), from the file on disk to the model's input:
   decode_only      cv2.imread(path): the floor (libjpeg-turbo decode, BGR uint8)
-  probres          runtime.preprocess.preprocess(paths, out=batch, threads=n): read, decode, exact
-                   area resize to S x S, RGB, (x/255-mean)/std, CHW, into a preallocated
-                   float32 (N, 3, S, S) batch (the C kernel when built)
+  probres          runtime.pipeline.iter_batches(paths, threads=n, batch_size=B): the path probres-infer
+                   runs (its file checks, decode, exact area resize to S x S, RGB, (x/255-mean)/std,
+                   CHW, the C kernel when built), streaming batches of B into float32 buffers that
+                   are allocated once, as a backend's allocate_inputs are for a whole run
   pil_torchvision  Image.open(p).convert("RGB"), Resize((S, S)), ToTensor(), Normalize(mean, std)
                    per image (not even stacked into a batch)
   --extra adds     cv2_area_numpy (cv2.INTER_AREA + numpy normalize: the first, pre-C version)
                    and cv2_area_blob (cv2.INTER_AREA + cv2.dnn.blobFromImageWithParams)
-threads = n runs n images at a time (probres: the calling thread and n - 1 pool workers, each
-taking the next image). A pass is 64 images by default: with 32, a pass's tail (the last image
+threads = n runs n images at a time (probres: n pool workers, each taking the next image of
+its batch; a producer thread keeps two batches in flight). A pass is 64 images by default:
+with 32, a pass's tail (the last image
 on one core while the other has nothing left) measurably lowered the 2-thread figure on the
 2-core VM (2-thread speed-ups 1.72-1.99 over 32 images, 1.90-1.91 over 64, same code).
 OpenCV's and torch's own thread pools are
@@ -45,6 +47,7 @@ from benchmarks.images import build_image_set, list_images
 from runtime.contract import PreprocessSpec
 from runtime.fileio import atomic_write_text
 from runtime import preprocess as pp
+from runtime.pipeline import iter_batches, numpy_buffers
 
 TARGETS = {"probres_over_decode_1t": 1.3, "pil_over_probres_1t": 3.5, "probres_2t_speedup": 1.8}
 
@@ -73,12 +76,24 @@ def machine_info() -> dict:
     return info
 
 
-def make_pipelines(paths: list[Path], spec: PreprocessSpec, extra: bool) -> dict[str, Callable[[int], None]]:
+def make_pipelines(paths: list[Path], spec: PreprocessSpec, extra: bool,
+                   batch_size: int = 16) -> dict[str, Callable[[int], None]]:
     """name -> run(threads): one pass over all images."""
     strs = [str(p) for p in paths]
-    n, s = len(paths), spec.size
-    batch = np.empty((n, 3, s, s), np.float32)
+    s = spec.size
     pools: dict[int, ThreadPoolExecutor] = {}
+    buffers: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def allocate_once(rows: int, count: int) -> list[np.ndarray]:
+        """Allocated on the first pass and reused, as one probres-infer run allocates once."""
+        if (rows, count) not in buffers:
+            buffers[(rows, count)] = numpy_buffers(spec)(rows, count)
+        return buffers[(rows, count)]
+
+    def shipped(threads: int) -> None:
+        for b in iter_batches(strs, spec, batch_size, threads, allocate=allocate_once):
+            if len(b.ok) != len(b.paths):
+                raise RuntimeError(f"benchmark image failed: {next(e for e in b.errors if e)}")
 
     def pmap(fn, threads):
         if threads <= 1:
@@ -90,7 +105,7 @@ def make_pipelines(paths: list[Path], spec: PreprocessSpec, extra: bool) -> dict
 
     pipes: dict[str, Callable[[int], None]] = {
         "decode_only": lambda t: pmap(lambda p: cv2.imread(p, cv2.IMREAD_COLOR), t),
-        "probres": lambda t: pp.preprocess(strs, spec=spec, out=batch, threads=t),
+        "probres": shipped,
     }
     try:
         import torch
@@ -134,11 +149,11 @@ def make_pipelines(paths: list[Path], spec: PreprocessSpec, extra: bool) -> dict
 
 
 def run_benchmark(paths: list[Path], threads: list[int], repeats: int, spec: PreprocessSpec,
-                  extra: bool = False, pipelines: list[str] | None = None) -> dict:
+                  extra: bool = False, pipelines: list[str] | None = None, batch_size: int = 16) -> dict:
     """Time every pipeline x thread count; returns the JSON-ready result."""
     cv2.setNumThreads(1)
     info = machine_info()
-    pipes = make_pipelines(paths, spec, extra)
+    pipes = make_pipelines(paths, spec, extra, batch_size)
     if pipelines:
         pipes = {k: v for k, v in pipes.items() if k in pipelines}
     times: dict[tuple[str, int], list[float]] = {(k, t): [] for k in pipes for t in threads}
@@ -161,7 +176,7 @@ def run_benchmark(paths: list[Path], threads: list[int], repeats: int, spec: Pre
     dims = [cv2.imread(str(p)).shape[:2] for p in paths[:64]]
     images = {"count": n, "mean_kb": round(float(np.mean(sizes)) / 1024, 1),
               "mean_hw": [round(float(np.mean([d[i] for d in dims]))) for i in (0, 1)], "size": spec.size}
-    return {"results": results, "machine": info, "images": images, "repeats": repeats,
+    return {"results": results, "machine": info, "images": images, "repeats": repeats, "batch_size": batch_size,
             "ratios": ratios(results), "targets": TARGETS}
 
 
@@ -213,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=64, help="images in the default set")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--batch-size", type=int, default=16, help="probres: images per batch (probres-infer's default 16)")
     ap.add_argument("--size", type=int, default=448)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--extra", action="store_true", help="also time cv2.INTER_AREA + numpy / blobFromImageWithParams")
@@ -223,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         print(e, file=sys.stderr)
         return 2
-    if args.repeats < 1 or args.count < 1:
-        print("--repeats and --count must be >= 1", file=sys.stderr)
+    if args.repeats < 1 or args.count < 1 or args.batch_size < 1:
+        print("--repeats, --count and --batch-size must be >= 1", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="probres_bench_") as tmp:
         if args.images:
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             paths = build_image_set(tmp, args.count)
         res = run_benchmark(paths, threads, args.repeats, PreprocessSpec(size=args.size), args.extra,
-                            args.pipelines.split(",") if args.pipelines else None)
+                            args.pipelines.split(",") if args.pipelines else None, args.batch_size)
     res["command"] = "python -m benchmarks.preprocess " + " ".join(sys.argv[1:] if argv is None else argv)
     print(format_table(res))
     if args.json:

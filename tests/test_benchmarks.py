@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks import images as bimages
 from benchmarks import latency, preprocess as bpre
+from runtime.contract import PreprocessSpec
+from runtime.preprocess import preprocess_one
 
 
 def test_image_set_is_deterministic_and_coco_shaped(tmp_path):
@@ -71,7 +73,8 @@ def test_latency_benchmark_rows_table_json_and_plot(tmp_path, toy_checkpoint, ca
     for r in (eager, ort):
         assert r["status"] == "ok" and [q["batch"] for q in r["latency"]] == [1, 2]
         assert all(q["p50_ms"] <= q["p90_ms"] <= q["p99_ms"] for q in r["latency"])
-        assert r["e2e_images_per_s"] > 0 and r["size_mb"] is not None
+        assert r["e2e_images_per_s"] > 0 and r["size_mb"] is not None and r["e2e_over_engine"] > 0
+        assert r["command"].startswith(f"probres-infer --engine {r['path']} --device cpu")
     assert "prob_diff_vs_pytorch_fp32" not in ort          # other labels: not the same model, not compared
     # what cannot run here is listed with the reason, never timed
     for key in [("PyTorch eager channels_last", "fp16"), ("PyTorch CUDA graph channels_last", "fp16"), ("ONNX Runtime", "fp16"),
@@ -82,11 +85,21 @@ def test_latency_benchmark_rows_table_json_and_plot(tmp_path, toy_checkpoint, ca
     assert "p50 ms" in table and "unavailable" in table
 
 
-def test_ort_runner_matches_a_hand_computation(tmp_path):
-    runner = latency.OrtRunner(str(_tiny_onnx(tmp_path / "t.onnx", size=16)), "CPUExecutionProvider", 1)
-    x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
-    np.testing.assert_allclose(runner.infer(x), 1 / (1 + np.exp(-x.mean(axis=(2, 3)))), rtol=1e-5)
-    assert len(runner.time_engine(x, iters=3, warmup=1)) == 3
+def test_rows_are_probres_infer_command_lines(tmp_path, toy_checkpoint, capsys):
+    from runtime import infer
+    model = _tiny_onnx(tmp_path / "t.onnx", size=16)
+    rows = {r["format"]: r for r in latency.plan_rows([str(toy_checkpoint), str(model)], "cpu") if not r.get("why")}
+    assert set(rows) == {"PyTorch eager", "ONNX Runtime CPU"}
+    r = rows["ONNX Runtime CPU"]
+    cmd = latency.command_line(r["path"], r["device"], None, r["options"], 1, 4)
+    assert cmd == f"probres-infer --engine {model} --device cpu --provider cpu --threads 1 --batch-size 4 IMAGES..."
+    img = tmp_path / "a.png"
+    import cv2
+    cv2.imwrite(str(img), np.full((20, 20, 3), 128, np.uint8))
+    assert infer.main(cmd.split()[1:-1] + [str(img), "--top-k", "all"]) == 0       # the row's command runs
+    out = json.loads(capsys.readouterr().out)
+    want = 1 / (1 + np.exp(-preprocess_one(str(img), PreprocessSpec(size=16)).mean(axis=(1, 2))))
+    np.testing.assert_allclose([q["probability"] for q in out["predictions"]], sorted(want, reverse=True), rtol=1e-5)
 
 
 @pytest.mark.parametrize("argv", [["--engine", "/nonexistent.pt"], ["--engine", "{f}", "--batch-sizes", "0"],
