@@ -217,13 +217,21 @@ def error_message(src: ImageSource, e: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------- one batch
 
-class fill_rows:
-    """Preprocess sources[i] into out[i], spread over `workers` tasks of `pool` (one task per worker,
-    each taking the next image, rather than one future per image, whose wake-ups contend for the GIL
-    with the workers), plus the calling thread when `caller_works`. `result()` waits and gives one
-    exception or None per source, in order. Rows are written with streaming stores when `out` is
-    larger than STREAM_BYTES (it cannot stay in cache until the model reads it).
+def fill_rows(sources: Sequence[ImageSource], out: np.ndarray, spec: PreprocessSpec,
+              pool: ThreadPoolExecutor | None = None, workers: int = 0, caller_works: bool = False) -> "RowFill":
+    """Start preprocessing sources[i] into out[i] (the one batching engine); `.result()` waits for it.
+
+    Spread over `workers` tasks of `pool` (one task per worker, each taking the next image, rather
+    than one future per image, whose wake-ups contend for the GIL with the workers), plus the
+    calling thread when `caller_works` (or when there is no pool). result() gives one exception or
+    None per source, in order. Rows are written with streaming stores when `out` is larger than
+    STREAM_BYTES (it cannot stay in cache until the model reads it).
     """
+    return RowFill(sources, out, spec, pool, workers, caller_works)
+
+
+class RowFill:
+    """One batch being filled by fill_rows."""
 
     def __init__(self, sources: Sequence[ImageSource], out: np.ndarray, spec: PreprocessSpec,
                  pool: ThreadPoolExecutor | None = None, workers: int = 0, caller_works: bool = False) -> None:
@@ -345,7 +353,7 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
 
     def produce() -> None:
         try:
-            inflight: deque[tuple[int, list[str], np.ndarray, fill_rows]] = deque()
+            inflight: deque[tuple[int, list[str], np.ndarray, RowFill]] = deque()
             start, more, chunk = 0, True, first
             while not stop.is_set():
                 while more and len(inflight) < IN_FLIGHT:
