@@ -28,7 +28,7 @@ import struct
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -277,6 +277,8 @@ class Batch:
     paths: list[str]
     errors: list[str | None]
     data: np.ndarray
+    next_ready: Callable[[], bool] = field(default=lambda: False, repr=False, compare=False)
+    """True when the next batch (or the end of the stream) is already waiting: taking it will not block."""
 
     @property
     def ok(self) -> list[int]:
@@ -341,6 +343,7 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
     ready: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-decode")
+    next_ready = lambda: not ready.empty()  # noqa: E731
 
     def wait(op, *args):
         """A blocking queue op that gives up when the consumer has gone away."""
@@ -375,7 +378,7 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
                 for dst, src in enumerate(ok):         # compact the good rows to the front (in place)
                     if dst != src:
                         buf[dst] = buf[src]
-                wait(ready.put, (Batch(first_index, paths_k, errors, buf[:len(ok)]), buf))
+                wait(ready.put, (Batch(first_index, paths_k, errors, buf[:len(ok)], next_ready), buf))
             wait(ready.put, _END)
         except BaseException as e:  # a bug or a failing path iterator: re-raised in the caller
             wait(ready.put, _Failed(e))
@@ -408,13 +411,31 @@ def classify(backend: "Backend", paths: Iterable[str], batch_size: int = 16, thr
     Images are preprocessed straight into the backend's own buffers (allocate_inputs: its input
     dtype, pinned on a GPU) and batch k+1 is submitted before batch k's result is waited for, so
     an asynchronous backend transfers k+1 while it computes k. No batch is copied on the host.
+    When batch k+1 is not decoded yet (decode is the bound, or inputs stream in slowly on stdin),
+    batch k is finished at once instead of held: the engine would idle anyway, and no result
+    waits on inputs that have not arrived.
     """
+    def done(b: Batch, p: Pending | None) -> tuple[Batch, np.ndarray | None]:
+        return b, (p.wait() if p is not None else None)
+
     prev: tuple[Batch, Pending | None] | None = None
-    for batch in iter_batches(paths, backend.contract.preprocess, batch_size, threads,
-                              allocate=backend.allocate_inputs, hold=2):
+    batches = iter_batches(paths, backend.contract.preprocess, batch_size, threads,
+                           allocate=backend.allocate_inputs, hold=2)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except BaseException:          # Ctrl-C or a failing path source: the submitted batch still counts
+            if prev is not None:
+                yield done(*prev)
+            raise
         pending = backend.submit(batch.data) if len(batch.data) else None
         if prev is not None:
-            yield prev[0], prev[1].wait() if prev[1] is not None else None
+            yield done(*prev)
         prev = (batch, pending)
+        if not batch.next_ready():
+            yield done(*prev)
+            prev = None
     if prev is not None:
-        yield prev[0], prev[1].wait() if prev[1] is not None else None
+        yield done(*prev)

@@ -59,7 +59,7 @@ def tiny_onnx(path: Path, batch: int | str = "batch", fp16: bool = False, metada
     if val_metrics:
         model.metadata_props.add(key="probres.val_metrics", value=json.dumps(val_metrics))
     if fp16:
-        model = convert_fp16(model)
+        model = convert_fp16(model, fp16_input=False)     # FP16 weights, float32 input (half_io: FP16 input)
     if half_io:
         model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
         model.graph.node.insert(0, helper.make_node("Cast", ["images"], ["images32"], to=TensorProto.FLOAT))

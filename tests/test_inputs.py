@@ -96,7 +96,9 @@ def test_three_shards_cover_every_input_exactly_once(data, tmp_path, capsys):
 
 def test_ctrl_c_keeps_what_was_classified_and_resume_finishes(data, tmp_path, monkeypatch, capsys):
     model, paths = data
-    real = infer.iter_batches
+    from runtime import pipeline
+
+    real = pipeline.iter_batches              # what probres-infer's loop (pipeline.classify) reads from
 
     def interrupted(*a, **k):                 # the user presses Ctrl-C while batch 4 is being decoded
         for n, batch in enumerate(real(*a, **k)):
@@ -104,7 +106,7 @@ def test_ctrl_c_keeps_what_was_classified_and_resume_finishes(data, tmp_path, mo
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(infer, "iter_batches", interrupted)
+    monkeypatch.setattr(pipeline, "iter_batches", interrupted)
     for fmt, out in (("csv", tmp_path / "r.csv"), ("jsonl", tmp_path / "r.jsonl")):
         out.write_text("an earlier run\n")
         args = ["--engine", str(model), *paths, "--output", str(out), "--batch-size", "5", "--format", fmt]
@@ -117,7 +119,7 @@ def test_ctrl_c_keeps_what_was_classified_and_resume_finishes(data, tmp_path, mo
         else:
             assert [json.loads(ln)["image"] for ln in lines] == paths[:15] and "--resume" in err
     assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.jsonl"]          # no temp file left
-    monkeypatch.setattr(infer, "iter_batches", real)
+    monkeypatch.setattr(pipeline, "iter_batches", real)
     assert infer.main(["--engine", str(model), *paths, "--output", str(tmp_path / "r.jsonl"), "--resume"]) == 0
     assert [r["image"] for r in records(tmp_path / "r.jsonl")] == paths
 

@@ -165,7 +165,7 @@ def test_backend_runs_the_exported_plan_in_chunks(monkeypatch, tmp_path, release
                                    fp16=True)
     be = trtmod.TensorRTBackend(plan)
     assert (be.max_batch, be.min_batch, be.precision, be.contract, be.val_metrics) == (8, 1, "fp16", TINY, METRICS)
-    assert be.input_dtype == np.float32                    # model_fp16.onnx keeps float32 I/O
+    assert be.input_dtype == np.float32                    # this FP16 graph keeps a float32 input (--fp32-input)
     x = images(19)
     np.testing.assert_allclose(be.infer(x), ort_probs(sess, x), rtol=0, atol=1e-6)
     assert [c[1] for c in sc.calls if c[0] == "execute"] == [8, 8, 3]
