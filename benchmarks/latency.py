@@ -40,7 +40,7 @@ import numpy as np
 
 from benchmarks.images import build_image_set, list_images
 from benchmarks.preprocess import machine_info
-from runtime.backends import BackendError, open_backend, option_flags
+from runtime.backends import OPTION_FLAGS, BackendError, open_backend
 from runtime.fileio import atomic_write_bytes, atomic_write_text
 from runtime.infer import default_threads
 from runtime.pipeline import classify
@@ -64,7 +64,7 @@ def command_line(path: str, device: str, backend: str | None, options: dict[str,
     if backend:
         parts += ["--backend", backend]
     for k, v in options.items():
-        parts += [option_flags()[k]] if v is True else [option_flags()[k], str(v)]
+        parts += [OPTION_FLAGS[k]] if v is True else [OPTION_FLAGS[k], str(v)]
     if threads:
         parts += ["--threads", str(threads)]
     if batch:

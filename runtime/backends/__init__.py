@@ -30,8 +30,10 @@ BACKENDS = {
 EXTENSIONS = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt": "pytorch"}
 DEVICES = ("auto", "cpu", "cuda")
 GPU_ONLY = ("tensorrt",)
+# backend option name -> the CLI flag that sets it (add_backend_args defines them)
+OPTION_FLAGS = {"precision": "--precision", "cuda_graph": "--cuda-graph", "compile": "--compile", "provider": "--provider"}
 
-__all__ = ["Backend", "BackendError", "open_backend", "add_backend_args", "backend_options", "option_flags",
+__all__ = ["Backend", "BackendError", "open_backend", "add_backend_args", "backend_options", "OPTION_FLAGS",
            "BACKENDS", "EXTENSIONS", "DEVICES"]
 
 
@@ -63,8 +65,8 @@ def open_backend(path: str | os.PathLike[str], device: str = "auto", threads: in
     allowed = tuple(getattr(cls, "options", ()))
     for k in given:
         if k not in allowed:
-            raise BackendError(f"{option_flags().get(k, k)}: the {backend} backend has no such option"
-                               f" ({', '.join(option_flags().get(o, o) for o in allowed) or 'it takes none'})")
+            raise BackendError(f"{OPTION_FLAGS.get(k, k)}: the {backend} backend has no such option"
+                               f" ({', '.join(OPTION_FLAGS.get(o, o) for o in allowed) or 'it takes none'})")
     if backend in GPU_ONLY:
         return cls(p, **given)
     return cls(p, device=device, threads=threads, **given)
@@ -86,12 +88,7 @@ def add_backend_args(ap: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime: execution provider (default: the best this build has for --device)")
 
 
-def option_flags() -> dict[str, str]:
-    """backend option name -> the CLI flag that sets it."""
-    return {"precision": "--precision", "cuda_graph": "--cuda-graph", "compile": "--compile", "provider": "--provider"}
-
-
 def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """The backend= and **options for open_backend from parsed add_backend_args flags (unset ones left out)."""
-    opts = {k: getattr(args, k, None) for k in option_flags()}
+    opts = {k: getattr(args, k, None) for k in OPTION_FLAGS}
     return {"backend": getattr(args, "backend", None), **{k: v for k, v in opts.items() if v is not None}}
