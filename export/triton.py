@@ -63,8 +63,8 @@ def engine_facts(path: Path) -> EngineFacts:
             m = read_manifest(path)
         except ManifestError as e:
             raise UsageError(f"--engine {e}") from None
-        # export.tensorrt builds FP16 engines with float32 I/O (export/fp16.py), so the input is float32.
-        return EngineFacts("tensorrt_plan", "model.plan", m.input_name, m.output_name, "float32", m.max_batch,
+        # The plan's input dtype is its ONNX's (float16 from export.onnx --fp16), recorded in the manifest.
+        return EngineFacts("tensorrt_plan", "model.plan", m.input_name, m.output_name, m.input_dtype, m.max_batch,
                            m.contract)
     if suffix != ".onnx":
         raise UsageError(f"--engine {path}: expected a .plan, .engine or .onnx file")

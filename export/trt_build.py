@@ -146,6 +146,7 @@ class OnnxFacts:
     image_size: int
     precision: str                # "int8" with Q/DQ nodes, "fp16" when most weights are FP16, else "fp32"
     fp32_weight_bytes: int        # what the weights would take in FP32 (engine size reference)
+    input_dtype: str = "float32"  # "float16" for export.onnx --fp16's FP16-input graph
 
 
 def onnx_facts(path: str | Path) -> OnnxFacts:
@@ -176,7 +177,8 @@ def onnx_facts(path: str | Path) -> OnnxFacts:
         n16 += count if t.data_type == onnx.TensorProto.FLOAT16 else 0
     qdq = any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
     precision = "int8" if qdq else ("fp16" if n and n16 / n >= 0.5 else "fp32")
-    return OnnxFacts(inputs[0].name, model.graph.output[0].name, dims[0], int(dims[2]), precision, 4 * n)
+    in_dtype = "float16" if inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "float32"
+    return OnnxFacts(inputs[0].name, model.graph.output[0].name, dims[0], int(dims[2]), precision, 4 * n, in_dtype)
 
 
 # ---------------------------------------------------------------- timing cache

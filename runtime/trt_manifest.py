@@ -86,8 +86,11 @@ class TrtManifest:
     os: str = ""                        # platform.system() of the builder, e.g. "Linux" ("" = not recorded)
     arch: str = ""                      # normalized machine, "x86_64" | "aarch64" ("" = not recorded)
     val_metrics: dict[str, Any] | None = None   # PyTorch's val metrics of these weights (from the ONNX metadata)
+    input_dtype: str = "float32"        # the engine's input tensor: "float16" from export.onnx --fp16's graph
 
     def __post_init__(self) -> None:
+        if self.input_dtype not in ("float32", "float16"):
+            raise ManifestError(f"input_dtype must be float32 or float16, got {self.input_dtype!r}")
         if self.precision not in PRECISIONS:
             raise ManifestError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not re.fullmatch(r"\d+\.\d+", str(self.compute_capability)):

@@ -154,6 +154,13 @@ def test_export_triton_plan_takes_names_and_batch_from_the_manifest(tmp_path, ca
     assert 'input_map { key: "input_0" value: "preprocessed" }' in ens and 'key: "output_0" value: "probs"' in ens
     assert main(["--engine", str(plan), "--out", str(tmp_path / "r2"), "--max-batch", "64"]) == 2
     assert "at most 32" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    plan16 = tmp_path / "p16" / "model.plan"                 # a plan built from export.onnx --fp16's FP16-input graph
+    plan16.parent.mkdir()
+    plan16.write_bytes(plan.read_bytes())
+    write_manifest(plan16, _manifest(input_name="input_0", output_name="output_0", max_batch=32, input_dtype="float16"))
+    write_repository(plan16, tmp_path / "repo16")
+    cfg16 = (tmp_path / "repo16" / "probres_model" / "config.pbtxt").read_text()
+    assert 'name: "input_0" data_type: TYPE_FP16 dims: [ 3, 448, 448 ]' in cfg16
     if SERVE_OK:                                 # the same configs parse with tritonclient's protobuf
         r = serve_py("-c", "import sys, glob; from google.protobuf import text_format; "
                      "from tritonclient.grpc import model_config_pb2 as mc; "

@@ -66,6 +66,15 @@ def test_fp16_engine_from_the_fp16_onnx(monkeypatch, tmp_path, release, flags_wo
     assert cache.read_bytes() == b"cache:" and json.loads(cache_key_path(cache).read_text())["arch"] == this_platform()[1]
 
 
+def test_the_manifest_records_an_fp16_input(monkeypatch, tmp_path):
+    """export.onnx --fp16 writes an FP16-input graph: the plan's manifest says so (Triton's config reads it)."""
+    rc, _, plan = export(monkeypatch, tmp_path, "10.13.3", ["--fp16"], fp16=True, half_io=True)
+    assert rc == 0 and read_manifest(plan).input_dtype == "float16"
+    (tmp_path / "b").mkdir()
+    rc, _, plan32 = export(monkeypatch, tmp_path / "b", "10.13.3", [])
+    assert rc == 0 and read_manifest(plan32).input_dtype == "float32"
+
+
 @pytest.mark.parametrize("release", ALL)
 def test_fp32_reference_engine(monkeypatch, tmp_path, release):
     rc, sc, plan = export(monkeypatch, tmp_path, release, [])
