@@ -338,21 +338,24 @@ def classify(backend: "Backend", paths: Iterable[str], batch_size: int = 16, thr
     prev: tuple[Batch, Pending | None] | None = None
     batches = iter_batches(paths, backend.contract.preprocess, batch_size, threads,
                            allocate=backend.allocate_inputs, hold=2)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            break
-        except BaseException:          # Ctrl-C or a failing path source: the submitted batch still counts
+    try:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except BaseException:      # Ctrl-C or a failing path source: the submitted batch still counts
+                if prev is not None:
+                    yield done(*prev)
+                raise
+            pending = backend.submit(batch.data) if len(batch.data) else None
             if prev is not None:
                 yield done(*prev)
-            raise
-        pending = backend.submit(batch.data) if len(batch.data) else None
+            prev = (batch, pending)
+            if not batch.next_ready():
+                yield done(*prev)
+                prev = None
         if prev is not None:
             yield done(*prev)
-        prev = (batch, pending)
-        if not batch.next_ready():
-            yield done(*prev)
-            prev = None
-    if prev is not None:
-        yield done(*prev)
+    finally:
+        batches.close()                # the caller stopped early: stop the decode threads now

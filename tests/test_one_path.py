@@ -240,3 +240,14 @@ def test_onnxruntime_io_binding_path_equals_run(tmp_path):
         be._io, be._out_device = be._sess.io_binding(), "cpu"             # the GPU providers' code path, on the CPU
         np.testing.assert_array_equal(be.infer(buf[:3]), want)
         np.testing.assert_array_equal(be.infer(buf), be._sess.run(["probs"], {"images": buf})[0])
+
+
+def test_classify_stopped_early_stops_its_threads(tmp_path):
+    import threading
+    be = OnnxRuntimeBackend(tiny_onnx(tmp_path / "m.onnx"), device="cpu")
+    paths = write_images(tmp_path / "imgs", 20, size=40)
+    before = threading.active_count()
+    it = classify(be, paths, batch_size=2, threads=2)
+    next(it)
+    it.close()
+    assert threading.active_count() == before
