@@ -88,7 +88,7 @@ def test_no_weight_decay_on_biases_and_batchnorm() -> None:
 
 
 def test_onecycle_peaks_at_20_percent() -> None:
-    opt = build_optimizer(nn.Linear(2, 2), "adam", 1e-3, 1e-4)
+    opt = build_optimizer(nn.Linear(2, 2), "adam", 1e-3, 1e-4, 8)
     sched = build_scheduler(opt, 1e-3, epochs=5, steps_per_epoch=20)
     lrs = []
     for _ in range(100):
@@ -98,7 +98,7 @@ def test_onecycle_peaks_at_20_percent() -> None:
     assert int(np.argmax(lrs)) == 19 and max(lrs) == pytest.approx(1e-3)
     assert lrs[0] == pytest.approx(1e-3 / 25) and lrs[-1] < 1e-5
     for total in (1, 2, 3, 5, 7):     # tiny runs: no ZeroDivisionError, lr stays finite and positive
-        opt = build_optimizer(nn.Linear(2, 2), "adam", 1e-3, 0.0)
+        opt = build_optimizer(nn.Linear(2, 2), "adam", 1e-3, 0.0, 8)
         sched = build_scheduler(opt, 1e-3, epochs=1, steps_per_epoch=total)
         for _ in range(total):
             opt.step()
@@ -144,7 +144,7 @@ def test_one_resnet101_448_training_step_cpu() -> None:
     torch.manual_seed(0)
     model = build_model("resnet101", 80).to(memory_format=torch.channels_last)
     ema = ModelEma(model)
-    opt = build_optimizer(model, "adam", 1e-4, 1e-4)
+    opt = build_optimizer(model, "adam", 1e-4, 1e-4, 2)
     sched = build_scheduler(opt, 1e-4, epochs=1, steps_per_epoch=10)
     ctx = StepContext(model, BCELoss(), opt, sched, None, ema, torch.device("cpu"), None)
     model.train()

@@ -1,11 +1,14 @@
 """probres-train: the ResNet + BCE multi-label trainer for COCO-2014 (also `python -m train`).
 
-    probres-train --coco-root data/coco --out runs/r101                       # one GPU (or CPU)
-    torchrun --nproc_per_node=8 -m train --coco-root data/coco --out runs/r101  # DDP
+    probres-train --coco-root data/coco --out runs/r101 --batch-size 128 --pretrained R101.pth   # one GPU
+    torchrun --nproc_per_node=8 -m train --coco-root data/coco --out runs/r101 --batch-size 16 --pretrained R101.pth
     probres-train --coco-root data/coco --out runs/r101 --resume              # continue RUN_DIR/last.pt
 
-Defaults are the GPU COCO recipe (resnet101 @ 448, 40 epochs, 64 images per device, Adam
-lr 1e-4, weight decay 1e-4 off biases/BN, OneCycle, AMP, channels_last, EMA 0.9997).
+Defaults are ASL's / ML-Decoder's ResNet-101 COCO recipe (resnet101 @ 448, 40 epochs, Adam
+lr 1e-4 for a global batch of 128, coupled weight decay 1e-4 off biases/BN on the recipe's
+batch-summed loss, OneCycle, AMP, channels_last, an EMA over 5.2 epochs (0.9997 per step at
+batch 128), squash to 448 + Cutout + RandAugment). --batch-size is per device: the commands
+above keep the reference global batch of 128 (--lr-scale linear scales lr for other batches).
 The documented CPU toy configuration is in README ("Training"). Usage errors (a missing
 --coco-root, a bad flag, a missing --pretrained file, --resume without last.pt) print one
 line on stderr and exit 2.
@@ -24,8 +27,8 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # with a different value is an error (it would silently change the run being continued).
 RECIPE_DEFAULTS: dict[str, object] = {
     "arch": "resnet101", "image_size": 448, "epochs": 40, "batch_size": 64, "lr": 1e-4,
-    "weight_decay": 1e-4, "optimizer": "adam", "loss": "bce", "amp": "auto", "ema_decay": 0.9997,
-    "seed": 0, "keep_empty": False, "pretrained": None, "augment": "full",
+    "weight_decay": 1e-4, "optimizer": "adam", "loss": "bce", "amp": "auto", "ema_epochs": 5.2,
+    "seed": 0, "keep_empty": False, "pretrained": None, "augment": "asl", "lr_scale": "none",
 }
 
 
@@ -46,16 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="train/eval input size (default 448)")
     p.add_argument("--epochs", type=int, default=None, help="default 40")
     p.add_argument("--batch-size", type=int, default=None, help="per device (default 64)")
-    p.add_argument("--lr", type=float, default=None, help="OneCycle max lr (default 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-4, not on biases/BN")
+    p.add_argument("--lr", type=float, default=None, help="OneCycle max lr (default 1e-4, ASL's for a global batch of 128)")
+    p.add_argument("--lr-scale", choices=("none", "linear"), default=None,
+                   help="none: use --lr as given (default); linear: --lr x global batch / 128")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="default 1e-4, not on biases/BN; for adam, as on the recipe's batch-summed loss")
     p.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
-                   help="adam: L2 decay as in the published recipe (default); adamw: decoupled")
+                   help="adam: coupled L2 decay as in ASL's recipe (default); adamw: decoupled (Query2Label: 1e-2)")
     p.add_argument("--loss", choices=("bce", "asl"), default=None, help="bce (default) or asl (Ridnik et al. 2021)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=None,
                    help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU")
-    p.add_argument("--augment", choices=("full", "light"), default=None,
-                   help="full: crop, flip, RandAugment, Cutout (the recipe, default); light: crop + flip (short toy runs)")
-    p.add_argument("--ema-decay", type=float, default=None, help="per-step EMA decay (default 0.9997)")
+    p.add_argument("--augment", choices=("asl", "crop", "light"), default=None,
+                   help="asl: squash to SxS, Cutout(1/2), RandAugment (ASL/ML-Decoder, default); crop: "
+                        "RandomResizedCrop, flip, RandAugment, RandomErasing; light: crop + flip (short toy runs)")
+    p.add_argument("--augment-on", choices=("auto", "worker", "device"), default="auto",
+                   help="where augmentation runs: device (the GPU, on uint8 batches), worker (DataLoader "
+                        "workers); auto: device on CUDA, else worker")
+    p.add_argument("--ema-epochs", type=float, default=None,
+                   help="EMA averaging horizon in epochs, any batch or GPU count (default 5.2: ASL's 0.9997 at batch 128)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model (Inductor)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip and count training images that do not decode (default: stop, naming the file)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--keep-empty", action="store_const", const=True, default=None,
                    help="keep images without annotations as all-negative (default: drop them, as published numbers do)")
@@ -75,7 +89,7 @@ def _check_values(cfg: dict) -> None:
     from train.trainer import UsageError
     rules = [("epochs", cfg["epochs"] >= 1, ">= 1"), ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
              ("image_size", 32 <= cfg["image_size"] <= 4096, "in 32..4096"), ("lr", cfg["lr"] > 0, "> 0"),
-             ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"), ("ema_decay", 0 <= cfg["ema_decay"] < 1, "in [0, 1)")]
+             ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"), ("ema_epochs", cfg["ema_epochs"] > 0, "> 0")]
     for key, ok, what in rules:
         if not ok:
             raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {cfg[key]}")
@@ -113,8 +127,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
             from train.model import PRETRAINED_HINT
             raise UsageError(f"--pretrained {args.pretrained}: no such file; {PRETRAINED_HINT}")
         cfg = {**RECIPE_DEFAULTS, **given}
+    if cfg["augment"] == "full":     # the crop recipe's name before --augment asl
+        cfg["augment"] = "crop"
+    cfg.pop("ema_decay", None)   # (a run from before --ema-epochs: its per-step decay is not carried over)
     cfg.update(coco_root=str(root), out=str(run_dir), device=args.device, workers=args.workers,
-               save_every=args.save_every, progress=not args.no_progress)
+               save_every=args.save_every, progress=not args.no_progress, augment_on=args.augment_on,
+               compile=args.compile, skip_bad_images=args.skip_bad_images)
     _check_values(cfg)
     return cfg, (last if args.resume else None)
 
@@ -125,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     # this file: under `python -m train` it runs as __main__, a second copy of its classes.)
     from runtime.coco import CocoDataError
     from train.checkpoint import CheckpointError
+    from train.coco import BadImageError
     from train.model import PretrainedWeightsError
     from train.trainer import UsageError, fit
 
     try:
         cfg, resume_from = resolve_config(args)
         fit(cfg, resume_from)
-    except (UsageError, CocoDataError, CheckpointError, PretrainedWeightsError) as e:
+    except (UsageError, CocoDataError, CheckpointError, PretrainedWeightsError, BadImageError) as e:
         print(f"probres-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

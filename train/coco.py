@@ -1,23 +1,22 @@
 """The torch Dataset over a runtime.coco.CocoSplit: training augmentation, or exactly runtime's preprocessing.
 
-    python -c "from runtime.coco import load_coco_split as L; from train.coco import CocoDataset as D; \
-print(D(L('data/toy_coco', 'val2014'), size=224, train=False)[0][0].shape)"
+    python -c "from runtime.coco import load_coco_split as L; from runtime.contract import PreprocessSpec as P; \
+from train.coco import CocoDataset as D; print(D(L('data/toy_coco', 'val2014'), P(size=224), train=False)[0][0].shape)"
 
 Eval mode is runtime.preprocess.preprocess_one(path, spec) -> torch.from_numpy and nothing
 else, so the val mAP the trainer reports is measured on the very tensors the deployed model
 receives (tests/test_coco_data.py checks the equality).
 
-Train mode (the multi-label COCO recipe of ASL / ML-Decoder, on torchvision.transforms.v2):
-decode with OpenCV (runtime.preprocess.decode: EXIF-rotated, 3-channel RGB uint8) ->
-uint8 tensor (3, H, W) -> RandomResizedCrop(size, scale=(0.5, 1), antialias) ->
-RandomHorizontalFlip -> RandAugment(2 ops, magnitude 9) -> float (x/255 - mean)/std ->
-Cutout. Working in uint8 until the end keeps the resize and RandAugment on the fast paths.
-RandomResizedCrop's scale floor is 0.5, not ImageNet's 0.08: a crop keeps every label of
-the image, so tiny crops would train on labels whose objects were cut away.
-Cutout is v2.RandomErasing(p=0.5, area 2-25%, value 0) on the normalized tensor, i.e. a
-rectangle of the mean colour; ASL's CutoutPIL (cutout_factor 0.5: a square of up to half
-the side, so up to 25% of the area) fills a random colour instead. The difference is
-immaterial to the regularizer, and RandomErasing is maintained, tested torchvision code.
+Train mode (train/augment.py has the recipes): decode with OpenCV (runtime.preprocess.decode:
+EXIF-rotated, 3-channel RGB uint8) -> uint8 tensor (3, H, W) -> the recipe's geometry to
+S x S (squash for "asl", RandomResizedCrop for "crop"/"light"). Then either
+  augment_on="device": the item stays uint8 (3, S, S); the trainer runs train.augment.BatchAugment
+                       on the whole batch on the GPU (what a worker still does: decode + resize);
+  augment_on="worker": BatchAugment runs here on a batch of one (machines without a GPU),
+                       and the item is float32 (3, S, S) normalized.
+A file that does not decode does not raise in the worker (that would surface as a DataLoader
+traceback): the item's index comes back as -1 - i and the trainer either stops with one
+line naming the file (BadImageError) or, with --skip-bad-images, drops it and counts it.
 """
 
 from __future__ import annotations
@@ -25,65 +24,69 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torchvision.transforms.v2 as v2
 from torch.utils.data import Dataset
 
 from runtime.coco import CocoSplit
 from runtime.contract import PreprocessSpec
-from runtime.preprocess import decode, preprocess_one
+from runtime.preprocess import ImageDecodeError, decode, preprocess_one
+from train.augment import BatchAugment, worker_geometry
 
-CROP_SCALE = (0.5, 1.0)
-
-
-AUGMENTS = ("full", "light")
+AUGMENT_ON = ("worker", "device")
 
 
-def train_transform(spec: PreprocessSpec, augment: str = "full") -> v2.Compose:
-    """uint8 (3, H, W) RGB tensor -> float32 (3, S, S) normalized, augmented.
-
-    "full" is the recipe; "light" (crop + flip only) is for very short from-scratch runs
-    such as the CPU toy configuration, where RandAugment's colour operations (solarize,
-    equalize, autocontrast) and Cutout regularize more than a few hundred steps can use.
-    """
-    if augment not in AUGMENTS:
-        raise ValueError(f"--augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
-    full = augment == "full"
-    return v2.Compose([
-        v2.RandomResizedCrop(spec.size, scale=CROP_SCALE, antialias=True),
-        v2.RandomHorizontalFlip(),
-        *([v2.RandAugment(num_ops=2, magnitude=9)] if full else []),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
-        *([v2.RandomErasing(p=0.5, scale=(0.02, 0.25), value=0.0)] if full else []),
-    ])
+class BadImageError(ValueError):
+    """A listed image file does not decode; the message names it."""
 
 
 class CocoDataset(Dataset):
-    """Item i -> (image (3, S, S) float32, target (C,) float32 multi-hot, index i).
+    """Item i -> (image (3, S, S), target (C,) float32 multi-hot, index i; -1 - i if image i is unreadable).
 
     The index lets distributed validation put every rank's scores back in order.
     """
 
-    def __init__(self, split: CocoSplit, spec: PreprocessSpec, train: bool, augment: str = "full") -> None:
-        self.split = split
-        self.spec = spec
-        self.train = train
-        self.transform = train_transform(spec, augment) if train else None
+    def __init__(self, split: CocoSplit, spec: PreprocessSpec, train: bool, augment: str = "asl",
+                 augment_on: str = "worker") -> None:
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, got {augment_on!r}")
+        self.split, self.spec, self.train = split, spec, train
+        self.augment_on = augment_on if train else "worker"
+        self.geometry = worker_geometry(spec, augment) if train else None
+        self.augment = BatchAugment(spec, augment) if train else None    # run here only for "worker"
         self.targets = torch.from_numpy(split.targets.astype(np.float32))   # (N, C)
 
     def __len__(self) -> int:
         return len(self.split)
 
+    @property
+    def item_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.augment_on == "device" else torch.float32
+
     def load(self, i: int) -> torch.Tensor:
-        """The model input for image i, (3, S, S) float32."""
+        """The item's image for image i: (3, S, S), uint8 or float32 per `item_dtype`."""
         path = self.split.image_paths[i]
         if not self.train:
             return torch.from_numpy(preprocess_one(path, self.spec))
-        rgb = decode(path)                                     # (H, W, 3) uint8
-        return self.transform(torch.from_numpy(rgb).permute(2, 0, 1))
+        rgb = torch.from_numpy(decode(path)).permute(2, 0, 1)            # (3, H, W) uint8
+        x = self.geometry(rgb)                                           # (3, S, S) uint8
+        if self.augment_on == "device":
+            return x.contiguous()
+        return self.augment(x[None])[0].contiguous()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.load(i), self.targets[i], i
+        try:
+            return self.load(i), self.targets[i], i
+        except ImageDecodeError:
+            s = self.spec.size
+            return torch.zeros(3, s, s, dtype=self.item_dtype), self.targets[i], -1 - i
+
+    def bad_image_message(self, i: int) -> str:
+        """Why image i failed, re-read in the calling process (workers cannot hand back an exception cleanly)."""
+        path = self.split.image_paths[i]
+        try:
+            decode(path)
+        except ImageDecodeError as e:
+            return str(e)
+        return f"{path}: failed to decode in a DataLoader worker"
 
 
 def worker_init(worker_id: int) -> None:

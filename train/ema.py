@@ -1,14 +1,17 @@
 """Model EMA: an exponential moving average of the weights, updated every optimizer step.
 
-    python -c "import torch; from train.ema import ModelEma; e = ModelEma(torch.nn.Linear(2, 2)); print(e.decay_at(100))"
+    python -c "import torch; from train.ema import ModelEma; e = ModelEma.from_epochs(torch.nn.Linear(2, 2), 5.2, 641); print(e.decay)"
 
-The recipe's decay is 0.9997 per step, an average over the last ~3,300 steps: fine for
-40 COCO epochs, but a toy run of a few hundred steps would leave the EMA at its random
-initialisation. So the decay is warmed up, d_t = decay * (1 - exp(-t / tau)), tau=2000
-(YOLOv5's ModelEMA; ASL uses the fixed decay): early on the EMA follows the weights
-closely, later it averages over the full horizon.
-Floating-point buffers (BatchNorm running statistics) are averaged too; integer buffers
-(num_batches_tracked) are copied.
+The averaging horizon is set in epochs (--ema-epochs), not as a per-step decay, so that it
+means the same thing at any batch size and number of GPUs: a decay d averages over about
+1 / (1 - d) steps, so d = 1 - 1 / (ema_epochs * steps_per_epoch). ASL's 0.9997 per step at a
+global batch of 128 (641 steps per COCO epoch) is a 3,333-step horizon, 5.2 epochs: the
+default. (A fixed 0.9997 at a global batch of 512 would average over 20 epochs; with the
+old 2,000-step warm-up over 6,400 steps it mostly averaged over 1-24 steps instead.)
+Warm-up: d_t = d * (1 - exp(-t / tau)) with tau = 0.6 x the horizon (YOLOv5's ModelEMA
+form; 0.6 keeps the earlier 2,000 steps at 0.9997), so a short run's EMA does not stay at
+the random initialisation. Floating-point buffers (BatchNorm running statistics) are
+averaged too; integer buffers (num_batches_tracked) are copied.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+WARMUP_FRACTION = 0.6     # tau / horizon
 
 
 class ModelEma:
@@ -29,6 +34,12 @@ class ModelEma:
             p.requires_grad_(False)
         self.decay, self.tau = decay, tau
         self.updates = 0
+
+    @classmethod
+    def from_epochs(cls, model: nn.Module, ema_epochs: float, steps_per_epoch: int) -> "ModelEma":
+        """An EMA averaging over `ema_epochs` epochs of `steps_per_epoch` optimizer steps."""
+        horizon = max(ema_epochs * steps_per_epoch, 1.0)
+        return cls(model, 1.0 - 1.0 / horizon, WARMUP_FRACTION * horizon)
 
     def decay_at(self, updates: int) -> float:
         return self.decay * (1.0 - math.exp(-updates / self.tau))

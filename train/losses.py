@@ -2,9 +2,15 @@
 
     python -c "import torch; from train.losses import build_loss; print(build_loss('asl')(torch.zeros(2, 3), torch.ones(2, 3)))"
 
-Both return the per-image loss summed over labels and averaged over the batch, (N, C) -> ().
-Summing over labels is what ASL's code does (its loss is a sum); averaging over images
-keeps the learning rate independent of the batch size and of the number of GPUs.
+Both return the per-image loss summed over labels and averaged over the images of the batch,
+(N, C) -> (). Summing over labels is what ASL's code does. Over images ASL SUMS, and the
+reduction matters: Adam normalizes the gradient's scale away, except against the coupled L2
+term wd * w, which does not scale with the loss. On a mean-reduced loss the recipe's decay
+(1e-4 on a loss summed over a batch of 128) is therefore 128x too strong; so
+train.engine.build_optimizer divides Adam's coupled decay by the global batch, which is exactly
+(up to Adam's eps) the recipe's sum-reduced loss (tests/test_train_recipe.py). AdamW's decoupled
+decay does not see the loss and is used as given. Averaging over images keeps the learning
+rate independent of the batch size and of the number of GPUs.
 Computed in float32 whatever the autocast dtype: log-sigmoid of bf16 logits loses the
 small per-label terms that dominate a 80-label sum.
 """

@@ -37,6 +37,11 @@ class UsageError(ValueError):
     """Bad command-line input (flags, --out, --resume): one line on stderr, exit code 2."""
 
 
+# The learning-rate reference: ASL / ML-Decoder train Adam at lr 1e-4 on a global batch of 128.
+REF_GLOBAL_BATCH = 128
+# Deep ResNets at full resolution are not trained from scratch by any published recipe.
+DEEP_ARCHS = ("resnet50", "resnet101", "resnet152")
+
 SELECTION_NOTE = "best.pt is selected on val2014 mAP (raw vs EMA weights), as the published recipes do: not a held-out figure"
 
 
@@ -56,6 +61,37 @@ def pick_device(name: str, info: D.DistInfo) -> torch.device:
 def default_workers(device: torch.device, info: D.DistInfo) -> int:
     cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
     return max(1, min(12, cores - 1)) if device.type == "cuda" else 1
+
+
+def init_note(arch: str, image_size: int, pretrained: str | None, resumed: bool) -> tuple[str, str | None]:
+    """(how the weights were initialised, a warning or None) for the first log line."""
+    if resumed:
+        return "weights: resumed from last.pt", None
+    if pretrained:
+        return f"weights: ImageNet backbone from {pretrained}, new {arch} head", None
+    note = "weights: random initialisation (no --pretrained: training from scratch)"
+    if arch in DEEP_ARCHS and image_size >= 224:
+        return note, (f"WARNING: {arch} @ {image_size} from scratch: the published COCO recipes all start from "
+                      f"ImageNet weights and expect ~0.8 mAP only with them; pass --pretrained PATH")
+    return note, None
+
+
+def effective_lr(lr: float, global_batch: int, scale: str) -> tuple[float, str]:
+    """The lr the schedule peaks at, and the log's sentence saying how it was derived."""
+    ref = f"reference: Adam lr 1e-4 at a global batch of {REF_GLOBAL_BATCH} (ASL)"
+    if scale == "linear":
+        eff = lr * global_batch / REF_GLOBAL_BATCH
+        return eff, f"lr {eff:.3g} = --lr {lr:g} x global batch {global_batch} / {REF_GLOBAL_BATCH} (--lr-scale linear; {ref})"
+    same = "the reference batch" if global_batch == REF_GLOBAL_BATCH else \
+        f"not the reference {REF_GLOBAL_BATCH}: --lr-scale linear would scale it"
+    return lr, f"lr {lr:g} at global batch {global_batch}, unscaled ({same}; {ref})"
+
+
+def resolve_augment_on(name: str, device: torch.device) -> str:
+    """--augment-on auto: on the GPU when training there, else in the DataLoader workers."""
+    if name == "auto":
+        return "device" if device.type == "cuda" else "worker"
+    return name
 
 
 def rng_state() -> dict:
@@ -122,7 +158,8 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     ckpt = load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None and ckpt.contract.labels != contract.labels:
         raise UsageError(f"--resume: {resume_from} was trained on other labels than {cfg['coco_root']} has")
-    train_ds = CocoDataset(train_split, contract.preprocess, True, cfg["augment"])
+    augment_on = resolve_augment_on(cfg.get("augment_on", "auto"), device)
+    train_ds = CocoDataset(train_split, contract.preprocess, True, cfg["augment"], augment_on)
     val_ds = CocoDataset(val_split, contract.preprocess, False)
     train_loader = make_loader(train_ds, cfg["batch_size"], workers, device, info, cfg["seed"])
     val_loader = make_loader(val_ds, cfg["batch_size"], workers, device, info, cfg["seed"])
@@ -131,15 +168,22 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
         raise UsageError(f"--batch-size {cfg['batch_size']} x {info.world_size} processes exceeds the "
                          f"{len(train_ds)} training images (no full batch)")
 
+    init, init_warning = init_note(cfg["arch"], cfg["image_size"], cfg["pretrained"], ckpt is not None)
     model = build_model(cfg["arch"], contract.labels.num_classes, None if ckpt else cfg["pretrained"])
     model = model.to(device).to(memory_format=torch.channels_last)
-    ema = ModelEma(model, cfg["ema_decay"])
+    ema = ModelEma.from_epochs(model, cfg["ema_epochs"], steps_per_epoch)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
-    opt = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"])
-    sched = build_scheduler(opt, cfg["lr"], cfg["epochs"], steps_per_epoch)
+    if cfg.get("compile"):
+        net = torch.compile(net)      # the training step's forward + backward (Inductor); EMA and eval use `model`
+    global_batch = cfg["batch_size"] * info.world_size
+    lr, lr_note = effective_lr(cfg["lr"], global_batch, cfg["lr_scale"])
+    opt = build_optimizer(model, cfg["optimizer"], lr, cfg["weight_decay"], global_batch)
+    sched = build_scheduler(opt, lr, cfg["epochs"], steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    ctx = StepContext(net, build_loss(cfg["loss"]), opt, sched, scaler, ema, device, amp_dtype)
+    gpu_aug = train_ds.augment if augment_on == "device" else None
+    ctx = StepContext(net, build_loss(cfg["loss"]), opt, sched, scaler, ema, device, amp_dtype, gpu_aug,
+                      bool(cfg.get("skip_bad_images")))
 
     history: list[dict] = []
     best = {"mAP": -1.0, "epoch": 0, "weights": None}
@@ -161,17 +205,30 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
             set_rng_state(x["rng"])
         else:   # only rank 0's generator state is saved; other ranks get a fresh, distinct stream
             seed_all(cfg["seed"] + info.rank + 7919 * x["global_step"])
-        log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {prog.steps}/{steps_per_epoch} of it")
 
     amp_name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[amp_dtype]
-    log(f"probres-train: {cfg['arch']} @ {cfg['image_size']}, {contract.labels.num_classes} labels, {cfg['loss']} loss, "
-        f"{cfg['augment']} augmentation, {cfg['epochs']} epochs x {steps_per_epoch} steps of {cfg['batch_size']} x {info.world_size} "
-        f"on {device.type} ({amp_name}, channels_last), {workers} workers/process")
+    log(f"probres-train: {init}; {cfg['arch']} @ {cfg['image_size']}, {contract.labels.num_classes} labels, {cfg['loss']} loss, "
+        f"{cfg['augment']} augmentation (on the {augment_on}), {cfg['epochs']} epochs x {steps_per_epoch} steps of "
+        f"{cfg['batch_size']} x {info.world_size} on {device.type} ({amp_name}, channels_last"
+        f"{', torch.compile' if cfg.get('compile') else ''}), {workers} workers/process")
+    if init_warning:
+        log(init_warning)
+        if info.is_main:
+            import sys
+            print(f"probres-train: {init_warning}", file=sys.stderr, flush=True)
+    if ckpt is not None:
+        log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {prog.steps}/{steps_per_epoch} of it")
+    decay = {"adam": f"Adam, coupled L2 {cfg['weight_decay']:g} on a batch-summed loss as the recipe "
+                     f"(= {cfg['weight_decay'] / global_batch:.3g} on our image-mean loss)",
+             "adamw": f"AdamW, decoupled weight decay {cfg['weight_decay']:g}"}[cfg["optimizer"]]
+    log(f"{lr_note}; {decay}; EMA over {cfg['ema_epochs']:g} epochs (decay {ema.decay:.6f} per step, "
+        f"warm-up tau {ema.tau:.0f} steps)")
     log(train_split.describe())
     log(val_split.describe())
     log(SELECTION_NOTE)
     resolved = {**cfg, "workers": workers, "world_size": info.world_size, "amp_dtype": amp_name,
-                "steps_per_epoch": steps_per_epoch, "torch": str(torch.__version__)}
+                "steps_per_epoch": steps_per_epoch, "torch": str(torch.__version__), "global_batch": global_batch,
+                "lr_effective": lr, "ema_decay_per_step": ema.decay, "augment_on_resolved": augment_on}
 
     def checkpoint(epoch_done: int, val: dict) -> None:
         """last.pt: raw weights + everything --resume needs. Rank 0 only."""
@@ -200,6 +257,7 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
                         on_step if cfg["save_every"] else None, cfg["progress"])
         train_loader.sampler.set_start(0)
         loss = epoch_loss(prog, device)
+        skipped = round(D.all_mean(float(prog.skipped), device) * info.world_size)   # over all ranks
         t_train = time.perf_counter() - t0
         D.broadcast_state(model)
         D.broadcast_state(ema.module)
@@ -209,7 +267,8 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
             entry = {"epoch": epoch + 1, "train_loss": loss, "lr": sched.get_last_lr()[0], "steps": prog.steps,
                      "train_images_per_s": prog.images / max(prog.data_wait_s + prog.compute_s, 1e-9),
                      "data_wait_s": prog.data_wait_s, "data_wait_frac": prog.data_wait_s / max(prog.data_wait_s + prog.compute_s, 1e-9),
-                     "epoch_time_s": time.perf_counter() - t0, "raw": summary(raw), "ema": summary(ema_m)}
+                     "epoch_time_s": time.perf_counter() - t0, "raw": summary(raw), "ema": summary(ema_m),
+                     "skipped_images": skipped, "skipped_paths": prog.skipped_paths}
             history.append(entry)
             sel, sel_m = ("ema", ema_m) if ema_m["mAP"] > raw["mAP"] else ("raw", raw)
             improved = sel_m["mAP"] > best["mAP"]
@@ -232,7 +291,8 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
                 f"{entry['train_images_per_s']:.1f} img/s, data wait {entry['data_wait_s']:.1f} s "
                 f"({100 * entry['data_wait_frac']:.0f}% of {t_train:.1f} s) | val mAP raw {raw['mAP']:.4f} "
                 f"ema {ema_m['mAP']:.4f} on {raw['num_images']} images | best {best['mAP']:.4f} "
-                f"(epoch {best['epoch']}, {best['weights']}){' -> best.pt' if improved else ''}")
+                f"(epoch {best['epoch']}, {best['weights']}){' -> best.pt' if improved else ''}"
+                f"{f' | skipped {skipped} unreadable training images' if skipped else ''}")
         else:
             prog = EpochProgress()
     if writer is not None:
