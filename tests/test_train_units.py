@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -59,7 +58,7 @@ def test_losses_are_fp32_under_bf16_logits() -> None:
 def test_ema_follows_the_warmed_up_decay() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = ModelEma(model, decay=0.9, tau=4.0)
+    ema = ModelEma(model, horizon_steps=2.0)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     for t in range(1, 6):
         with torch.no_grad():
@@ -68,7 +67,7 @@ def test_ema_follows_the_warmed_up_decay() -> None:
             model[1].running_mean.add_(1.0)
             model[1].num_batches_tracked += 1
         ema.update(model)
-        d = 0.9 * (1 - math.exp(-t / 4.0))
+        d = 1 - 1 / min(2.0, max(1.0, t / 2))        # 0, 0, 1/3, 1/2, 1/2 (warm-up, then the horizon)
         assert ema.decay_at(t) == pytest.approx(d)
         for k, v in model.state_dict().items():
             expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()

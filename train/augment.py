@@ -68,8 +68,6 @@ class BatchAugment:
         check_recipe(recipe)
         self.spec, self.recipe = spec, recipe
         self.rand_augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude) if recipe != "light" else None
-        self._mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(spec.std).view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
@@ -80,16 +78,16 @@ class BatchAugment:
             x = self.cutout(x)
         if self.rand_augment is not None:
             x = self.randaugment(x)
-        out = (x.float() / 255 - self._mean.to(x.device)) / self._std.to(x.device)
-        if self.recipe == "crop":
-            out = self.erase(out)
-        return out.contiguous(memory_format=torch.channels_last)
+        out = F.normalize(F.to_dtype(x, torch.float32, scale=True), list(self.spec.mean), list(self.spec.std))
+        return self.erase(out) if self.recipe == "crop" else out
 
     @staticmethod
     def flip(x: torch.Tensor) -> torch.Tensor:
         """Horizontal flip of each sample with probability 0.5."""
-        m = (torch.rand(x.shape[0]) < 0.5).to(x.device).view(-1, 1, 1, 1)
-        return torch.where(m, x.flip(-1), x)
+        idx = torch.nonzero(torch.rand(x.shape[0]) < 0.5).flatten().to(x.device)
+        x = x.clone()
+        x[idx] = x[idx].flip(-1)
+        return x
 
     @staticmethod
     def cutout(x: torch.Tensor) -> torch.Tensor:
@@ -125,16 +123,19 @@ class BatchAugment:
         """RandAugment with each sample's own operations (`ops` from sample_ops, drawn here if None)."""
         ra = self.rand_augment
         ops = self.sample_ops(x.shape[0], x.shape[-2], x.shape[-1]) if ops is None else ops
-        x = x.clone()
         for row in ops:
             groups: dict[tuple[str, float], list[int]] = {}
             for i, key in enumerate(row):
                 if key[0] != "Identity":
                     groups.setdefault(key, []).append(i)
             for (name, mag), idx in groups.items():
-                sel = torch.tensor(idx, device=x.device)
-                x[sel] = ra._apply_image_or_video_transform(x[sel], name, mag, interpolation=ra.interpolation,
-                                                            fill=ra._fill)
+                def op(t: torch.Tensor) -> torch.Tensor:
+                    return ra._apply_image_or_video_transform(t, name, mag, interpolation=ra.interpolation, fill=ra._fill)
+                if len(idx) == x.shape[0]:       # the whole batch (always, for a worker's batch of one)
+                    x = op(x)
+                else:
+                    sel = torch.tensor(idx, device=x.device)
+                    x = x.index_copy(0, sel, op(x[sel]))
         return x
 
     @staticmethod

@@ -27,7 +27,7 @@ from runtime.fileio import atomic_write_text
 from train import distributed as D
 from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from train.coco import CocoDataset
-from train.ema import ModelEma
+from train.ema import WARMUP_FRACTION, ModelEma
 from train.engine import (EpochProgress, StepContext, build_optimizer, build_scheduler, epoch_loss, evaluate,
                           make_loader, resolve_amp, summary, train_one_epoch)
 from train.losses import build_loss
@@ -221,8 +221,8 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     decay = {"adam": f"Adam, coupled L2 {cfg['weight_decay']:g} on a batch-summed loss as the recipe "
                      f"(= {cfg['weight_decay'] / global_batch:.3g} on our image-mean loss)",
              "adamw": f"AdamW, decoupled weight decay {cfg['weight_decay']:g}"}[cfg["optimizer"]]
-    log(f"{lr_note}; {decay}; EMA over {cfg['ema_epochs']:g} epochs (decay {ema.decay:.6f} per step, "
-        f"warm-up tau {ema.tau:.0f} steps)")
+    log(f"{lr_note}; {decay}; EMA over {cfg['ema_epochs']:g} epochs ({ema.horizon:.0f} steps: decay "
+        f"{ema.decay:.6f} per step, warmed up over the first {ema.horizon / WARMUP_FRACTION:.0f})")
     log(train_split.describe())
     log(val_split.describe())
     log(SELECTION_NOTE)
