@@ -20,8 +20,10 @@
 #   4 benchmarks.latency: PyTorch eager FP32 vs eager FP16 channels_last vs the same FP16 kernels
 #     replayed from a CUDA graph, batch 1/8/32/128 (CUDA events), FP16-vs-FP32 probability
 #     differences, end-to-end probres-infer throughput, plot
-#   5 training-step images/s (benchmarks.train_step: synthetic batch = compute ceiling, and the
-#     real DataLoader on a generated toy set with this machine's cores)
+#   5 training-step images/s (benchmarks.train_step: synthetic batch = compute ceiling; the real
+#     DataLoader on a generated toy set with this machine's cores, --augment asl on the GPU (uint8
+#     batches, per-sample augmentation there); the loader alone; one worker's CPU ms per image;
+#     then the step without fused Adam, in NCHW and under torch.compile, each written as measured)
 #   6 benchmarks.preprocess on the device's 16 quiet CPU cores, threads 1..16
 #   7 torch.compile FP16 channels_last (Inductor, freezing, CUDA graphs) against eager
 #   8 with the time left: ONNX FP32 + FP16 export (verified against PyTorch), a TensorRT FP16 plan
@@ -49,12 +51,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCHINDU
 
 if [ "$TINY" = 1 ]; then        # a few minutes on a 2-core CPU: checks the plumbing, not the speed
   ARCH=resnet18 SIZE=64 BATCHES=1,2 ITERS=2 E2E=6 CPU_BATCHES=1 CPU_ITERS=1 CPU_E2E=0
-  TRAIN_ARGS="--arch resnet18 --image-size 64 --batch-size 2 --steps 2 --warmup 1 --toy-images 8"
+  TRAIN_ARGS="--arch resnet18 --image-size 64 --batch-size 2 --steps 2 --warmup 1 --toy-images 8 --ablations --worker-images 4 --worker-repeats 1"
   PRE_ARGS="--count 4 --repeats 1 --threads 1,2"
   BUDGET=${GPU_RUN_BUDGET:-900}
 else
   ARCH=resnet101 SIZE=448 BATCHES=1,8,32,128 ITERS=30 E2E=1024 CPU_BATCHES=1 CPU_ITERS=3 CPU_E2E=0
-  TRAIN_ARGS="--arch resnet101 --image-size 448 --batch-size 64 --steps 20 --toy-images 384"
+  TRAIN_ARGS="--arch resnet101 --image-size 448 --batch-size 64 --steps 20 --toy-images 384 --augment asl --ablations --worker-images 64"
   PRE_ARGS="--count 64 --repeats 5 --threads 1,2,4,8,16"
   BUDGET=${GPU_RUN_BUDGET:-540}
 fi
@@ -111,7 +113,7 @@ step latency "$(left 150)" $PY -m benchmarks.latency --engine "$WORK/best.pt" "$
   --formats "PyTorch eager,CUDA graph" --json "$OUT/latency.json" --plot "$OUT/latency.png"
 
 # 5 training step: synthetic batch (compute ceiling) and the real loader on this machine's cores
-step train_step "$(left 120)" $PY -m benchmarks.train_step $TRAIN_ARGS --device auto --json "$OUT/train_step.json"
+step train_step "$(left 240)" $PY -m benchmarks.train_step $TRAIN_ARGS --device auto --json "$OUT/train_step.json"
 
 # 6 preprocessing on this machine's CPUs (quiet, 16 cores: the thread-scaling figures)
 step preprocess "$(left 60)" $PY -m benchmarks.preprocess $PRE_ARGS --json "$OUT/preprocess.json"
@@ -222,7 +224,10 @@ if rows:
           "latency <= 2 ms; probres-infer end to end >= 0.9x the same backend's engine-only rate at batch 128")
 ts = load("train_step.json")
 if ts:
-    print("train step:", {k: ts[k] for k in ts if k in ("arch", "image_size", "batch_size", "device", "amp", "synthetic", "loader", "loader_only")})
+    print("train step:", {k: ts[k] for k in ts if k in ("arch", "image_size", "batch_size", "device", "amp", "synthetic", "loader", "loader_only", "loader_only_vs_loader", "ablations")})
+    if "worker_cpu" in ts:
+        print("train loader worker CPU ratios:", ts["worker_cpu"]["ratios"])
+    print("train targets (ResNet-101 @448, bf16): loader >= 800 images/s, data wait < 10%, loader_only >= 1.3x loader")
 pre = load("preprocess.json")
 if pre:
     print("preprocess:", ", ".join(f"{r['pipeline']}@{r['threads']}t {r['ms_per_image']:.2f} ms" for r in pre["results"]))
