@@ -7,7 +7,8 @@ export.onnx stores these metadata_props (all strings):
   probres.checkpoint_sha256  sha256 of the source checkpoint file
   probres.arch               e.g. "resnet101"
   probres.val_metrics        JSON of PyTorch's val metrics for these weights (when known)
-  probres.precision          "fp32" | "fp16" (FP16 graphs keep float32 inputs/outputs)
+  probres.precision          "fp32" | "fp16" | "int8" (FP16 and INT8 graphs keep float32 inputs/outputs)
+  probres.int8_calibration   JSON describing an INT8 file's calibration set and quantizer (export.int8)
   probres.exporter           "dynamo" | "torchscript"
 Read with the onnx package when installed, else through ONNX Runtime's
 session.get_modelmeta().custom_metadata_map (the device only needs onnxruntime). A runtime
@@ -29,6 +30,7 @@ KEY_ARCH = "probres.arch"
 KEY_METRICS = "probres.val_metrics"
 KEY_PRECISION = "probres.precision"
 KEY_EXPORTER = "probres.exporter"
+KEY_INT8_CALIBRATION = "probres.int8_calibration"
 
 
 class OnnxMetaError(ValueError):

@@ -3,7 +3,8 @@
     python -c "from runtime.backends import open_backend; print(open_backend('model.onnx').describe())"
 
     .plan / .engine  -> tensorrt     (needs the `tensorrt` and `cuda-python` packages and a GPU)
-    .onnx            -> onnxruntime  (option provider: tensorrt | cuda | cpu)
+    .onnx            -> onnxruntime  (option provider: tensorrt | cuda | cpu); an INT8 .onnx on a CPU run
+                        -> openvino when it is installed (auto_onnx_backend); --backend openvino runs any .onnx
     .pt              -> pytorch      (a training checkpoint; options precision, cuda_graph, compile)
 
 A backend is one line of BACKENDS (name -> module, class); a class lists the keyword options
@@ -25,6 +26,7 @@ from runtime.backends.base import Backend, BackendError
 BACKENDS = {
     "tensorrt": ("runtime.backends.tensorrt", "TensorRTBackend"),
     "onnxruntime": ("runtime.backends.onnxrt", "OnnxRuntimeBackend"),
+    "openvino": ("runtime.backends.openvino", "OpenVinoBackend"),
     "pytorch": ("runtime.backends.torch_backend", "TorchBackend"),
 }
 EXTENSIONS = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt": "pytorch"}
@@ -42,8 +44,9 @@ def open_backend(path: str | os.PathLike[str], device: str = "auto", threads: in
     """Load `path` with `backend` (default: by its extension), passing the backend's `options`.
 
     device: "auto" (GPU when the backend has one, else CPU), "cpu" or "cuda".
-    threads: CPU threads for inference (ONNX Runtime intra-op / torch); None = physical cores.
+    threads: CPU threads for inference (ONNX Runtime intra-op / OpenVINO / torch); None = physical cores.
     options: keyword options of that backend (its class's `options`); None values are left out.
+    Without backend and options, an INT8 .onnx on a CPU run goes to OpenVINO when installed.
     """
     p = Path(path)
     if backend is None:
@@ -51,6 +54,8 @@ def open_backend(path: str | os.PathLike[str], device: str = "auto", threads: in
         if backend is None:
             raise BackendError(f"{p}: unknown model type {p.suffix or '(no extension)'!r}; expected one of "
                                f"{', '.join(sorted(EXTENSIONS))} (or name one with --backend)")
+        if backend == "onnxruntime" and not any(v is not None for v in options.values()) and p.is_file():
+            backend = auto_onnx_backend(p, device)
     if backend not in BACKENDS:
         raise BackendError(f"--backend must be one of {', '.join(sorted(BACKENDS))}, got {backend!r}")
     if device not in DEVICES:
@@ -78,7 +83,8 @@ def add_backend_args(ap: argparse.ArgumentParser) -> None:
     """--backend and every backend option as a flag (defaults None: the backend's own default)."""
     g = ap.add_argument_group("backend options")
     g.add_argument("--backend", choices=sorted(BACKENDS), default=None,
-                   help="backend to open MODEL with (default: by its extension)")
+                   help="backend to open MODEL with (default: by its extension; an INT8 .onnx on CPU: "
+                        "openvino when installed)")
     g.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                    help="PyTorch: compute precision (fp16: half weights, FP16 input, channels_last)")
     g.add_argument("--cuda-graph", action="store_true", default=None, help="PyTorch: replay CUDA graphs (GPU)")
@@ -92,3 +98,33 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """The backend= and **options for open_backend from parsed add_backend_args flags (unset ones left out)."""
     opts = {k: getattr(args, k, None) for k in OPTION_FLAGS}
     return {"backend": getattr(args, "backend", None), **{k: v for k, v in opts.items() if v is not None}}
+
+
+def auto_onnx_backend(path: Path, device: str) -> str:
+    """"openvino" for an INT8 file on a CPU-only run when openvino is installed, else "onnxruntime".
+
+    Why only INT8: on the 2-core VM OpenVINO ran the NNCF INT8 graph 2-3.4x faster than ONNX
+    Runtime ran FP32, but its f32 was not faster than ONNX Runtime's (benchmarks/RESULTS.md,
+    section 4). A GPU build of onnxruntime keeps the file (TensorRT / CUDA execution providers).
+    """
+    if device == "cuda":
+        return "onnxruntime"
+    from runtime.backends import openvino
+    from runtime.onnx_meta import KEY_PRECISION, OnnxMetaError, metadata_props
+
+    if not openvino.available():
+        return "onnxruntime"
+    try:
+        if metadata_props(path).get(KEY_PRECISION) != "int8":
+            return "onnxruntime"
+    except OnnxMetaError:
+        return "onnxruntime"          # the ONNX Runtime backend reports the error
+    if device == "auto":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "openvino"
+        from runtime.backends.onnxrt import GPU_PROVIDERS
+        if any(p in ort.get_available_providers() for p in GPU_PROVIDERS):
+            return "onnxruntime"
+    return "openvino"
