@@ -25,6 +25,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -166,15 +167,26 @@ def _render(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     return img, objs
 
 
+def toy_categories() -> list[dict]:
+    """COCO `categories` entries of the toy classes."""
+    return [{"id": cid, "name": name, "supercategory": SUPERCATEGORY[cid]} for cid, name, _ in TOY_CLASSES]
+
+
 def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, image_ids: list[int],
-                 ann_id0: int) -> int:
-    """Write split's images and json; returns the next free annotation id."""
+                 ann_id0: int, render: Any = None, categories: list[dict] | None = None,
+                 description: str = "probres toy COCO (synthetic)") -> int:
+    """Write split's images and json; returns the next free annotation id.
+
+    render(rng) -> (BGR image, [{cls: index into categories, bbox, area, polygon}]); default: the toy shapes.
+    """
+    render = render or _render
+    categories = categories or toy_categories()
     img_dir = root / split
     img_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     ann_id = ann_id0
     for image_id in image_ids[:n]:
-        img, objs = _render(rng)
+        img, objs = render(rng)
         name = f"COCO_{split}_{image_id:012d}.jpg"
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         assert ok
@@ -184,26 +196,29 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, image
                        "date_captured": "2014-01-01 00:00:00"})
         for o in objs:
             annotations.append({
-                "id": ann_id, "image_id": image_id, "category_id": TOY_CLASSES[o["cls"]][0],
+                "id": ann_id, "image_id": image_id, "category_id": categories[o["cls"]]["id"],
                 "bbox": o["bbox"], "area": o["area"], "iscrowd": 0,
                 "segmentation": [[float(v) for v in o["polygon"].reshape(-1)]],
             })
             ann_id += 1
     doc = {
-        "info": {"description": "probres toy COCO (synthetic)", "version": "1.0", "year": 2014,
+        "info": {"description": description, "version": "1.0", "year": 2014,
                  "contributor": "probres", "date_created": "2014-01-01"},
         "licenses": [{"id": 1, "name": "CC0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": SUPERCATEGORY[cid]}
-                       for cid, name, _ in TOY_CLASSES],
+        "categories": categories,
     }
     atomic_write_text(root / "annotations" / f"instances_{split}.json", json.dumps(doc))
     return ann_id
 
 
-def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0) -> Path:
-    """Write the toy set under `root` (created if needed) and return `root` as a Path."""
+def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0, **split_options: Any) -> Path:
+    """Write the toy set under `root` (created if needed) and return `root` as a Path.
+
+    split_options (render, categories, description) go to _write_split: other generators
+    (train.photo_coco) reuse the layout, ids and annotation writing with their own images.
+    """
     if n_train < 1 or n_val < 1:
         raise ValueError("--train and --val must be >= 1")
     root = Path(root)
@@ -212,8 +227,8 @@ def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: 
     # Non-contiguous image ids like COCO's; train and val disjoint.
     ids = rng.choice(np.arange(1, 600_000), size=n_train + n_val, replace=False)
     train_ids, val_ids = sorted(int(i) for i in ids[:n_train]), sorted(int(i) for i in ids[n_train:])
-    ann = _write_split(root, "train2014", n_train, np.random.default_rng([seed, 1]), train_ids, 1)
-    _write_split(root, "val2014", n_val, np.random.default_rng([seed, 2]), val_ids, ann)
+    ann = _write_split(root, "train2014", n_train, np.random.default_rng([seed, 1]), train_ids, 1, **split_options)
+    _write_split(root, "val2014", n_val, np.random.default_rng([seed, 2]), val_ids, ann, **split_options)
     return root
 
 
