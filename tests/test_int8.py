@@ -169,3 +169,38 @@ def test_to_signed_keeps_the_range_of_an_unsigned_quantizer():
     assert np.abs(y_i8 - x).max() <= s8 / 2 + 1e-6 and np.abs(y_u8 - x).max() <= s / 2 + 1e-6
     with pytest.raises(Int8Error, match="asymmetric"):
         check_qdq(_qdq_graph(np.array(3, np.int8), s))
+
+
+@pytest.mark.parametrize("release", ("10.3", "10.13.3", "11.1"))
+def test_int8_file_builds_strongly_typed_on_the_tensorrt_doubles(files, monkeypatch, tmp_path, release):
+    """export.tensorrt on the real NNCF file against the strict doubles of TensorRT 10.x / 11.x: strongly typed,
+    no FP16 flag, TF32 left alone, the precision check fed NVIDIA's QAT-INT8 inspector sample expects INT8."""
+    from runtime.trt_manifest import read_manifest
+    from test_trt_export_doubles import built, export
+
+    _, int8, _ = files
+    rc, sc, plan = export(monkeypatch, tmp_path, release, [], onnx=int8)
+    assert rc == 0
+    b = built(sc)
+    assert b["strong"] and b["precision"] == "int8" and "FP16" not in b["flags"] and "INT8" not in b["flags"]
+    m = read_manifest(plan)
+    assert m.precision == "int8" and m.contract == read_onnx_meta(int8).contract
+
+
+def test_nncf_unsigned_output_is_what_the_tensorrt_parser_refuses(files, monkeypatch, tmp_path, capsys):
+    """Undo to_signed on one activation quantizer: the double's parser (as onnx-tensorrt #884) says no."""
+    from onnx import numpy_helper
+
+    from test_trt_export_doubles import export
+
+    _, int8, _ = files
+    m = onnx.load(str(int8))
+    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear")
+    zp = next(i for i in m.graph.initializer if i.name == q.input[2])
+    zp.CopyFrom(numpy_helper.from_array(np.zeros(numpy_helper.to_array(zp).shape, np.uint8), zp.name))
+    bad = tmp_path / "uint8.onnx"
+    onnx.save(m, str(bad))
+    (tmp_path / "o").mkdir()
+    rc, _, plan = export(monkeypatch, tmp_path / "o", "11.1", [], onnx=bad)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "UINT8 zero point" in err and not plan.exists()

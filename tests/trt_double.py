@@ -77,6 +77,17 @@ def _onnx_graph(path: str) -> dict[str, Any]:
             "num_classes": out.type.tensor_type.shape.dim[1].dim_value}
 
 
+def _unsigned_qdq(path: str) -> list[str]:
+    """The real parser refuses UINT8 Q/DQ (onnx/onnx-tensorrt #884: TensorRT quantizes to signed INT8 only)."""
+    import onnx
+
+    m = onnx.load(path)
+    u8 = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.UINT8}
+    return [f"{n.name}: {n.op_type} with a UINT8 zero point is not supported; TensorRT supports INT8 only"
+            for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
+            and n.input[2] in u8][:1]
+
+
 def inspector_sample(precision: str, schema: int) -> str:
     """NVIDIA's real 10.x inspector JSON of a ResNet (tests/data/trt_inspector); schema 11 splits the
     'Format/Datatype' field into 'Format' and 'Datatype' (the key names of NVIDIA's 11.1 tools)."""
@@ -111,9 +122,9 @@ def _impls(mod: types.ModuleType, sc: Scenario) -> dict[str, Callable]:
         if not isinstance(model, str):
             raise TypeError(f"OnnxParser.parse_from_file: model must be a str path, got {type(model).__name__}")
         sc.calls.append(("parse_from_file", model))
-        self._state["errors"] = list(sc.parse_errors)
-        self._props["num_errors"] = len(sc.parse_errors)
-        if sc.parse_errors:
+        self._state["errors"] = list(sc.parse_errors) or _unsigned_qdq(model)
+        self._props["num_errors"] = len(self._state["errors"])
+        if self._state["errors"]:
             return False
         self._state["network"]._state["graph"] = _onnx_graph(model)
         return True
