@@ -33,6 +33,7 @@
 #   8c infer_cli: probres-infer itself (the CLI, its own loop) over E2E generated photo files at
 #     batch 128 with each shipped GPU backend + options the files allow; its "img/s" lines go to
 #     run.log and summary.txt (no extra file: the 8-file limit)
+#   8d int8: export.int8 Q/DQ ONNX, its INT8 TensorRT plan and latency rows (run.log; issue 15)
 #   9 a short table, printed last
 #  10 (before 9) probres-serve bytes-in vs tensors-in, where PyTriton is installed (see the step)
 # Every latency row is a shipped backend + options (benchmarks.latency opens it with
@@ -185,6 +186,25 @@ infer_cli() {
   return $rc
 }
 step infer_cli "$(left 120)" bash -c "$(declare -f infer_cli); PY='$PY' WORK='$WORK' E2E=$E2E DEVICE=$DEVICE CLI_BATCH=$CLI_BATCH infer_cli"
+
+# 8d int8 (issue 15): the INT8 Q/DQ ONNX (export.int8 calibrated on 32 generated photos: speed only,
+# random weights), its strongly typed TensorRT plan (export.tensorrt's precision check expects INT8)
+# and its latency rows, printed into run.log (no extra file: $OUT keeps its 8). Never run on a GPU yet.
+# Needs nncf on the device: carry its wheels in .whl/ (pip download -d .whl nncf==3.4.0 with its
+# dependencies for the device's Python); without it int8_export fails and the rest goes on.
+if [ -f "$WORK/model.onnx" ] && $PY -m benchmarks.images "$WORK/calib" --count 32 > /dev/null 2>&1 \
+   && step int8_export "$(left 180)" $PY -m export.int8 --onnx "$WORK/model.onnx" --calib-images "$WORK/calib" \
+        --num 32 --output "$WORK/model_int8.onnx"; then
+  if $PY -c "import tensorrt" 2>/dev/null; then
+    step int8_tensorrt "$(left 150)" $PY -m export.tensorrt --onnx "$WORK/model_int8.onnx" --output "$WORK/model_int8.plan" \
+         --min-batch 1 --opt-batch 32 --max-batch 128 \
+      && step int8_latency "$(left 90)" $PY -m benchmarks.latency --engine "$WORK/best.pt" \
+           --engine "$WORK/model_int8.plan" "${LAT_ARGS[@]}" --formats TensorRT
+  else
+    echo "=== int8_tensorrt: tensorrt not installed: INT8 plan not built"
+    STATUS[int8_tensorrt]="not installed"
+  fi
+fi
 
 # 9 summary, last
 {
