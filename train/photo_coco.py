@@ -21,14 +21,13 @@ bbox is the pasted rectangle clipped to the image, area its full size (occlusion
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from train.toy_coco import make_toy_coco
+from train.toy_coco import make_toy_coco, set_main
 
 # (COCO id, name, supercategory, [(package, file)])
 PHOTO_CLASSES: tuple[tuple[int, str, str, tuple[tuple[str, str], ...]], ...] = (
@@ -124,24 +123,8 @@ def make_photo_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.photo_coco", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="root directory to write the COCO-2014 layout into")
-    p.add_argument("--train", type=int, default=400, help="number of train2014 images")
-    p.add_argument("--val", type=int, default=100, help="number of val2014 images")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.train < 1 or a.val < 1:
-        p.error("--train and --val must be >= 1")
-    try:
-        root = make_photo_coco(a.out, a.train, a.val, a.seed)
-    except PhotoSourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: --out {a.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    print(f"wrote photo COCO ({a.train} train, {a.val} val, {len(PHOTO_CLASSES)} classes) to {root}")
-    return 0
+    return set_main(argv, "python -m train.photo_coco", __doc__.split("\n\n")[0], make_photo_coco, "photo COCO",
+                    len(PHOTO_CLASSES), user_errors=(PhotoSourceError,))
 
 
 if __name__ == "__main__":

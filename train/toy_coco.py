@@ -232,8 +232,13 @@ def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: 
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.toy_coco", description=__doc__.split("\n\n")[0])
+def set_main(argv: list[str] | None, prog: str, description: str, make: Any, what: str, num_classes: int,
+             user_errors: tuple[type[Exception], ...] = ()) -> int:
+    """The command line shared by the COCO-layout set generators: --out, --train, --val, --seed.
+
+    make(root, n_train, n_val, seed) writes the set; `user_errors` are printed as one line (exit 2).
+    """
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--out", required=True, help="root directory to write the COCO-2014 layout into")
     p.add_argument("--train", type=int, default=400, help="number of train2014 images")
     p.add_argument("--val", type=int, default=100, help="number of val2014 images")
@@ -242,12 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.train < 1 or a.val < 1:
         p.error("--train and --val must be >= 1")
     try:
-        root = make_toy_coco(a.out, a.train, a.val, a.seed)
+        root = make(a.out, a.train, a.val, a.seed)
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"error: --out {a.out}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"wrote toy COCO ({a.train} train, {a.val} val, {len(TOY_CLASSES)} classes) to {root}")
+    print(f"wrote {what} ({a.train} train, {a.val} val, {num_classes} classes) to {root}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return set_main(argv, "python -m train.toy_coco", __doc__.split("\n\n")[0], make_toy_coco, "toy COCO",
+                    len(TOY_CLASSES))
 
 
 if __name__ == "__main__":
