@@ -203,3 +203,15 @@ def test_nncf_unsigned_output_is_what_the_tensorrt_parser_refuses(files, monkeyp
     rc, _, plan = export(monkeypatch, tmp_path / "o", "11.1", [], onnx=bad)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "UINT8 zero point" in err and not plan.exists()
+
+
+def test_probres_infer_runs_the_int8_file_on_openvino(files, toy_root, tmp_path, capsys):
+    from runtime.infer import main as infer_main
+
+    _, int8, _ = files
+    out = tmp_path / "pred.jsonl"
+    images = [str(p) for p in sorted((toy_root / "val2014").glob("*.jpg"))[:3]]
+    assert infer_main(["--engine", str(int8), "--backend", "openvino", "--threads", "1", "--output", str(out),
+                       *images]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in rows] == images and "openvino[CPU] int8" in capsys.readouterr().err
