@@ -228,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     if (meta.precision or "fp32") != "fp32":
         return _error(f"--onnx {src}: is a {meta.precision} graph; quantize the FP32 export")
 
+    import logging
+
     import nncf
 
+    nncf.set_log_level(logging.WARNING)      # its INFO lines list every node it skips
     print(f"calibrating on {len(paths)} images from {calib} (nncf {nncf.__version__}, ONNX backend)")
     try:
         q = quantize_int8(model, paths, quantize_head=args.quantize_head)
