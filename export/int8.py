@@ -12,7 +12,7 @@ Quantizer: NNCF's ONNX backend (nncf.quantize on the ModelProto). Why this one:
     (weights folded to int8 initializers + DequantizeLinear), which ONNX Runtime, OpenVINO
     and TensorRT's ONNX parser all read;
   * min/max ranges plus its fast bias correction keep mAP within the 0.005 gate on the toy and
-    on the real-photo set (benchmarks/RESULTS.md section 4);
+    on the real-photo set (benchmarks/RESULTS.md, "INT8 on the CPU");
   * it needs neither torch nor a GPU (NVIDIA Model Optimizer's ONNX PTQ targets TensorRT and
     calibrates through ONNX Runtime too, but pulls in a much larger stack; ONNX Runtime's own
     quantize_static has no bias correction, and an earlier measurement on another machine found
@@ -25,7 +25,7 @@ Quantizer: NNCF's ONNX backend (nncf.quantize on the ModelProto). Why this one:
 Scheme: symmetric INT8 weights per output channel, activations per tensor (NNCF's
 PERFORMANCE preset), both signed. The classifier head (Gemm on the pooled 2048-vector, then
 Sigmoid) stays FP32 unless --quantize-head: 2048x80 MACs against ResNet-101's ~31 G, and its
-output is what mAP ranks. Measured (benchmarks/RESULTS.md section 4), quantizing it too did not
+output is what mAP ranks. Measured (benchmarks/RESULTS.md, "INT8 on the CPU"), quantizing it too did not
 measurably change mAP either way (toy: 92.76 vs 92.77 ONNX Runtime, 92.75 vs 92.75 OpenVINO;
 photos: 69.60 vs 69.43, 69.07 vs 69.11): FP32 is kept because it costs nothing, not for mAP. Calibration images go through the runtime's own preprocessing (the contract's
 spec, runtime.preprocess), and must not be the evaluation split: a directory named val2014

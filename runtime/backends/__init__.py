@@ -105,7 +105,7 @@ def auto_onnx_backend(path: Path, device: str) -> str:
 
     Why only INT8: on the 2-core VM OpenVINO ran the NNCF INT8 graph 2-3.4x faster than ONNX
     Runtime ran FP32, but its f32 was not faster than ONNX Runtime's (benchmarks/RESULTS.md,
-    section 4). A GPU build of onnxruntime keeps the file (TensorRT / CUDA execution providers).
+    "INT8 on the CPU"). A GPU build of onnxruntime keeps the file (TensorRT / CUDA execution providers).
     """
     if device == "cuda":
         return "onnxruntime"
