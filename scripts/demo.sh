@@ -47,12 +47,26 @@ for m in model model_fp16; do
         --json "$OUT/parity_$m.json" > "$OUT/parity_$m.txt" || rc=$?
     tail -n 2 "$OUT/parity_$m.txt"
 done
+# INT8 (issue 15): one Q/DQ file calibrated on train2014, gated at 0.005 on ONNX Runtime and OpenVINO.
+if "$BIN/python" -c "import nncf, openvino" 2>/dev/null; then
+    "$BIN/python" -m export.int8 --onnx "$OUT/model.onnx" --calib-images "$OUT/toy_coco/train2014" \
+        --output "$OUT/model_int8.onnx" 2>&1 | grep -E "^(wrote|error|INT8)" || rc=1
+    for b in onnxruntime openvino; do
+        echo "-- model_int8.onnx on $b"
+        "$BIN/probres-eval" --engine "$OUT/model_int8.onnx" --backend $b --coco-root "$OUT/toy_coco" \
+            --reference "$OUT/run/best.pt" --json "$OUT/parity_model_int8_$b.json" > "$OUT/parity_model_int8_$b.txt" || rc=$?
+        tail -n 1 "$OUT/parity_model_int8_$b.txt"
+    done
+else
+    echo "-- INT8 skipped: the int8 and openvino extras are not installed"
+fi
 
 step "done in $(( $(date +%s) - T0 )) s. Artifacts in $OUT/:"
 cat <<INFO
   toy_coco/                 the toy COCO-2014 tree (train2014/, val2014/, annotations/)
   run/best.pt               the trained checkpoint (PyTorch reference); run/ also holds logs
   model.onnx, model_fp16.onnx   the exported models (contract + val metrics in their metadata)
+  model_int8.onnx           the INT8 Q/DQ model (export.int8), when the int8 extra is installed
   predictions.jsonl         probres-infer's output for every val image
   parity_model*.json/.txt   probres-eval's reports and tables
 INFO
