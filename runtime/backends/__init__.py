@@ -103,8 +103,8 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
 def auto_onnx_backend(path: Path, device: str) -> str:
     """"openvino" for an INT8 file on a CPU-only run when openvino is installed, else "onnxruntime".
 
-    Why only INT8: on the 2-core VM OpenVINO ran the NNCF INT8 graph 2-3.4x faster than ONNX
-    Runtime ran FP32, but its f32 was not faster than ONNX Runtime's (benchmarks/RESULTS.md,
+    Why only INT8: on the 2-core VMs OpenVINO ran the NNCF INT8 graph 1.66x (Zen 3) and 2.4x
+    (Zen 5) faster than ONNX Runtime ran FP32, but its f32 was slower than ONNX Runtime's (benchmarks/RESULTS.md,
     "INT8 on the CPU"). A GPU build of onnxruntime keeps the file (TensorRT / CUDA execution providers).
     """
     if device == "cuda":

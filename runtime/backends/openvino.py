@@ -6,10 +6,10 @@ No IR conversion step: OpenVINO's ONNX frontend reads the same file ONNX Runtime
 TensorRT take, so one artifact serves all three. Compiled for latency (PERFORMANCE_HINT
 LATENCY) with INFERENCE_NUM_THREADS from --threads; the inference precision hint is f32 so
 that non-quantized layers compute as ONNX Runtime does (OpenVINO would pick bf16 on CPUs
-with AMX/AVX512-BF16); Q/DQ-quantized layers still run in INT8. Measured on the 2-core
-AVX2 machine (deploy-facts, INT8 facts): f32 is slower than ONNX Runtime FP32, the NNCF
-INT8 graph 1.66x faster, which is why open_backend picks OpenVINO automatically for INT8
-files only.
+with AMX/AVX512-BF16); Q/DQ-quantized layers still run in INT8. Measured on 2-core VMs
+(ResNet-101 @448, batch 1): f32 slower than ONNX Runtime FP32, the NNCF INT8 graph 1.66x
+faster on Zen 3/AVX2 (deploy-facts) and 2.4x on Zen 5/AVX-512 VNNI (benchmarks/RESULTS.md,
+"INT8 on the CPU"), which is why open_backend picks OpenVINO automatically for INT8 files only.
 
 Two infer requests: a caller may hold two submitted batches (submit k+1, then wait k);
 inputs are shared, not copied (share_inputs), so a buffer is reused only after its wait().
