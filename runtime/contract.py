@@ -1,4 +1,4 @@
-"""The model contract: the label set and the preprocessing spec, defined once.
+"""The model contract: the label set, the preprocessing spec and the decision thresholds, defined once.
 
     python -c "from runtime.contract import ModelContract; print(ModelContract.coco().to_json())"
 
@@ -7,11 +7,17 @@ the ONNX file (metadata_props key "probres.contract"), and the TensorRT plan's s
 (`model.plan.json`, key "contract"). Whoever runs a model reads the contract from the
 artifact itself, so the deployed model sees exactly the labels and pixels it was trained
 and evaluated with. No torch here: this module ships to the device.
+
+`thresholds` (optional): one decision threshold per label, in label order, each in (0, 1),
+chosen on the held-out split after calibration (train/calibrate.py). probres-infer and
+probres-eval decide with them by default; a contract without them means 0.5 for every
+label, as before they existed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -117,23 +123,53 @@ class PreprocessSpec:
             raise ContractError(f"preprocess spec: interpolation must be one of {INTERPOLATIONS}")
 
 
+DEFAULT_THRESHOLD = 0.5
+
+
 @dataclass(frozen=True)
 class ModelContract:
-    """Labels + preprocessing: what travels with every artifact."""
+    """Labels + preprocessing (+ per-label decision thresholds): what travels with every artifact."""
 
     labels: LabelSet
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    thresholds: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.thresholds is None:
+            return
+        t = tuple(self.thresholds)
+        if len(t) != self.labels.num_classes:
+            raise ContractError(f"contract: {len(t)} thresholds for {self.labels.num_classes} labels")
+        for name, cid, v in zip(self.labels.names, self.labels.category_ids, t):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 < v < 1.0:
+                raise ContractError(f"contract: threshold of label {name!r} (category {cid}) must be in (0, 1), got {v!r}")
+        object.__setattr__(self, "thresholds", tuple(float(v) for v in t))
+
+    def with_thresholds(self, thresholds: Sequence[float] | None) -> "ModelContract":
+        """The same contract with other thresholds (validated)."""
+        return ModelContract(self.labels, self.preprocess, None if thresholds is None else tuple(thresholds))
+
+    def decision_thresholds(self) -> tuple[float, ...]:
+        """(C,) thresholds to decide with: the contract's, or DEFAULT_THRESHOLD for every label."""
+        return self.thresholds if self.thresholds is not None else (DEFAULT_THRESHOLD,) * self.labels.num_classes
+
+    def same_model_io(self, other: "ModelContract") -> bool:
+        """Same labels and preprocessing (thresholds may differ: they are decisions, not the model's I/O)."""
+        return self.labels == other.labels and self.preprocess == other.preprocess
 
     @classmethod
     def coco(cls, size: int = 448) -> "ModelContract":
         return cls(LabelSet.coco(), PreprocessSpec(size=size))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": CONTRACT_FORMAT,
             "labels": [{"id": i, "name": n} for i, n in zip(self.labels.category_ids, self.labels.names)],
             "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.preprocess).items()},
         }
+        if self.thresholds is not None:
+            d["thresholds"] = list(self.thresholds)   # label order; JSON floats round-trip exactly
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -150,11 +186,14 @@ class ModelContract:
                 std=tuple(float(x) for x in p["std"]), color=p.get("color", "RGB"),
                 interpolation=p.get("interpolation", "area"), layout=p.get("layout", "NCHW"),
             )
+            thr = d.get("thresholds")
+            if thr is not None and not isinstance(thr, list):
+                raise ContractError(f"contract: thresholds must be a list, got {type(thr).__name__}")
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ContractError):
                 raise
             raise ContractError(f"malformed contract: {e}") from None
-        return cls(labels, spec)
+        return cls(labels, spec, None if thr is None else tuple(thr))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "ModelContract":

@@ -16,6 +16,17 @@ precision 0), CF1 = 2*CP*CR/(CP+CR) (not the mean of per-class F1s); OP/OR pool 
 decisions, OF1 likewise. "_top3" variants first keep only each image's 3 highest scores (and any tied with the 3rd).
 Classes with no positive target have no AP or recall: they are skipped from every
 class-averaged figure, and reported in "skipped_classes".
+
+Decisions at per-class thresholds (the model contract's): label k is predicted when
+p_k >= t_k; CP..OF1 are then computed exactly as above ("_contract" keys).
+
+Calibration (Guo et al. 2017's ECE, applied per label): each label's N probabilities are put
+into ECE_BINS equal-width bins [0, 1/15), [1/15, 2/15), ..., [14/15, 1] (1.0 in the last);
+ECE_k = sum over bins b of (n_b / N) * |mean of targets in b - mean of probabilities in b|,
+i.e. sum_b |sum of targets in b - sum of probabilities in b| / N. The overall ECE pools all
+N * C (probability, target) pairs of all labels into the same 15 bins (what a pooled
+reliability diagram shows). Brier score: the mean of (p - y)^2 over all N * C pairs.
+Every label counts here, with or without positives.
 """
 
 from __future__ import annotations
@@ -90,13 +101,77 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     return scores >= kth
 
 
-def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+ECE_BINS = 15
+
+
+def calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> tuple[float, np.ndarray]:
+    """(overall ECE over all pooled labels, (C,) per-label ECE) of (N, C) probabilities; see the module docstring."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = (np.asarray(targets) > 0).astype(np.float64)
+    n, c = p.shape
+    if n == 0:
+        return float("nan"), np.full(c, np.nan)
+    b = np.minimum((p * bins).astype(np.int64), bins - 1).clip(0)       # (N, C) bin of each probability
+    flat = (b + bins * np.arange(c)).ravel()                            # (N*C,) per-label bins, label-major
+    gap = np.bincount(flat, weights=(y - p).ravel(), minlength=c * bins).reshape(c, bins)  # sum(y) - sum(p)
+    per_class = np.abs(gap).sum(axis=1) / n
+    pooled = np.abs(gap.sum(axis=0)).sum() / (n * c)
+    return float(pooled), per_class
+
+
+def brier_score(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean squared error (p - y)^2 over all N * C (probability, target) pairs."""
+    p = np.asarray(probs, dtype=np.float64)
+    return float(np.mean((p - (np.asarray(targets) > 0)) ** 2)) if p.size else float("nan")
+
+
+def f1_optimal_thresholds(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class thresholds maximising each class's F1 under `predict k when p_k >= t_k`.
+
+    scores, targets: (N, C). Returns ((C,) thresholds, (C,) the F1 they reach); NaN for a
+    class without positives. Every cut between two distinct scores is tried (a run of tied
+    scores is one cut); the threshold returned lies halfway between the lowest kept score
+    and the next lower one (half the lowest score when all are kept), so small numerical
+    differences (FP16) at the boundary do not flip a decision.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(targets) > 0
+    n, c = s.shape
+    thr, best = np.full(c, np.nan), np.full(c, np.nan)
+    for k in range(c):
+        npos = int(t[:, k].sum())
+        if npos == 0 or n == 0:
+            continue
+        order = np.argsort(-s[:, k], kind="stable")
+        sk, tk = s[order, k], t[order, k]
+        tp = np.cumsum(tk)
+        ends = np.flatnonzero(np.r_[sk[:-1] != sk[1:], True])          # last index of each tied run
+        f1 = 2 * tp[ends] / (ends + 1 + npos)
+        j = int(np.argmax(f1))
+        e = ends[j]
+        lo = sk[e + 1] if e + 1 < n else 0.0
+        cut = (sk[e] + lo) / 2
+        thr[k] = cut if lo < cut < sk[e] else sk[e]          # (adjacent floats: no midpoint between them)
+        best[k] = f1[j]
+    return thr, best
+
+
+def of1_optimal_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(one threshold for every label maximising OF1, that OF1): the F1 search over all pooled decisions."""
+    t, f = f1_optimal_thresholds(np.asarray(scores).reshape(-1, 1), np.asarray(targets).reshape(-1, 1))
+    return float(t[0]), float(f[0])
+
+
+def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5,
+                       contract_thresholds: np.ndarray | None = None) -> dict[str, Any]:
     """All the figures the multi-label literature reports, as fractions in 0..1.
 
     scores: (N, C) probabilities; targets: (N, C) multi-hot {0, 1}.
     Returns "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", the same with "_top3", "AP" (a
     per-class list, None for skipped classes), "skipped_classes" (indices without
-    positives), "num_images", "num_classes_evaluated" and "threshold".
+    positives), "num_images", "num_classes_evaluated" and "threshold"; "ECE" (pooled),
+    "ECE_per_class" (list) and "Brier"; with contract_thresholds ((C,) per-label
+    thresholds), also CP..OF1 at them as "CP_contract" .. "OF1_contract" and "thresholds".
     """
     scores = np.asarray(scores)
     targets = np.asarray(targets)
@@ -113,4 +188,13 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float
     out["num_images"] = int(scores.shape[0])
     out["num_classes_evaluated"] = int(len(evaluated))
     out["threshold"] = float(threshold)
+    ece, ece_k = calibration_error(scores, targets)
+    out.update({"ECE": ece, "ECE_per_class": [float(e) for e in ece_k], "Brier": brier_score(scores, targets)})
+    if contract_thresholds is not None:
+        thr = np.asarray(contract_thresholds, dtype=np.float64).reshape(1, -1)
+        if thr.shape[1] != scores.shape[1]:
+            raise ValueError(f"{thr.shape[1]} thresholds for {scores.shape[1]} classes")
+        at = threshold_metrics(scores >= thr, targets, evaluated)
+        out.update({f"{k}_contract": v for k, v in at.items()})
+        out["thresholds"] = [float(v) for v in thr[0]]
     return out

@@ -29,6 +29,7 @@ RECIPE_DEFAULTS: dict[str, object] = {
     "arch": "resnet101", "image_size": 448, "epochs": 40, "batch_size": 64, "lr": 1e-4,
     "weight_decay": 1e-4, "optimizer": "adam", "loss": "bce", "amp": "auto", "ema_epochs": 5.2,
     "seed": 0, "keep_empty": False, "pretrained": None, "augment": "asl", "lr_scale": "none",
+    "holdout_frac": 0.05,
 }
 
 
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                    help="also write last.pt every STEPS optimizer steps, for mid-epoch resume (default: epoch ends only)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
+    p.add_argument("--holdout-frac", type=float, default=None, metavar="FRAC",
+                   help="part of train2014 kept out of training for calibration and thresholds (default 0.05)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip train.calibrate at the end (best_calibrated.pt, thresholds, plots)")
+    p.add_argument("--label-dependency", action="store_true",
+                   help="calibration also fits the label-dependency layer (train/label_dependency.py)")
     return p
 
 
@@ -89,7 +96,8 @@ def _check_values(cfg: dict) -> None:
     from train.trainer import UsageError
     rules = [("epochs", cfg["epochs"] >= 1, ">= 1"), ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
              ("image_size", 32 <= cfg["image_size"] <= 4096, "in 32..4096"), ("lr", cfg["lr"] > 0, "> 0"),
-             ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"), ("ema_epochs", cfg["ema_epochs"] > 0, "> 0")]
+             ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"), ("ema_epochs", cfg["ema_epochs"] > 0, "> 0"),
+             ("holdout_frac", 0 <= cfg["holdout_frac"] <= 0.5, "in [0, 0.5]")]
     for key, ok, what in rules:
         if not ok:
             raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {cfg[key]}")
@@ -119,7 +127,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
             if saved.get(k) != v:
                 raise UsageError(f"--resume: --{k.replace('_', '-')} {v} differs from the run's {saved.get(k)} "
                                  f"(a resumed run keeps its recipe; start a new --out to change it)")
-        cfg = {**RECIPE_DEFAULTS, **saved}
+        cfg = {**RECIPE_DEFAULTS, "holdout_frac": 0.0, **saved}   # (runs from before the held-out split had none)
     else:
         if last.exists():
             raise UsageError(f"--out {run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
@@ -132,7 +140,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     cfg.pop("ema_decay", None)   # (a run from before --ema-epochs: its per-step decay is not carried over)
     cfg.update(coco_root=str(root), out=str(run_dir), device=args.device, workers=args.workers,
                save_every=args.save_every, progress=not args.no_progress, augment_on=args.augment_on,
-               compile=args.compile, skip_bad_images=args.skip_bad_images)
+               compile=args.compile, skip_bad_images=args.skip_bad_images, calibrate=not args.no_calibrate,
+               label_dependency=args.label_dependency)
     _check_values(cfg)
     return cfg, (last if args.resume else None)
 
@@ -144,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.coco import CocoDataError
     from train.checkpoint import CheckpointError
     from train.coco import BadImageError
+    from train.holdout import HoldoutError
     from train.model import PretrainedWeightsError
     from train.trainer import UsageError, fit
 
     try:
         cfg, resume_from = resolve_config(args)
         fit(cfg, resume_from)
-    except (UsageError, CocoDataError, CheckpointError, PretrainedWeightsError, BadImageError) as e:
+    except (UsageError, CocoDataError, CheckpointError, PretrainedWeightsError, BadImageError, HoldoutError) as e:
         print(f"probres-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

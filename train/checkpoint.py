@@ -45,8 +45,11 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)   # resume state (last.pt only)
 
     def build(self) -> nn.Module:
-        """The model with these weights, in eval mode, on the CPU."""
+        """The model with these weights, in eval mode, on the CPU (with its label-dependency head if it has one)."""
+        from train.label_dependency import attach, has_label_dependency
         model = build_model(self.arch, self.contract.labels.num_classes)
+        if has_label_dependency(self.state_dict):
+            attach(model)
         model.load_state_dict(self.state_dict)
         return model.eval()
 

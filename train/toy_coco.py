@@ -16,6 +16,12 @@ object may be covered by later ones, but keeps at least half its area visible); 
 of images hold no object and get no annotation. The colour cue alone makes it learnable
 from scratch on a CPU in minutes; scale, occlusion, noise and crops keep it from being
 trivial. Same seed -> byte-identical files (on the same OpenCV build).
+
+--cooccur gives the labels a dependency structure, as COCO's "dining table" and "fork"
+have: each class of a COOCCUR_PAIRS pair brings its partner along with probability
+P_PARTNER (so each appears mostly with the other), and the classes of an EXCLUSIVE_PAIRS
+pair never appear together. Without it every class is drawn independently (the files are
+the same as before the option existed).
 """
 
 from __future__ import annotations
@@ -50,6 +56,25 @@ HUE_JITTER = 6.0           # +-6 units (12 degrees) leaves a 10-unit gap between
 P_EMPTY = 0.1              # probability that an image holds no object
 MIN_VISIBLE = 0.5          # an object keeps at least this fraction of its pixels visible
 JPEG_QUALITY = 90
+# --cooccur: class indices into TOY_CLASSES.
+COOCCUR_PAIRS = ((0, 5), (2, 3))      # (person, umbrella), (bus, stop sign)
+EXCLUSIVE_PAIRS = ((1, 6),)           # (car, banana)
+P_PARTNER = 0.85
+MAX_OBJECTS = 5
+
+
+def _cooccur_classes(rng: np.random.Generator, n: int) -> list[int]:
+    """n independently drawn class indices, then partners added and exclusions removed (--cooccur)."""
+    classes = [int(c) for c in rng.integers(0, len(TOY_CLASSES), n)]
+    for a, b in COOCCUR_PAIRS:
+        for have, want in ((a, b), (b, a)):
+            if have in classes and want not in classes and len(classes) < MAX_OBJECTS and rng.random() < P_PARTNER:
+                classes.append(want)
+    for a, b in EXCLUSIVE_PAIRS:
+        if a in classes and b in classes:
+            drop = b if rng.random() < 0.5 else a
+            classes = [c for c in classes if c != drop]
+    return classes
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
@@ -121,18 +146,20 @@ def _rect(poly: np.ndarray, w: int, h: int) -> tuple[int, int, int, int]:
     return x0, y0, min(x + bw, w) - x0, min(y + bh, h) - y0
 
 
-def _render(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
-    """One image (BGR) and its objects [{cls, bbox, area, polygon}]."""
+def _render(rng: np.random.Generator, cooccur_rng: np.random.Generator | None = None
+            ) -> tuple[np.ndarray, list[dict]]:
+    """One image (BGR) and its objects [{cls, bbox, area, polygon}]; classes from cooccur_rng when given."""
     w, h = int(rng.integers(480, 721)), int(rng.integers(360, 561))
     img = _background(rng, h, w)
     _distractors(rng, img)
     n = 0 if rng.random() < P_EMPTY else int(rng.integers(1, 5))
+    planned = _cooccur_classes(cooccur_rng, n) if cooccur_rng is not None else None
     masks: list[np.ndarray] = []      # (H, W) bool, visible pixels of each placed object
     full: list[int] = []              # full pixel count of each placed object
     objs: list[dict] = []
     short = min(h, w)
-    for _ in range(n):
-        cls = int(rng.integers(0, len(TOY_CLASSES)))
+    for i in range(n if planned is None else len(planned)):
+        cls = int(rng.integers(0, len(TOY_CLASSES))) if planned is None else planned[i]
         for _try in range(20):
             r = short * rng.uniform(0.09, 0.26)
             cx, cy = rng.uniform(r * 0.6, w - r * 0.6), rng.uniform(r * 0.6, h - r * 0.6)
@@ -213,11 +240,13 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, image
     return ann_id
 
 
-def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0, **split_options: Any) -> Path:
+def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0, cooccur: bool = False,
+                  **split_options: Any) -> Path:
     """Write the toy set under `root` (created if needed) and return `root` as a Path.
 
-    split_options (render, categories, description) go to _write_split: other generators
-    (train.photo_coco) reuse the layout, ids and annotation writing with their own images.
+    cooccur: the --cooccur label dependencies (module docstring). split_options (render,
+    categories, description) go to _write_split: other generators (train.photo_coco) reuse the
+    layout, ids and annotation writing with their own images.
     """
     if n_train < 1 or n_val < 1:
         raise ValueError("--train and --val must be >= 1")
@@ -227,40 +256,51 @@ def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: 
     # Non-contiguous image ids like COCO's; train and val disjoint.
     ids = rng.choice(np.arange(1, 600_000), size=n_train + n_val, replace=False)
     train_ids, val_ids = sorted(int(i) for i in ids[:n_train]), sorted(int(i) for i in ids[n_train:])
-    ann = _write_split(root, "train2014", n_train, np.random.default_rng([seed, 1]), train_ids, 1, **split_options)
-    _write_split(root, "val2014", n_val, np.random.default_rng([seed, 2]), val_ids, ann, **split_options)
+    ann = 1                                   # the first annotation id
+    for k, split, n, split_ids in ((1, "train2014", n_train, train_ids), (2, "val2014", n_val, val_ids)):
+        opts = dict(split_options)
+        if cooccur:   # classes drawn from their own stream, so the default set's files stay as they were
+            co_rng = np.random.default_rng([seed, k, 7])
+            opts["render"] = lambda r, co_rng=co_rng: _render(r, co_rng)
+            opts.setdefault("description", "probres toy COCO with co-occurring labels (synthetic)")
+        ann = _write_split(root, split, n, np.random.default_rng([seed, k]), split_ids, ann, **opts)
     return root
 
 
 def set_main(argv: list[str] | None, prog: str, description: str, make: Any, what: str, num_classes: int,
-             user_errors: tuple[type[Exception], ...] = ()) -> int:
+             user_errors: tuple[type[Exception], ...] = (), switches: dict[str, str] | None = None) -> int:
     """The command line shared by the COCO-layout set generators: --out, --train, --val, --seed.
 
-    make(root, n_train, n_val, seed) writes the set; `user_errors` are printed as one line (exit 2).
+    make(root, n_train, n_val, seed, **{switch: bool}) writes the set; `switches` ({"cooccur":
+    help}) are a generator's own on/off flags; `user_errors` are printed as one line (exit 2).
     """
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--out", required=True, help="root directory to write the COCO-2014 layout into")
     p.add_argument("--train", type=int, default=400, help="number of train2014 images")
     p.add_argument("--val", type=int, default=100, help="number of val2014 images")
     p.add_argument("--seed", type=int, default=0)
+    for name, text in (switches or {}).items():
+        p.add_argument(f"--{name}", action="store_true", help=text)
     a = p.parse_args(argv)
     if a.train < 1 or a.val < 1:
         p.error("--train and --val must be >= 1")
     try:
-        root = make(a.out, a.train, a.val, a.seed)
+        root = make(a.out, a.train, a.val, a.seed, **{name: getattr(a, name) for name in switches or {}})
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: --out {a.out}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"wrote {what} ({a.train} train, {a.val} val, {num_classes} classes) to {root}")
+    on = [f"--{name}" for name in switches or {} if getattr(a, name)]
+    print(f"wrote {what} ({a.train} train, {a.val} val, {num_classes} classes{''.join(', ' + f for f in on)}) to {root}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     return set_main(argv, "python -m train.toy_coco", __doc__.split("\n\n")[0], make_toy_coco, "toy COCO",
-                    len(TOY_CLASSES))
+                    len(TOY_CLASSES), switches={"cooccur": "label dependencies: pairs that mostly appear "
+                                                           "together, and a pair that never does"})
 
 
 if __name__ == "__main__":

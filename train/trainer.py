@@ -28,6 +28,7 @@ from train import distributed as D
 from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from train.coco import CocoDataset
 from train.ema import WARMUP_FRACTION, ModelEma
+from train.holdout import split_train, write_holdout
 from train.engine import (EpochProgress, StepContext, build_optimizer, build_scheduler, epoch_loss, evaluate,
                           make_loader, resolve_amp, summary, train_one_epoch)
 from train.losses import build_loss
@@ -154,6 +155,10 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     # Data: one image-set policy for training's val and the runtime's probres-eval.
     train_split = load_coco_split(cfg["coco_root"], "train2014", keep_empty=cfg["keep_empty"])
     val_split = load_coco_split(cfg["coco_root"], "val2014", keep_empty=cfg["keep_empty"], labels=train_split.labels)
+    # The held-out part of train2014 (train/holdout.py) never reaches the training loader.
+    train_split, held_split = split_train(train_split, cfg.get("holdout_frac", 0.0), cfg["seed"])
+    if info.is_main and len(held_split):
+        write_holdout(run_dir, held_split, cfg["holdout_frac"], cfg["seed"])
     contract = ModelContract(train_split.labels, PreprocessSpec(size=cfg["image_size"]))
     ckpt = load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None and ckpt.contract.labels != contract.labels:
@@ -224,6 +229,7 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     log(f"{lr_note}; {decay}; EMA over {cfg['ema_epochs']:g} epochs ({ema.horizon:.0f} steps: decay "
         f"{ema.decay:.6f} per step, warmed up over the first {ema.horizon / WARMUP_FRACTION:.0f})")
     log(train_split.describe())
+    log(held_split.describe() + " (kept out of training for calibration and thresholds: holdout.json)")
     log(val_split.describe())
     log(SELECTION_NOTE)
     resolved = {**cfg, "workers": workers, "world_size": info.world_size, "amp_dtype": amp_name,
@@ -298,4 +304,8 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     if writer is not None:
         writer.close()
     D.barrier()
+    if info.is_main and cfg.get("calibrate", False) and len(held_split) and (run_dir / "best.pt").is_file():
+        from train.calibrate import calibrate
+        calibrate(run_dir / "best.pt", cfg["coco_root"], label_dependency=cfg.get("label_dependency", False),
+                  device=device, batch_size=cfg["batch_size"], log=log)
     return doc

@@ -1,0 +1,241 @@
+"""Calibration and thresholds on the held-out split, folded into the checkpoint and its contract.
+
+    python -m train.calibrate --checkpoint runs/toy/best.pt --coco-root data/toy_coco [--out runs/toy/best_calibrated.pt]
+        [--label-dependency] [--holdout runs/toy/holdout.json]
+
+(probres-train runs this at the end unless --no-calibrate.) On the logits z of the held-out
+train2014 images (RUN_DIR/holdout.json, never trained on; val2014 is only reported):
+  1. optionally the label-dependency layer z' = z + W sigmoid(z) + b (train/label_dependency.py);
+  2. per-class Platt scaling p = sigmoid(a_k z'_k + c_k), a_k > 0 (a_k = exp(.)), minimising
+     NLL; a class with fewer than MIN_POSITIVES held-out positives takes the tied case, one
+     temperature a shared by those classes (fitted on all labels pooled) and c = 0. a_k > 0
+     keeps every class's ranking, so mAP does not move (up to float32 ties);
+  3. thresholds on the calibrated held-out probabilities: each class's F1-optimal one
+     (runtime.metrics.f1_optimal_thresholds), or, with fewer than MIN_POSITIVES positives,
+     the one global threshold that maximises OF1;
+  4. the fold: fc.weight[k] *= a_k, fc.bias[k] = a_k * bias[k] + c_k (or the layer's scale,
+     W rows and b), so ONNX and TensorRT compute calibrated probabilities with no extra op.
+Writes OUT (the contract gains the thresholds; "calibration" holds the parameters and the
+before/after figures; val_metrics are the calibrated model's), OUT_STEM.calibration.json,
+OUT_STEM_reliability.png, OUT_STEM_thresholds.png, cooccurrence.json and cooccurrence.png
+into OUT's directory. Exit 2 on a usage or data error (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from runtime.coco import CocoDataError, CocoSplit, load_coco_split
+from runtime.fileio import atomic_write_text
+from runtime.metrics import calibration_error, f1_optimal_thresholds, multilabel_metrics, of1_optimal_threshold
+from train import label_dependency as LD
+from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from train.coco import CocoDataset
+from train.holdout import HOLDOUT_FILE, HoldoutError, read_holdout, select_ids
+
+MIN_POSITIVES = 20          # held-out positives a class needs for its own Platt fit and threshold
+THRESHOLD_RANGE = (1e-4, 1 - 1e-4)   # contract thresholds must lie in (0, 1)
+FIGURES = ("mAP", "CF1", "OF1", "CF1_contract", "OF1_contract", "ECE", "Brier")
+
+
+class CalibrationError(ValueError):
+    """Bad input to calibration (already calibrated, no held-out split...); one line, exit 2."""
+
+
+@torch.no_grad()
+def logits(model: nn.Module, split: CocoSplit, spec: Any, device: torch.device, batch_size: int) -> np.ndarray:
+    """(N, C) float64 logits of `split` under the runtime's preprocessing (train/coco.py eval mode)."""
+    ds = CocoDataset(split, spec, train=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    model.eval().to(device)
+    out = [model(x.to(device).contiguous(memory_format=torch.channels_last)).double().cpu() for x, _, _ in loader]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.fc.out_features))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def fit_platt(z: np.ndarray, y: np.ndarray, min_positives: int = MIN_POSITIVES) -> dict[str, Any]:
+    """Per-class (a_k > 0, c_k) minimising NLL of sigmoid(a_k z_k + c_k); the tied temperature for rare classes.
+
+    Returns {"a": (C,), "c": (C,), "per_class": (C,) bool, "temperature": 1/a of the tied case}.
+    """
+    zt = torch.as_tensor(z, dtype=torch.float64)
+    yt = torch.as_tensor(y > 0, dtype=torch.float64)
+    c = zt.shape[1]
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def minimise(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) -> None:
+        opt = torch.optim.LBFGS(params, max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)     # tied: a = exp(log_t), c = 0
+    minimise([log_t], lambda: bce(zt * log_t.exp(), yt))
+    log_a = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+    # The classes' problems are independent: the summed mean NLL has each class's optimum as its optimum.
+    minimise([log_a, bias], lambda: bce(zt * log_a.exp() + bias, yt, reduction="none").mean(0).sum())
+    per_class = (np.asarray(y) > 0).sum(0) >= min_positives
+    a = np.where(per_class, log_a.exp().detach().numpy(), float(log_t.detach().exp()))
+    cc = np.where(per_class, bias.detach().numpy(), 0.0)
+    return {"a": a, "c": cc, "per_class": per_class, "temperature": float(1 / log_t.detach().exp())}
+
+
+def choose_thresholds(p: np.ndarray, y: np.ndarray, min_positives: int = MIN_POSITIVES) -> dict[str, Any]:
+    """Contract thresholds: per-class F1-optimal where a class has >= min_positives, else the OF1-optimal global one."""
+    per, _ = f1_optimal_thresholds(p, y)
+    glob, _ = of1_optimal_threshold(p, y)
+    own = ((np.asarray(y) > 0).sum(0) >= min_positives) & ~np.isnan(per)
+    thr = np.clip(np.where(own, per, glob), *THRESHOLD_RANGE)
+    return {"thresholds": thr, "per_class": own, "global": float(np.clip(glob, *THRESHOLD_RANGE))}
+
+
+def fold(model: nn.Module, a: np.ndarray, c: np.ndarray, dep: dict[str, np.ndarray] | None) -> nn.Module:
+    """Put a * z' + c into the head's parameters (in place): fc's weight/bias, or the dependency layer's."""
+    at = torch.as_tensor(a, dtype=torch.float64)
+    ct = torch.as_tensor(c, dtype=torch.float64)
+    fc = model.fc
+    with torch.no_grad():
+        if dep is None:
+            if isinstance(fc, LD.DependentLinear):
+                raise CalibrationError("the checkpoint already has a label-dependency head; calibrate the uncalibrated one")
+            fc.weight.copy_((fc.weight.double() * at[:, None]).to(fc.weight.dtype))
+            fc.bias.copy_((fc.bias.double() * at + ct).to(fc.bias.dtype))
+        else:
+            LD.attach(model)
+            fc = model.fc
+            fc.dep_scale.copy_(torch.as_tensor(dep["scale"]) * at)
+            fc.dep_weight.copy_(torch.as_tensor(dep["weight"]) * at[:, None])
+            fc.dep_bias.copy_(torch.as_tensor(dep["bias"]) * at + ct)
+    return model
+
+
+def _figures(m: dict[str, Any]) -> dict[str, float]:
+    return {k: m[k] for k in FIGURES if k in m}
+
+
+def calibrate(checkpoint: str | Path, coco_root: str | Path, out: str | Path | None = None,
+              holdout: str | Path | None = None, label_dependency: bool = False, device: Any = "cpu",
+              batch_size: int = 32, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Calibrate `checkpoint` on its held-out split; write OUT and the pictures. Returns the calibration record."""
+    from runtime import plots
+
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else checkpoint.with_name(checkpoint.stem + "_calibrated.pt")
+    if out.resolve() == checkpoint.resolve():
+        raise CalibrationError(f"--out {out}: would overwrite the input checkpoint; choose another file")
+    ckpt = load_checkpoint(checkpoint)
+    if "calibration" in ckpt.extra:
+        raise CalibrationError(f"{checkpoint}: already calibrated; calibrate the uncalibrated checkpoint (best.pt)")
+    ids = read_holdout(Path(holdout) if holdout else checkpoint.parent / HOLDOUT_FILE)
+    keep_empty = bool(ckpt.config.get("keep_empty", False))
+    labels, spec = ckpt.contract.labels, ckpt.contract.preprocess
+    train = load_coco_split(coco_root, "train2014", keep_empty=keep_empty, labels=labels)
+    held = select_ids(train, ids, "train2014 held-out")
+    val = load_coco_split(coco_root, "val2014", keep_empty=keep_empty, labels=labels)
+    if len(held) == 0:
+        raise CalibrationError("the held-out split is empty; train with --holdout-frac > 0")
+    device = torch.device(device)
+    yh, yv = held.targets, val.targets
+    model = ckpt.build()
+    if LD.has_label_dependency(ckpt.state_dict):
+        raise CalibrationError(f"{checkpoint}: already has a label-dependency head; calibrate the uncalibrated one")
+    log(f"calibrate: {len(held)} held-out images ({checkpoint.parent / HOLDOUT_FILE}), reporting on {len(val)} val images")
+    zh, zv = logits(model, held, spec, device, batch_size), logits(model, val, spec, device, batch_size)
+
+    dep = LD.fit(zh, yh) if label_dependency else None
+    zh2, zv2 = LD.apply(dep, zh), LD.apply(dep, zv)
+    platt = fit_platt(zh2, yh)
+    ph = _sigmoid(platt["a"] * zh2 + platt["c"])
+    thr = choose_thresholds(ph, yh)
+    t = thr["thresholds"]
+
+    fold(model, platt["a"], platt["c"], dep)
+    pv_after = _sigmoid(logits(model, val, spec, device, batch_size))              # as served: the folded head
+    fold_err = float(np.abs(_sigmoid(logits(model, held, spec, device, batch_size)) - ph).max())
+    pv_before, ph_before = _sigmoid(zv), _sigmoid(zh)
+    before = multilabel_metrics(pv_before, yv, contract_thresholds=np.full(len(t), 0.5))
+    after = multilabel_metrics(pv_after, yv, contract_thresholds=t)
+    train_part = train.targets[~np.isin(train.image_ids, held.image_ids)]      # the images trained on
+    cond = LD.cooccurrence(train_part)
+    partner_before, n_partner = LD.absent_partner_probability(pv_before, yv, cond)
+    partner_after, _ = LD.absent_partner_probability(pv_after, yv, cond)
+    record = {
+        "method": "platt" + (" + label-dependency" if dep is not None else ""),
+        "heldout_images": len(held), "min_positives": MIN_POSITIVES,
+        "a": platt["a"].tolist(), "c": platt["c"].tolist(), "per_class_platt": platt["per_class"].tolist(),
+        "tied_temperature": platt["temperature"],
+        "thresholds": t.tolist(), "per_class_threshold": thr["per_class"].tolist(), "global_threshold": thr["global"],
+        "label_dependency": None if dep is None else {k: v.tolist() for k, v in dep.items()} | {"l2": LD.L2},
+        "fold_max_abs_dprob_heldout": fold_err,
+        "heldout": {"ECE_before": calibration_error(ph_before, yh)[0], "ECE_after": calibration_error(ph, yh)[0]},
+        "val_before": _figures(before) | {"absent_partner_prob": partner_before},
+        "val_after": _figures(after) | {"absent_partner_prob": partner_after, "absent_partner_cases": n_partner},
+        "val_note": "val2014 is only reported here: nothing is fitted on it",
+    }
+    contract = ckpt.contract.with_thresholds(t.tolist())
+    save_checkpoint(out, Checkpoint(ckpt.arch, model.state_dict(), contract, ckpt.config, ckpt.epoch,
+                                    {k: v for k, v in after.items() if k not in ("AP", "ECE_per_class")},
+                                    ckpt.weights, {"calibration": record, "calibrated_from": str(checkpoint)}))
+    stem = out.with_suffix("")
+    atomic_write_text(f"{stem}.calibration.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out.parent / "cooccurrence.json", json.dumps(
+        {"labels": list(labels.names), "P_j_given_i": cond.tolist(), "images": int(len(train_part))}) + "\n")
+    plots.reliability_diagram(f"{stem}_reliability.png", [("held-out, before", ph_before, yh),
+                              ("held-out, after", ph, yh), ("val, before", pv_before, yv), ("val, after", pv_after, yv)])
+    plots.thresholds_bar(f"{stem}_thresholds.png", labels.names, t, thr["per_class"], thr["global"])
+    plots.cooccurrence_heatmap(out.parent / "cooccurrence.png", labels.names, cond)
+    b, a = record["val_before"], record["val_after"]
+    log(f"calibrate: {record['method']}; {int(platt['per_class'].sum())}/{len(t)} classes with their own Platt fit, "
+        f"tied temperature {platt['temperature']:.3f}; {int(thr['per_class'].sum())} own thresholds, "
+        f"global {thr['global']:.3f}; fold max |dp| {fold_err:.1e}")
+    log(f"calibrate: val mAP {b['mAP']:.4f} -> {a['mAP']:.4f}, ECE {b['ECE']:.4f} -> {a['ECE']:.4f}, "
+        f"Brier {b['Brier']:.4f} -> {a['Brier']:.4f}; CF1/OF1 at 0.5 {a['CF1']:.4f}/{a['OF1']:.4f}, "
+        f"at the contract's thresholds {a['CF1_contract']:.4f}/{a['OF1_contract']:.4f} -> {out}")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="RUN_DIR/best.pt (uncalibrated)")
+    ap.add_argument("--coco-root", required=True, help="the COCO root the run trained on")
+    ap.add_argument("--out", default=None, help="calibrated checkpoint (default: CHECKPOINT stem + _calibrated.pt)")
+    ap.add_argument("--holdout", default=None, help="holdout.json (default: beside the checkpoint)")
+    ap.add_argument("--label-dependency", action="store_true", help="also fit the label-dependency layer")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("calibrate: error: --device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+    try:
+        calibrate(args.checkpoint, args.coco_root, args.out, args.holdout, args.label_dependency,
+                  args.device, args.batch_size)
+    except (CalibrationError, CheckpointError, HoldoutError, CocoDataError) as e:
+        print(f"calibrate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"calibrate: error: cannot write: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
