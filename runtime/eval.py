@@ -4,9 +4,13 @@
 
 Runs MODEL and the reference over the same images of ROOT/<split>, decoding and preprocessing
 each image once (runtime.pipeline, the contract's spec) and feeding the same float32 batch to
-both. Prints mAP, CP, CR, CF1, OP, OR, OF1 side by side, plus the largest |probability
+both. Prints mAP, CP, CR, CF1, OP, OR, OF1 at 0.5 and CP..OF1 at the decision thresholds
+("@thr": the model contract's per-label thresholds, each model its own, or --threshold T),
+ECE and the Brier score (runtime.metrics), side by side, plus the largest |probability
 difference| and how many images' thresholded label sets differ; writes the JSON report
-atomically; exits 1 when mAP drops by more than --max-map-drop (a fraction, as mAP is).
+atomically. The gate (exit 1) fails when mAP drops by more than --max-map-drop, CF1 at the
+decision thresholds drops by more than --max-cf1-drop, or ECE rises by more than
+--max-ece-rise (fractions, as the metrics are). --plot DIR writes DIR/reliability.png.
 Without a reference it compares against the val metrics PyTorch stored in the model's
 metadata, and says so. --json is checked first: never one of the files read, and
 writable. The image set follows training's evaluation (runtime.coco: images
@@ -17,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from runtime.backends import DEVICES, Backend, BackendError, add_backend_args, backend_options, open_backend
-from runtime.infer import default_threads, positive_int, probability
+from runtime.contract import ModelContract
+from runtime.infer import default_threads, positive_int, threshold_arg
 from runtime.metrics import multilabel_metrics
 from runtime.outputs import OutputError, check_outputs, model_inputs
 from runtime.pipeline import is_image_name, iter_batches
@@ -30,7 +36,14 @@ from runtime.pipeline import is_image_name, iter_batches
 PROG = "probres-eval"
 MAX_MAP_DROP = 0.002           # FP32 / FP16 exports
 MAX_MAP_DROP_INT8 = 0.005      # INT8 post-training quantization (export.int8)
-TABLE_METRICS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
+TABLE_METRICS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_contract", "CR_contract", "CF1_contract",
+                 "OP_contract", "OR_contract", "OF1_contract", "ECE", "Brier")
+GATES = (("mAP", "map_drop", "max_map_drop", -1), ("CF1_contract", "cf1_drop", "max_cf1_drop", -1),
+         ("ECE", "ece_rise", "max_ece_rise", 1))   # (metric, report key, flag, sign of a worsening)
+
+
+def row_name(key: str) -> str:
+    return key.replace("_contract", "@thr")
 
 
 class UsageError(Exception):
@@ -48,10 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-map-drop", type=float, default=None, metavar="FRAC",
                     help=f"fail (exit 1) when mAP drops by more than this fraction (default {MAX_MAP_DROP} = 0.2 "
                          f"points; {MAX_MAP_DROP_INT8} for INT8 models)")
+    ap.add_argument("--max-cf1-drop", type=float, default=0.005, metavar="FRAC",
+                    help="fail when CF1 at the decision thresholds drops by more than this (default 0.005)")
+    ap.add_argument("--max-ece-rise", type=float, default=0.005, metavar="FRAC",
+                    help="fail when the expected calibration error rises by more than this (default 0.005)")
+    ap.add_argument("--plot", metavar="DIR", help="write DIR/reliability.png (needs matplotlib)")
     ap.add_argument("--json", metavar="REPORT", help="write the JSON report here (atomically)")
     ap.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images (by id)")
     ap.add_argument("--keep-empty", action="store_true", help="keep images without annotations as all-negative")
-    ap.add_argument("--threshold", type=probability, default=0.5, help="decision threshold for CP..OF1 (default 0.5)")
+    ap.add_argument("--threshold", type=threshold_arg, default="contract", metavar="contract|T",
+                    help="decision thresholds for CP..OF1@thr: each model's contract thresholds (default; 0.5 "
+                         "without them) or T for every label (CP..OF1 are also reported at 0.5)")
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--device", choices=DEVICES, default="auto")
@@ -89,11 +109,34 @@ def run_pair(paths: list, engine: Backend, reference: Backend | None, batch_size
     return pe, pr, failed
 
 
-def compare(pe: np.ndarray, pr: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Metrics of both, mAP drop (reference - engine), max |dprob|, images whose label sets differ."""
-    me, mr = multilabel_metrics(pe, targets, threshold), multilabel_metrics(pr, targets, threshold)
-    differ = ((pe >= threshold) != (pr >= threshold)).any(axis=1)
-    return {"engine": me, "reference": mr, "map_drop": mr["mAP"] - me["mAP"],
+def decision(contract: ModelContract, threshold: str | float) -> np.ndarray:
+    """(C,) thresholds a model decides with: its contract's ('contract'), or T for every label."""
+    if threshold == "contract":
+        return np.asarray(contract.decision_thresholds(), dtype=np.float64)
+    return np.full(contract.labels.num_classes, float(threshold))
+
+
+def gate(rep: dict[str, Any], tolerances: dict[str, float]) -> dict[str, Any]:
+    """Each gate's worsening (reference -> engine) and verdict against tolerances[flag]; a metric the
+    reference lacks is not checked."""
+    e, r = rep["engine"], rep["reference"]
+    checks = {}
+    for metric, key, flag, sign in GATES:
+        tol = tolerances[flag]
+        if r.get(metric) is None or e.get(metric) is None:
+            checks[key] = {"value": None, "tolerance": tol, "passed": True,
+                           "note": f"not checked: the reference has no {metric}"}
+            continue
+        worse = sign * (float(e[metric]) - float(r[metric]))
+        checks[key] = {"value": worse, "tolerance": tol, "passed": bool(worse <= tol)}
+    return checks
+
+
+def compare(pe: np.ndarray, pr: np.ndarray, targets: np.ndarray, te: np.ndarray, tr: np.ndarray) -> dict[str, Any]:
+    """Metrics of both (te, tr: each one's (C,) decision thresholds), max |dprob|, images whose label sets differ."""
+    me, mr = multilabel_metrics(pe, targets, 0.5, te), multilabel_metrics(pr, targets, 0.5, tr)
+    differ = ((pe >= te) != (pr >= tr)).any(axis=1)
+    return {"engine": me, "reference": mr,
             "max_abs_prob_diff": float(np.abs(pe.astype(np.float64) - pr).max()) if len(pe) else 0.0,
             "label_set_diffs": int(differ.sum())}
 
@@ -102,17 +145,21 @@ def format_table(rep: dict[str, Any], engine_name: str, reference_name: str) -> 
     """The side-by-side parity table (percent, like the papers), plus the verdict line."""
     e, r = rep["engine"], rep["reference"]
     w = max(len(engine_name), len(reference_name), 9)
-    lines = [f"{'metric':<7} {engine_name:>{w}} {reference_name:>{w}} {'delta':>8}"]
+    lines = [f"{'metric':<8} {engine_name:>{w}} {reference_name:>{w}} {'delta':>8}"]
     for k in TABLE_METRICS:
+        if e.get(k) is None:
+            continue
         if r.get(k) is None:
-            lines.append(f"{k:<7} {100 * e[k]:>{w}.3f} {'-':>{w}} {'-':>8}")
+            lines.append(f"{row_name(k):<8} {100 * e[k]:>{w}.3f} {'-':>{w}} {'-':>8}")
         else:
-            lines.append(f"{k:<7} {100 * e[k]:>{w}.3f} {100 * r[k]:>{w}.3f} {100 * (e[k] - r[k]):>+8.3f}")
+            lines.append(f"{row_name(k):<8} {100 * e[k]:>{w}.3f} {100 * r[k]:>{w}.3f} {100 * (e[k] - r[k]):>+8.3f}")
+    thr = "the contract's thresholds" if rep["threshold"] == "contract" else f"p>={rep['threshold']:g}"
     if rep.get("max_abs_prob_diff") is not None:
-        lines.append(f"max |dprob| {rep['max_abs_prob_diff']:.3g}; images whose labels at p>={rep['threshold']:g} "
+        lines.append(f"max |dprob| {rep['max_abs_prob_diff']:.3g}; images whose labels at {thr} "
                      f"differ: {rep['label_set_diffs']} of {rep['num_images']}")
-    verdict = "PASSED" if rep["passed"] else "FAILED"
-    lines.append(f"mAP drop {rep['map_drop']:+.5f} (tolerance {rep['tolerance']:g}): {verdict}")
+    parts = [f"{key.replace('_', ' ')} " + ("unchecked" if g["value"] is None else f"{g['value']:+.5f}")
+             + f" (tolerance {g['tolerance']:g})" for key, g in rep["gates"].items()]
+    lines.append(f"{'; '.join(parts)}: {'PASSED' if rep['passed'] else 'FAILED'}")
     return "\n".join(lines)
 
 
@@ -125,7 +172,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     try:
         if ref_path:
             reference = open_backend(ref_path, device=args.device, threads=args.threads)
-            if reference.contract != engine.contract:
+            if not reference.contract.same_model_io(engine.contract):
                 raise UsageError(f"{ref_path}: its contract (labels/preprocessing) differs from {args.engine}'s; "
                                  f"they are not the same model")
         elif not (engine.val_metrics and "mAP" in engine.val_metrics):
@@ -147,16 +194,16 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         keep = np.ones(n, dtype=bool)
         keep[[i for i, _ in failed]] = False
         targets = split.targets[:n][keep]
+        te = decision(engine.contract, args.threshold)
         if pr is not None:
-            rep = compare(pe[keep], pr[keep], targets, args.threshold)
+            rep = compare(pe[keep], pr[keep], targets, te, decision(reference.contract, args.threshold))
             ref_info = {"kind": "engine" if args.reference_engine else "checkpoint", "path": ref_path,
                         "backend": reference.name, "precision": reference.precision}
             ref_name = f"{'ref' if args.reference_engine else 'pytorch'} {reference.precision}"
         else:
-            me = multilabel_metrics(pe[keep], targets, args.threshold)
+            me = multilabel_metrics(pe[keep], targets, 0.5, te)
             stored = engine.val_metrics
-            rep = {"engine": me, "reference": stored, "map_drop": float(stored["mAP"]) - me["mAP"],
-                   "max_abs_prob_diff": None, "label_set_diffs": None}
+            rep = {"engine": me, "reference": stored, "max_abs_prob_diff": None, "label_set_diffs": None}
             ref_info = {"kind": "metadata", "path": args.engine, "note": "val metrics stored with the model "
                         "(computed by PyTorch at training time); no per-image comparison"}
             ref_name = "stored"
@@ -168,14 +215,24 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                       f"{int(keep.sum())}: the comparison is only indicative", file=sys.stderr)
         tol = args.max_map_drop if args.max_map_drop is not None else (
             MAX_MAP_DROP_INT8 if engine.precision == "int8" else MAX_MAP_DROP)
+        gates = gate(rep, {"max_map_drop": tol, "max_cf1_drop": args.max_cf1_drop, "max_ece_rise": args.max_ece_rise})
         rep.update({
-            "passed": bool(rep["map_drop"] <= tol), "tolerance": tol,
-            "threshold": args.threshold, "num_images": int(keep.sum()), "image_set": policy,
+            "gates": gates, "passed": all(g["passed"] for g in gates.values()),
+            "map_drop": gates["map_drop"]["value"], "tolerance": tol,
+            "threshold": args.threshold, "engine_thresholds": [float(v) for v in te], "num_images": int(keep.sum()),
+            "image_set": policy,
             "split": args.split, "failed_images": [{"image": str(split.image_paths[i]), "error": m} for i, m in failed],
             "engine_model": {"path": args.engine, "backend": engine.name, "precision": engine.precision},
             "reference_model": ref_info,
         })
         table = format_table(rep, f"{engine.name.split('[')[0]} {engine.precision}", ref_name)
+        if args.plot:
+            from runtime.plots import reliability_diagram
+            curves = [(f"{engine.name.split('[')[0]} {engine.precision}", pe[keep], targets)]
+            if pr is not None:
+                curves.append((ref_name, pr[keep], targets))
+            rep["plots"] = [str(reliability_diagram(Path(args.plot) / "reliability.png", curves,
+                                                    f"Reliability on {args.split} (all labels pooled)"))]
         return rep, table
     finally:
         engine.close()
@@ -185,9 +242,11 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_map_drop is not None and not 0 <= args.max_map_drop < 1:
-        print(f"{PROG}: error: --max-map-drop is a fraction in [0, 1), got {args.max_map_drop}", file=sys.stderr)
-        return 2
+    for flag in ("max_map_drop", "max_cf1_drop", "max_ece_rise"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value < 1:
+            print(f"{PROG}: error: --{flag.replace('_', '-')} is a fraction in [0, 1), got {value}", file=sys.stderr)
+            return 2
     from runtime.coco import annotation_path
     try:                                          # before any work: never write over what is read
         check_outputs([("--json", args.json)],
@@ -198,6 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    if args.plot:       # checked before any image is read: a missing matplotlib must not cost the run
+        if Path(args.plot).exists() and not Path(args.plot).is_dir():
+            print(f"{PROG}: error: --plot {args.plot}: exists and is not a directory", file=sys.stderr)
+            return 2
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"{PROG}: error: --plot needs matplotlib (pip install matplotlib, or the 'plot' extra)",
+                  file=sys.stderr)
+            return 2
+        Path(args.plot).mkdir(parents=True, exist_ok=True)
     try:
         rep, table = evaluate(args)
     except (BackendError, UsageError) as e:

@@ -25,7 +25,10 @@ import sys
 import time
 from typing import Iterator
 
+import numpy as np
+
 from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
+from runtime.contract import DEFAULT_THRESHOLD
 from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
@@ -64,6 +67,26 @@ def probability(text: str) -> float:
     return v
 
 
+def threshold_arg(text: str) -> str | float:
+    """--threshold: 'contract' (the model's per-label thresholds) or one probability for every label."""
+    return "contract" if text.strip().lower() == "contract" else probability(text)
+
+
+def decision_thresholds(contract, threshold: str | float | None, top_k: int | None
+                        ) -> tuple[np.ndarray | None, str | float | None]:
+    """((C,) thresholds or None, what decided) from --threshold and --top-k.
+
+    Neither given: the contract's thresholds ("contract"; 0.5 per label for a model without
+    them). --top-k alone: no threshold (the K most probable). A number: that, for every label.
+    """
+    if threshold is None and top_k is not None:
+        return None, None
+    if threshold in (None, "contract"):
+        return np.asarray(contract.decision_thresholds(), dtype=np.float64), (
+            "contract" if contract.thresholds is not None else DEFAULT_THRESHOLD)
+    return np.full(contract.labels.num_classes, float(threshold)), float(threshold)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="Multi-label classification of images (COCO labels).")
     ap.add_argument("--engine", required=True, metavar="MODEL", help="model.plan / model.engine, model.onnx or best.pt")
@@ -74,9 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true",
                     help="append to the --output JSONL, skipping the images already recorded in it")
     ap.add_argument("--format", choices=FORMATS, default="jsonl", help="output format (default: jsonl)")
-    ap.add_argument("--threshold", type=probability, default=0.5, help="report labels with probability >= T (default 0.5)")
+    ap.add_argument("--threshold", type=threshold_arg, default=None, metavar="contract|T",
+                    help="report labels whose probability reaches the model contract's per-label threshold "
+                         "('contract', the default; 0.5 for a model without thresholds) or T for every label")
     ap.add_argument("--top-k", type=top_k_arg, default=None, metavar="K|all",
-                    help="report the K most probable labels whatever their probability ('all': every label)")
+                    help="alone: the K most probable labels whatever their probability ('all': every label); "
+                         "with --threshold: the K most probable of those that pass it")
     ap.add_argument("--output", "-o", metavar="FILE",
                     help="write here instead of stdout (temp file renamed at the end; Ctrl-C keeps what was done)")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="images per inference call (default 16)")
@@ -152,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         with ResultFile(args.output, append=args.resume) as out, _progress() as bar:
-            writer = Writer(out, args.format, backend.contract.labels, args.threshold, top_k)
+            thresholds, decided_by = decision_thresholds(backend.contract, args.threshold, top_k)
+            writer = Writer(out, args.format, backend.contract.labels, thresholds, top_k, decided_by)
             out.end_batch()                       # the csv header
             # Preprocessed straight into the backend's own buffers; batch k+1 submitted before k is waited for.
             for batch, probs in classify(backend, paths, args.batch_size, threads):

@@ -4,11 +4,15 @@
 
 Every writer streams: one record per input, written as soon as its batch is done, in input
 order. Predictions are sorted by probability, descending (ties by label index).
-  jsonl  {"image": PATH, "predictions": [{"label", "category_id", "probability"}, ...]}
+  jsonl  {"image": PATH, "threshold": "contract" | T | null,
+          "predictions": [{"label", "category_id", "probability", "threshold"}, ...]}
          {"image": PATH, "error": MESSAGE}
-  csv    image,rank,label,category_id,probability,error  (one row per prediction; an image
-         with none gets one row with empty label fields; a failed one, its error)
+  csv    image,rank,label,category_id,probability,threshold,error  (one row per prediction;
+         an image with none gets one row with empty label fields; a failed one, its error)
   table  the image path, then "class  probability" rows
+"threshold" says what decided: "contract" (the model contract's per-label thresholds; each
+prediction carries its label's), a number given with --threshold (the same for every
+label), or null (--top-k alone: the K most probable, whatever their probability).
 """
 
 from __future__ import annotations
@@ -24,48 +28,57 @@ from runtime.contract import LabelSet
 FORMATS = ("jsonl", "csv", "table")
 
 
-def select(probs: np.ndarray, threshold: float = 0.5, top_k: int | None = None) -> list[int]:
+def select(probs: np.ndarray, thresholds: np.ndarray | None = None, top_k: int | None = None) -> list[int]:
     """Label indices to report for one image's (C,) probabilities, most probable first.
 
-    top_k: the k most probable whatever their probability (k >= C: all labels);
-    otherwise every label with probability >= threshold.
+    thresholds ((C,) per label, or None) and top_k (or None): every label with
+    probs[k] >= thresholds[k]; with top_k as well, the top_k most probable of those; with
+    top_k alone, the top_k most probable whatever their probability (k >= C: all labels).
     """
     order = np.argsort(-probs, kind="stable")
-    if top_k is not None:
-        return [int(i) for i in order[:top_k]]
-    return [int(i) for i in order if probs[i] >= threshold]
+    if thresholds is not None:
+        order = [i for i in order if probs[i] >= thresholds[i]]
+    return [int(i) for i in (order if top_k is None else order[:top_k])]
 
 
 class Writer:
     """Formats results and errors onto a text stream."""
 
-    def __init__(self, f: IO[str], fmt: str, labels: LabelSet, threshold: float = 0.5,
-                 top_k: int | None = None) -> None:
+    def __init__(self, f: IO[str], fmt: str, labels: LabelSet, thresholds: np.ndarray | None = None,
+                 top_k: int | None = None, threshold_name: str | float | None = None) -> None:
+        """thresholds: (C,) per-label decision thresholds or None (top_k alone); threshold_name: what
+        the records say decided ("contract" or the number given), None with no thresholds."""
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}")
-        self.f, self.fmt, self.labels, self.threshold, self.top_k = f, fmt, labels, threshold, top_k
+        self.f, self.fmt, self.labels, self.top_k = f, fmt, labels, top_k
+        self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        self.threshold_name = None if thresholds is None else threshold_name
         self._csv = csv.writer(f, lineterminator="\n") if fmt == "csv" else None
         if self._csv:
-            self._csv.writerow(["image", "rank", "label", "category_id", "probability", "error"])
+            self._csv.writerow(["image", "rank", "label", "category_id", "probability", "threshold", "error"])
         self._width = max(len("class"), *(len(n) for n in labels.names))
 
     def result(self, image: str, probs: np.ndarray) -> None:
         """One classified image; probs (C,) float32."""
-        idx = select(probs, self.threshold, self.top_k)
-        preds = [(self.labels.names[i], self.labels.category_ids[i], round(float(probs[i]), 6)) for i in idx]
+        idx = select(probs, self.thresholds, self.top_k)
+        thr = self.thresholds
+        preds = [(self.labels.names[i], self.labels.category_ids[i], round(float(probs[i]), 6),
+                  None if thr is None else round(float(thr[i]), 6)) for i in idx]
         if self.fmt == "jsonl":
-            self.f.write(json.dumps({"image": image, "predictions": [
-                {"label": n, "category_id": c, "probability": p} for n, c, p in preds]}) + "\n")
+            self.f.write(json.dumps({"image": image, "threshold": self.threshold_name, "predictions": [
+                {"label": n, "category_id": c, "probability": p, "threshold": t} for n, c, p, t in preds]}) + "\n")
         elif self.fmt == "csv":
-            rows = [[image, r + 1, n, c, f"{p:.6f}", ""] for r, (n, c, p) in enumerate(preds)]
-            for row in rows or [[image, "", "", "", "", ""]]:
+            rows = [[image, r + 1, n, c, f"{p:.6f}", "" if t is None else f"{t:.6f}", ""]
+                    for r, (n, c, p, t) in enumerate(preds)]
+            for row in rows or [[image, "", "", "", "", "", ""]]:
                 self._csv.writerow(row)
         else:
             w = self._width
             lines = [image, f"  {'class':<{w}}  probability"]
-            lines += [f"  {n:<{w}}  {p:.4f}" for n, _, p in preds]
+            lines += [f"  {n:<{w}}  {p:.4f}" for n, _, p, _ in preds]
             if not preds:
-                lines.append(f"  (no label with probability >= {self.threshold:g})")
+                what = "its contract threshold" if self.threshold_name == "contract" else f"{self.threshold_name:g}"
+                lines.append(f"  (no label with probability >= {what})")
             self.f.write("\n".join(lines) + "\n\n")
 
     def error(self, image: str, message: str) -> None:
@@ -73,6 +86,6 @@ class Writer:
         if self.fmt == "jsonl":
             self.f.write(json.dumps({"image": image, "error": message}) + "\n")
         elif self.fmt == "csv":
-            self._csv.writerow([image, "", "", "", "", message])
+            self._csv.writerow([image, "", "", "", "", "", message])
         else:
             self.f.write(f"{image}\n  error: {message}\n\n")

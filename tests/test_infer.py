@@ -106,7 +106,7 @@ def test_top_k_all_lists_every_label_with_its_probability(model, toy_root, capsy
             assert abs(got[name] - row[k]) < 2e-6
         assert [x["label"] for x in preds] == [contract.labels.names[k] for k in np.argsort(-row, kind="stable")]
     rc, out, _ = run(["--engine", path, images[0], "--top-k", "2", "--threshold", "0.99"], capsys)
-    assert len(json.loads(out)["predictions"]) == 2          # top-k ignores the threshold
+    assert json.loads(out)["predictions"] == []               # top-k keeps only labels that pass the threshold
 
 
 def test_csv_table_and_atomic_output(model, toy_root, tmp_path, capsys):
