@@ -156,6 +156,7 @@ def test_torchrun_two_processes_gloo(toy_root: Path, tmp_path: Path) -> None:
     doc = json.loads((run / "metrics.json").read_text())
     e = doc["epochs"][0]
     assert e["raw"]["num_images"] == e["ema"]["num_images"] == n_val
+    n_train -= len(json.loads((run / "holdout.json").read_text())["image_ids"])   # the held-out split is not trained on
     assert doc["config"]["world_size"] == 2 and doc["config"]["steps_per_epoch"] == n_train // (4 * 2)
     # The gathered val mAP equals a single-process evaluation of the saved weights on every image.
     ref = _eval_checkpoint(run / "last.pt", root)

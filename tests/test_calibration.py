@@ -1,0 +1,202 @@
+"""Calibration, thresholds and the label-dependency layer: metrics against hand computations and brute force,
+the fold against the explicit formula, the contract's thresholds through every artifact.
+
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_calibration.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.contract import ContractError, LabelSet, ModelContract, PreprocessSpec
+from runtime.metrics import (average_precision, brier_score, calibration_error, f1_optimal_thresholds,
+                             multilabel_metrics, of1_optimal_threshold)
+from train import label_dependency as LD
+from train.calibrate import choose_thresholds, fit_platt, fold
+from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from train.holdout import MIN_TRAIN_POSITIVES, holdout_rows
+
+TOY = LabelSet.from_categories([(1, "person"), (3, "car"), (85, "clock")])
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+def test_ece_and_brier_against_a_hand_computation():
+    p = np.array([[0.05, 0.2], [0.05, 0.8], [0.95, 1.0], [0.5, 0.0]])
+    y = np.array([[0, 0], [1, 1], [1, 1], [1, 0]])
+    overall, per_class = calibration_error(p, y)
+    # label 0: bin 0 holds 0.05, 0.05 (targets 0, 1): 2/4 * |0.5 - 0.05|; bin 7 holds 0.5 (1): 1/4 * 0.5;
+    # bin 14 holds 0.95 (1): 1/4 * 0.05.  label 1: bins 3 (0.2, 0), 12 (0.8, 1): 0.2 / 4 each; 1.0 and 0.0 exact.
+    assert per_class == pytest.approx([0.225 + 0.125 + 0.0125, 0.1])
+    # pooled, 8 pairs: bin 0 {0.05:0, 0.05:1, 0.0:0} |1 - 0.1|; bin 3 0.2; bin 7 0.5; bin 12 0.2; bin 14 {0.95, 1.0} 0.05
+    assert overall == pytest.approx((0.9 + 0.2 + 0.5 + 0.2 + 0.05) / 8)
+    assert brier_score(p, y) == pytest.approx((0.0025 + 0.9025 + 0.0025 + 0.25 + 0.04 + 0.04) / 8)
+    m = multilabel_metrics(p, y)
+    assert m["ECE"] == pytest.approx(overall) and m["ECE_per_class"] == pytest.approx(per_class)
+
+
+def _f1_at(s: np.ndarray, t: np.ndarray, thr: float) -> float:
+    pred = s >= thr
+    tp = (pred & t).sum()
+    return 2 * tp / (pred.sum() + t.sum())
+
+
+def test_f1_optimal_thresholds_match_a_brute_force_search():
+    rng = np.random.default_rng(3)
+    s = np.round(rng.random((120, 6)), 2)                 # rounded: many ties
+    t = rng.random((120, 6)) < np.linspace(0.05, 0.5, 6)
+    thr, f1 = f1_optimal_thresholds(s, t)
+    for k in range(6):
+        brute = max(_f1_at(s[:, k], t[:, k], c) for c in np.unique(s[:, k]))
+        assert f1[k] == pytest.approx(brute)
+        assert _f1_at(s[:, k], t[:, k], thr[k]) == pytest.approx(brute)     # the threshold reaches it
+        assert 0 < thr[k] < 1
+    g, of1 = of1_optimal_threshold(s, t)
+    assert of1 == pytest.approx(max(_f1_at(s.ravel(), t.ravel(), c) for c in np.unique(s)))
+    m = multilabel_metrics(s, t, contract_thresholds=np.full(6, g))
+    assert m["OF1_contract"] == pytest.approx(of1)
+
+
+def test_contract_thresholds_are_per_class_only_with_enough_positives():
+    rng = np.random.default_rng(0)
+    p = rng.random((200, 3))
+    y = np.zeros((200, 3), dtype=np.uint8)
+    y[:60, 0] = 1
+    y[:5, 1] = 1                                           # too few positives: takes the global threshold
+    y[:30, 2] = 1
+    out = choose_thresholds(p, y, min_positives=20)
+    assert out["per_class"].tolist() == [True, False, True]
+    assert out["thresholds"][1] == out["global"] == pytest.approx(of1_optimal_threshold(p, y)[0])
+
+
+# --------------------------------------------------------------------------------------------- Platt
+
+def test_platt_matches_sklearn_and_keeps_the_ranking():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, (3000, 2))
+    y = rng.random((3000, 2)) < 1 / (1 + np.exp(-(np.array([0.4, 2.5]) * z + np.array([-0.5, 1.0]))))
+    fit = fit_platt(z, y, min_positives=20)
+    for k in range(2):
+        ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(z[:, k:k + 1], y[:, k])   # unpenalised ML logistic fit
+        assert fit["a"][k] == pytest.approx(ref.coef_[0, 0], rel=1e-4)
+        assert fit["c"][k] == pytest.approx(ref.intercept_[0], abs=1e-4)
+    p = 1 / (1 + np.exp(-(fit["a"] * z + fit["c"])))
+    assert np.array_equal(average_precision(p, y), average_precision(z, y))
+
+
+# -------------------------------------------------------------------------------------------- fold
+
+def test_fold_into_the_head_equals_applying_a_z_plus_c(toy_checkpoint: Path):
+    ck = load_checkpoint(toy_checkpoint)
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32))
+    model = ck.build()
+    with torch.no_grad():
+        z = model(x).double().numpy()                      # (5, C) logits before calibration
+    c = z.shape[1]
+    rng = np.random.default_rng(2)
+    a, cc = rng.uniform(0.3, 3, c), rng.normal(0, 1, c)
+    dep = {"scale": np.ones(c), "weight": rng.normal(0, 0.5, (c, c)) * (1 - np.eye(c)), "bias": rng.normal(0, 0.3, c)}
+    for d in (None, dep):
+        want = 1 / (1 + np.exp(-(a * LD.apply(d, z) + cc)))
+        folded = fold(ck.build(), a, cc, d)
+        with torch.no_grad():
+            got = torch.sigmoid(folded(x)).double().numpy()
+        assert np.abs(got - want).max() <= 1e-6
+        # ... and it survives a checkpoint round trip (the dependency head is rebuilt from its keys).
+        path = toy_checkpoint.parent / f"folded_{d is None}.pt"
+        save_checkpoint(path, Checkpoint(ck.arch, folded.state_dict(), ck.contract))
+        with torch.no_grad():
+            again = torch.sigmoid(load_checkpoint(path).build()(x)).double().numpy()
+        assert np.abs(again - want).max() <= 1e-6
+
+
+def test_label_dependency_fit_learns_a_co_occurrence_and_keeps_a_zero_diagonal():
+    rng = np.random.default_rng(4)
+    n = 2000
+    y0 = rng.random(n) < 0.5
+    y1 = np.where(y0, rng.random(n) < 0.9, rng.random(n) < 0.1)      # label 1 mostly comes with label 0
+    y = np.stack([y0, y1], 1)
+    z = np.stack([np.where(y0, 3.0, -3.0), rng.normal(0, 1, n)], 1)  # label 0 seen clearly, label 1 not at all
+    dep = LD.fit(z, y)
+    assert dep["weight"][0, 0] == dep["weight"][1, 1] == 0.0
+    assert dep["weight"][1, 0] > 1.0                                 # label 0's presence raises label 1
+    bce = lambda zz: -np.mean(y * np.log(1 / (1 + np.exp(-zz))) + (1 - y) * np.log(1 - 1 / (1 + np.exp(-zz))))
+    assert bce(LD.apply(dep, z)) < bce(z) - 0.1
+    cond = LD.cooccurrence(y)
+    assert cond[0, 1] == pytest.approx(y1[y0].mean()) and cond[0, 0] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ holdout
+
+def test_holdout_is_deterministic_stratified_and_disjoint():
+    rng = np.random.default_rng(5)
+    t = (rng.random((1000, 4)) < [0.3, 0.3, 0.3, 0.0]).astype(np.uint8)
+    t[rng.choice(1000, MIN_TRAIN_POSITIVES, replace=False), 3] = 1     # a rare class: exactly 20 positives
+    rows = holdout_rows(t, 0.01, seed=0)
+    assert len(rows) >= 10 and t[rows, 3].sum() >= 1
+    assert np.array_equal(rows, holdout_rows(t, 0.01, seed=0))
+    assert not np.array_equal(rows, holdout_rows(t, 0.01, seed=1))
+    assert len(holdout_rows(t, 0.0, seed=0)) == 0
+
+
+# ------------------------------------------------------------------------------- the contract's thresholds
+
+def test_threshold_outside_0_1_is_refused_naming_the_label():
+    for bad in (0.0, 1.0, 1.5, float("nan"), -0.1):
+        with pytest.raises(ContractError, match="'car'.*category 3.*in \\(0, 1\\)"):
+            ModelContract(TOY, PreprocessSpec(size=32), (0.5, bad, 0.5))
+    d = ModelContract(TOY, PreprocessSpec(size=32), (0.5, 0.4, 0.3)).to_dict()
+    d["thresholds"][2] = 1.2
+    with pytest.raises(ContractError, match="'clock'"):
+        ModelContract.from_dict(d)
+    with pytest.raises(ContractError, match="2 thresholds for 3 labels"):
+        ModelContract(TOY, PreprocessSpec(size=32), (0.5, 0.4))
+
+
+def test_thresholds_round_trip_through_checkpoint_onnx_metadata_and_sidecar(tmp_path: Path, toy_checkpoint: Path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.onnx import probres_metadata, set_metadata
+    from runtime.onnx_meta import OnnxMetaError, read_onnx_meta
+    from runtime.trt_manifest import TrtManifest, read_manifest, write_manifest
+
+    ck = load_checkpoint(toy_checkpoint)
+    thr = tuple(np.linspace(0.11, 0.83, ck.contract.labels.num_classes).tolist())
+    contract = ck.contract.with_thresholds(thr)
+    path = tmp_path / "cal.pt"
+    save_checkpoint(path, Checkpoint(ck.arch, ck.state_dict, contract))
+    back = load_checkpoint(path).contract
+    assert back == contract and back.thresholds == thr
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g)
+    set_metadata(m, probres_metadata(load_checkpoint(path), "0" * 64, "dynamo", "fp32"))
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    assert read_onnx_meta(tmp_path / "m.onnx").contract == contract
+
+    plan = tmp_path / "m.plan"
+    write_manifest(plan, TrtManifest(tensorrt_version="10.13.3.9", gpu_name="x", compute_capability="8.7",
+                                     cuda_version="12.6", precision="fp16", input_name="images", output_name="probs",
+                                     min_batch=1, opt_batch=1, max_batch=1, image_size=contract.preprocess.size,
+                                     onnx_sha256="a" * 64, plan_sha256="b" * 64, contract=contract))
+    assert read_manifest(plan).contract == contract
+
+    # A stored threshold edited out of range is refused on load, naming the label and the file.
+    meta = {p.key: p.value for p in m.metadata_props}
+    d = json.loads(meta["probres.contract"])
+    d["thresholds"][0] = 1.5
+    meta["probres.contract"] = json.dumps(d)
+    set_metadata(m, meta)
+    onnx.save(m, str(tmp_path / "bad.onnx"))
+    with pytest.raises(OnnxMetaError, match=f"bad.onnx.*{contract.labels.names[0]!r}"):
+        read_onnx_meta(tmp_path / "bad.onnx")
