@@ -178,3 +178,46 @@ def test_compare_counts_by_hand():
     # each model decides with its own thresholds: label 1 at 0.45 makes the engine's image 1 whole again
     rep = compare(pe, pr, t, np.array([0.5, 0.45]), half)
     assert rep["engine"]["CR_contract"] == 1.0 and rep["engine"]["CR"] == 0.75
+
+
+def _with_thresholds(src: Path, dst: Path, thresholds: list[float]) -> Path:
+    """A copy of the ONNX file whose stored contract carries `thresholds` (as an edit of the file would)."""
+    import onnx
+
+    m = onnx.load(str(src))
+    for p in m.metadata_props:
+        if p.key == "probres.contract":
+            d = json.loads(p.value)
+            d["thresholds"] = thresholds
+            p.value = json.dumps(d)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_gate_uses_the_contract_thresholds_and_fails_when_they_are_edited(models, toy_root, tmp_path, capsys):
+    c = len(models["targets"][0])
+    good = _with_thresholds(models["fp32"], tmp_path / "good.onnx", [0.4] * c)
+    edited = _with_thresholds(models["fp32"], tmp_path / "edited.onnx", [0.99] * c)
+    rc, out, _ = run(["--engine", good, "--coco-root", toy_root, "--reference-engine", good,
+                      "--json", tmp_path / "good.json", "--plot", tmp_path / "plots"], capsys)
+    rep = json.loads((tmp_path / "good.json").read_text())
+    assert rc == 0 and rep["passed"] and rep["threshold"] == "contract"
+    want = multilabel_metrics(models["probs"], models["targets"], contract_thresholds=np.full(c, 0.4))
+    assert rep["engine"]["CF1_contract"] == pytest.approx(want["CF1_contract"], abs=1e-3)
+    assert rep["engine"]["ECE"] == pytest.approx(want["ECE"], abs=1e-3)
+    assert "CF1@thr" in out and "ECE" in out
+    png = tmp_path / "plots" / "reliability.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    assert matplotlib.image.imread(str(png)).ndim == 3           # a real, decodable image
+
+    rc, out, _ = run(["--engine", edited, "--coco-root", toy_root, "--reference-engine", good,
+                      "--json", tmp_path / "edited.json"], capsys)
+    rep = json.loads((tmp_path / "edited.json").read_text())
+    assert rc == 1 and not rep["passed"] and "FAILED" in out
+    assert rep["gates"]["map_drop"]["passed"] and rep["gates"]["ece_rise"]["passed"]   # same probabilities
+    assert rep["gates"]["cf1_drop"]["value"] > 0.005 and not rep["gates"]["cf1_drop"]["passed"]
+    # --threshold 0.5 overrides every stored threshold: then both decide alike and it passes.
+    rc, _, _ = run(["--engine", edited, "--coco-root", toy_root, "--reference-engine", good, "--threshold", "0.5"],
+                   capsys)
+    assert rc == 0

@@ -106,7 +106,9 @@ def test_top_k_all_lists_every_label_with_its_probability(model, toy_root, capsy
             assert abs(got[name] - row[k]) < 2e-6
         assert [x["label"] for x in preds] == [contract.labels.names[k] for k in np.argsort(-row, kind="stable")]
     rc, out, _ = run(["--engine", path, images[0], "--top-k", "2", "--threshold", "0.99"], capsys)
-    assert json.loads(out)["predictions"] == []               # top-k keeps only labels that pass the threshold
+    row = want[0]                                           # top-k keeps only labels that pass the threshold
+    assert [x["label"] for x in json.loads(out)["predictions"]] == [
+        contract.labels.names[k] for k in np.argsort(-row, kind="stable")[:2] if row[k] >= 0.99]
 
 
 def test_csv_table_and_atomic_output(model, toy_root, tmp_path, capsys):
@@ -296,3 +298,39 @@ def test_usage_and_model_errors_exit_2_with_one_line(model, tmp_path, toy_root, 
             main(["--engine", str(model[0]), img, *bad])
         assert e.value.code == 2
         capsys.readouterr()
+
+
+def test_contract_thresholds_decide_and_each_record_says_which_applied(model, toy_root, tmp_path, capsys):
+    import onnx
+
+    path, contract, w, b = model
+    images = sorted((toy_root / "val2014").glob("*.jpg"))[:6]
+    p = expected_probs(images, contract.preprocess, w, b)
+    thr = np.clip(np.median(p, axis=0), 0.01, 0.99)            # per label: about half the images pass
+    m = onnx.load(str(path))
+    for prop in m.metadata_props:
+        if prop.key == "probres.contract":
+            prop.value = contract.with_thresholds(thr.tolist()).to_json()
+    with_thr = tmp_path / "thr.onnx"
+    onnx.save(m, str(with_thr))
+    rc, out, _ = run(["--engine", with_thr, *images], capsys)
+    assert rc == 0
+    for line, row in zip(out.splitlines(), p):
+        r = json.loads(line)
+        assert r["threshold"] == "contract"
+        want = [k for k in np.argsort(-row, kind="stable") if row[k] >= thr[k]]
+        assert [x["label"] for x in r["predictions"]] == [contract.labels.names[k] for k in want]
+        assert [x["threshold"] for x in r["predictions"]] == [round(float(thr[k]), 6) for k in want]
+    # --top-k with a threshold: the K most probable of the labels that pass it.
+    rc, out, _ = run(["--engine", with_thr, *images, "--top-k", "1", "--threshold", "contract"], capsys)
+    for line, row in zip(out.splitlines(), p):
+        want = [k for k in np.argsort(-row, kind="stable") if row[k] >= thr[k]][:1]
+        assert [x["label"] for x in json.loads(line)["predictions"]] == [contract.labels.names[k] for k in want]
+    rc, out, _ = run(["--engine", with_thr, *images, "--threshold", "0.3"], capsys)
+    for line, row in zip(out.splitlines(), p):
+        r = json.loads(line)
+        assert r["threshold"] == 0.3 and len(r["predictions"]) == int((row >= 0.3).sum())
+    # A model without thresholds behaves as before: 0.5 for every label.
+    rc, out, _ = run(["--engine", path, images[0]], capsys)
+    r = json.loads(out)
+    assert r["threshold"] == 0.5 and len(r["predictions"]) == int((p[0] >= 0.5).sum())
