@@ -200,3 +200,42 @@ def test_thresholds_round_trip_through_checkpoint_onnx_metadata_and_sidecar(tmp_
     onnx.save(m, str(tmp_path / "bad.onnx"))
     with pytest.raises(OnnxMetaError, match=f"bad.onnx.*{contract.labels.names[0]!r}"):
         read_onnx_meta(tmp_path / "bad.onnx")
+
+
+# ------------------------------------------------------------------------------------ train.calibrate
+
+def test_calibrate_cli_writes_the_calibrated_checkpoint_and_its_pictures(tmp_path: Path, toy_root: Path,
+                                                                         toy_checkpoint: Path, capsys):
+    import shutil
+
+    import matplotlib.image
+
+    from runtime.coco import load_coco_split
+    from train.calibrate import main
+    from train.holdout import split_train, write_holdout
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(toy_checkpoint, run / "best.pt")
+    args = ["--checkpoint", str(run / "best.pt"), "--coco-root", str(toy_root)]
+    assert main(args) == 2 and "holdout.json: no such file" in capsys.readouterr().err
+    _, held = split_train(load_coco_split(toy_root, "train2014"), 0.3, seed=0)
+    write_holdout(run, held, 0.3, 0)
+    assert main(args) == 0
+    ck = load_checkpoint(run / "best_calibrated.pt")
+    rec = ck.extra["calibration"]
+    assert ck.contract.thresholds is not None and list(ck.contract.thresholds) == rec["thresholds"]
+    assert rec["fold_max_abs_dprob_heldout"] <= 1e-6 and min(rec["a"]) > 0
+    assert abs(rec["val_after"]["mAP"] - rec["val_before"]["mAP"]) <= 1e-4       # a_k > 0: ranking kept
+    assert ck.val_metrics["CF1_contract"] == rec["val_after"]["CF1_contract"]
+    for name in ("best_calibrated_reliability.png", "best_calibrated_thresholds.png", "cooccurrence.png"):
+        assert matplotlib.image.imread(str(run / name)).ndim == 3
+    cond = np.array(json.loads((run / "cooccurrence.json").read_text())["P_j_given_i"])
+    assert cond.shape == (8, 8) and np.allclose(np.diag(cond)[np.diag(cond) > 0], 1.0)
+    # The layer: its head is in the checkpoint; calibrating a calibrated checkpoint is refused.
+    assert main(args + ["--label-dependency", "--out", str(run / "ld.pt")]) == 0
+    assert LD.has_label_dependency(load_checkpoint(run / "ld.pt").state_dict)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(run / "ld.pt"), "--coco-root", str(toy_root)]) == 2
+    err = capsys.readouterr().err
+    assert "already calibrated" in err and len(err.strip().splitlines()) == 1
