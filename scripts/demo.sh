@@ -3,7 +3,8 @@
 #
 #     scripts/demo.sh [OUT_DIR]      (make demo runs it with OUT_DIR=demo_out)
 #
-# toy COCO -> short CPU training -> ONNX FP32 + FP16 export -> probres-infer on the val
+# toy COCO -> short CPU training (then calibration and thresholds on its held-out split,
+# train.calibrate) -> ONNX FP32 + FP16 export of the calibrated model -> probres-infer on the val
 # images (a few results as tables) -> probres-eval of both ONNX files against the PyTorch
 # checkpoint, ending with the parity table. Every step is the real command-line tool, so this
 # script is also the CPU walkthrough of README's GPU commands. Exit status: non-zero when a
@@ -26,12 +27,12 @@ mkdir -p "$OUT"
 step "1/5 toy COCO-2014 ($TRAIN_IMAGES train / $VAL_IMAGES val images) -> $OUT/toy_coco"
 "$BIN/python" -m train.toy_coco --out "$OUT/toy_coco" --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" --seed 0
 
-step "2/5 training resnet18 @ ${SIZE}px for $EPOCHS epochs on the CPU -> $OUT/run/best.pt"
+step "2/5 training resnet18 @ ${SIZE}px for $EPOCHS epochs on the CPU, then calibration -> $OUT/run/best_calibrated.pt"
 "$BIN/probres-train" --coco-root "$OUT/toy_coco" --out "$OUT/run" --arch resnet18 --image-size "$SIZE" \
     --epochs "$EPOCHS" --batch-size 8 --lr 2e-3 --augment light --workers 1 --device cpu --no-progress
 
-step "3/5 export to ONNX FP32 + FP16, each verified against PyTorch -> $OUT/model.onnx, $OUT/model_fp16.onnx"
-"$BIN/python" -m export.onnx --checkpoint "$OUT/run/best.pt" --output "$OUT/model.onnx" --fp16 \
+step "3/5 export the calibrated model to ONNX FP32 + FP16, each verified against PyTorch -> $OUT/model.onnx, $OUT/model_fp16.onnx"
+"$BIN/python" -m export.onnx --checkpoint "$OUT/run/best_calibrated.pt" --output "$OUT/model.onnx" --fp16 \
     --verify-images "$OUT/toy_coco/val2014"
 
 step "4/5 probres-infer on $OUT/toy_coco/val2014 -> $OUT/predictions.jsonl (first 3 images as tables)"
@@ -43,7 +44,7 @@ step "5/5 probres-eval: ONNX Runtime vs the PyTorch checkpoint on val2014"
 rc=0
 for m in model model_fp16; do
     echo "-- $m.onnx"
-    "$BIN/probres-eval" --engine "$OUT/$m.onnx" --coco-root "$OUT/toy_coco" --reference "$OUT/run/best.pt" \
+    "$BIN/probres-eval" --engine "$OUT/$m.onnx" --coco-root "$OUT/toy_coco" --reference "$OUT/run/best_calibrated.pt" \
         --json "$OUT/parity_$m.json" > "$OUT/parity_$m.txt" || rc=$?
     tail -n 2 "$OUT/parity_$m.txt"
 done
@@ -64,7 +65,9 @@ fi
 step "done in $(( $(date +%s) - T0 )) s. Artifacts in $OUT/:"
 cat <<INFO
   toy_coco/                 the toy COCO-2014 tree (train2014/, val2014/, annotations/)
-  run/best.pt               the trained checkpoint (PyTorch reference); run/ also holds logs
+  run/best.pt               the trained checkpoint; run/ also holds logs and holdout.json
+  run/best_calibrated.pt    calibrated head + the contract's thresholds (the PyTorch reference)
+  run/*.png                 reliability diagram, thresholds, co-occurrence heatmap
   model.onnx, model_fp16.onnx   the exported models (contract + val metrics in their metadata)
   model_int8.onnx           the INT8 Q/DQ model (export.int8), when the int8 extra is installed
   predictions.jsonl         probres-infer's output for every val image
@@ -75,12 +78,19 @@ INFO
 import json, sys
 out = sys.argv[1]
 r32, r16 = (json.load(open(f"{out}/parity_{m}.json")) for m in ("model", "model_fp16"))
+cal = json.load(open(f"{out}/run/best_calibrated.calibration.json"))
+b, a = cal["val_before"], cal["val_after"]
+print(f"\nCalibration (fitted on {cal['heldout_images']} held-out train images; val2014 only reported):")
+print(f"  val mAP {b['mAP']:.4f} -> {a['mAP']:.4f}, ECE {b['ECE']:.4f} -> {a['ECE']:.4f}, Brier {b['Brier']:.4f} -> {a['Brier']:.4f}")
+print(f"  CF1 / OF1 at 0.5: {a['CF1']:.4f} / {a['OF1']:.4f}; at the contract's thresholds: "
+      f"{a['CF1_contract']:.4f} / {a['OF1_contract']:.4f}")
 print(f"\nParity table: toy val2014, {r32['num_images']} images ({r32['image_set']}); metrics in %")
 print(f"{'metric':<8}{'PyTorch':>10}{'ONNX FP32':>11}{'ONNX FP16':>11}")
-for k in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"):
-    print(f"{k:<8}{100 * r32['reference'][k]:>10.2f}{100 * r32['engine'][k]:>11.2f}{100 * r16['engine'][k]:>11.2f}")
+for k in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CF1_contract", "OF1_contract", "ECE"):
+    print(f"{k.replace('_contract', '@thr'):<8}{100 * r32['reference'][k]:>10.2f}{100 * r32['engine'][k]:>11.2f}{100 * r16['engine'][k]:>11.2f}")
 for name, r in (("FP32", r32), ("FP16", r16)):
-    print(f"ONNX {name}: mAP drop {r['map_drop']:+.5f} (tolerance {r['tolerance']:g}), max |dprob| "
+    print(f"ONNX {name}: mAP drop {r['map_drop']:+.5f} (tolerance {r['tolerance']:g}), CF1@thr drop "
+          f"{r['gates']['cf1_drop']['value']:+.5f}, ECE rise {r['gates']['ece_rise']['value']:+.5f}, max |dprob| "
           f"{r['max_abs_prob_diff']:.2g}, label sets differing {r['label_set_diffs']}/{r['num_images']}: "
           f"{'PASSED' if r['passed'] else 'FAILED'}")
 PY
