@@ -34,6 +34,7 @@
 #     batch 128 with each shipped GPU backend + options the files allow; its "img/s" lines go to
 #     run.log and summary.txt (no extra file: the 8-file limit)
 #   8d int8: export.int8 Q/DQ ONNX, its INT8 TensorRT plan and latency rows (run.log; issue 15)
+#   8e calibrated_plan: a calibrated model through ONNX and TensorRT: thresholds in the sidecar, the eval gate (issue 10)
 #   9 a short table, printed last
 #  10 (before 9) probres-serve bytes-in vs tensors-in, where PyTriton is installed (see the step)
 # Every latency row is a shipped backend + options (benchmarks.latency opens it with
@@ -205,6 +206,12 @@ if [ -f "$WORK/model.onnx" ] && $PY -m benchmarks.images "$WORK/calib" --count 3
     STATUS[int8_tensorrt]="not installed"
   fi
 fi
+
+# 8e issue 10: a calibrated model (held-out split, Platt folded into the head, contract thresholds)
+# through ONNX FP16 and, where TensorRT exists, a plan: its sidecar must carry the thresholds and
+# probres-eval's gate (mAP, CF1 at the thresholds, ECE) must pass against the checkpoint. run.log only.
+step calibrated_plan "$(left 240)" $PY -m benchmarks.calibrated_engine --work "$WORK/cal" --device "$DEVICE" \
+  --epochs "$([ "$TINY" = 1 ] && echo 1 || echo 3)"
 
 # 9 summary, last
 {

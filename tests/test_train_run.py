@@ -125,6 +125,10 @@ def test_sigkill_mid_epoch_then_resume_finishes(toy_root: Path, tmp_path: Path) 
     assert list(run.glob(".*.tmp")) == []                       # stale temp files cleaned
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert "selected on val2014" in (run / "train.log").read_text()
+    # The end of the run: calibration on the held-out split (kept out of training), thresholds in the contract.
+    cal = load_checkpoint(run / "best_calibrated.pt")
+    assert cal.contract.thresholds is not None and cal.extra["calibration"]["heldout_images"] >= 1
+    assert "calibrate: val mAP" in (run / "train.log").read_text()
 
 
 def _odd_val_root(toy_root: Path, dst: Path) -> Path:
