@@ -94,3 +94,18 @@ def test_cli_writes_the_layout(tmp_path: Path, capsys) -> None:
     assert len(list((tmp_path / "t/train2014").glob("COCO_train2014_*.jpg"))) == 3
     assert len(list((tmp_path / "t/val2014").glob("COCO_val2014_*.jpg"))) == 2
     assert "wrote toy COCO" in capsys.readouterr().out
+
+
+def test_cooccur_option_gives_pairs_that_mostly_co_occur_and_one_that_never_does(tmp_path: Path) -> None:
+    from runtime.coco import load_coco_split
+    from train.label_dependency import cooccurrence
+    from train.toy_coco import COOCCUR_PAIRS, EXCLUSIVE_PAIRS
+
+    make_toy_coco(tmp_path, n_train=120, n_val=4, seed=0, cooccur=True)
+    cond = cooccurrence(load_coco_split(tmp_path, "train2014").targets)      # P(j | i)
+    for a, b in COOCCUR_PAIRS:
+        assert cond[a, b] > 0.6 and cond[b, a] > 0.6
+    for a, b in EXCLUSIVE_PAIRS:
+        assert cond[a, b] == 0.0
+    off = cond[~np.eye(8, dtype=bool)]
+    assert np.median(off) < 0.45                                             # the other pairs stay independent-ish
