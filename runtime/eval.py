@@ -28,7 +28,7 @@ import numpy as np
 
 from runtime.backends import DEVICES, Backend, BackendError, add_backend_args, backend_options, open_backend
 from runtime.contract import ModelContract
-from runtime.infer import default_threads, positive_int, threshold_arg
+from runtime.infer import decision_thresholds, default_threads, positive_int, threshold_arg
 from runtime.metrics import multilabel_metrics
 from runtime.outputs import OutputError, check_outputs, model_inputs
 from runtime.pipeline import is_image_name, iter_batches
@@ -111,9 +111,7 @@ def run_pair(paths: list, engine: Backend, reference: Backend | None, batch_size
 
 def decision(contract: ModelContract, threshold: str | float) -> np.ndarray:
     """(C,) thresholds a model decides with: its contract's ('contract'), or T for every label."""
-    if threshold == "contract":
-        return np.asarray(contract.decision_thresholds(), dtype=np.float64)
-    return np.full(contract.labels.num_classes, float(threshold))
+    return decision_thresholds(contract, threshold, None)[0]
 
 
 def gate(rep: dict[str, Any], tolerances: dict[str, float]) -> dict[str, Any]:
