@@ -186,7 +186,7 @@ def test_thresholds_round_trip_through_checkpoint_onnx_metadata_and_sidecar(tmp_
 
     plan = tmp_path / "m.plan"
     write_manifest(plan, TrtManifest(tensorrt_version="10.13.3.9", gpu_name="x", compute_capability="8.7",
-                                     cuda_version="12.6", precision="fp16", input_name="images", output_name="probs",
+                                     precision="fp16", input_name="images", output_name="probs",
                                      min_batch=1, opt_batch=1, max_batch=1, image_size=contract.preprocess.size,
                                      onnx_sha256="a" * 64, plan_sha256="b" * 64, contract=contract))
     assert read_manifest(plan).contract == contract
