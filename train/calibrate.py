@@ -107,9 +107,9 @@ def choose_thresholds(p: np.ndarray, y: np.ndarray, min_positives: int = MIN_POS
 
 def fold(model: nn.Module, a: np.ndarray, c: np.ndarray, dep: dict[str, np.ndarray] | None) -> nn.Module:
     """Put a * z' + c into the head's parameters (in place): fc's weight/bias, or the dependency layer's."""
-    at = torch.as_tensor(a, dtype=torch.float64)
-    ct = torch.as_tensor(c, dtype=torch.float64)
     fc = model.fc
+    at = torch.as_tensor(a, dtype=torch.float64, device=fc.weight.device)
+    ct = torch.as_tensor(c, dtype=torch.float64, device=fc.weight.device)
     with torch.no_grad():
         if dep is None:
             if isinstance(fc, LD.DependentLinear):
@@ -119,9 +119,10 @@ def fold(model: nn.Module, a: np.ndarray, c: np.ndarray, dep: dict[str, np.ndarr
         else:
             LD.attach(model)
             fc = model.fc
-            fc.dep_scale.copy_(torch.as_tensor(dep["scale"]) * at)
-            fc.dep_weight.copy_(torch.as_tensor(dep["weight"]) * at[:, None])
-            fc.dep_bias.copy_(torch.as_tensor(dep["bias"]) * at + ct)
+            d = {k: torch.as_tensor(v, dtype=torch.float64, device=at.device) for k, v in dep.items()}
+            fc.dep_scale.copy_(d["scale"] * at)
+            fc.dep_weight.copy_(d["weight"] * at[:, None])
+            fc.dep_bias.copy_(d["bias"] * at + ct)
     return model
 
 
