@@ -119,6 +119,17 @@ def calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BI
     return float(pooled), per_class
 
 
+def calibration_error_floor(probs: np.ndarray, draws: int = 200, seed: int = 0) -> float:
+    """The pooled ECE a perfectly calibrated model would still show on this many (N, C) samples.
+
+    Mean over `draws` of calibration_error(probs, y ~ Bernoulli(probs)): ECE is biased upward
+    by finite bins, so on a small test set it cannot reach 0; figures near this floor are noise.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    return float(np.mean([calibration_error(p, rng.random(p.shape) < p)[0] for _ in range(draws)]))
+
+
 def brier_score(probs: np.ndarray, targets: np.ndarray) -> float:
     """Mean squared error (p - y)^2 over all N * C (probability, target) pairs."""
     p = np.asarray(probs, dtype=np.float64)

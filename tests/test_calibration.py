@@ -239,3 +239,12 @@ def test_calibrate_cli_writes_the_calibrated_checkpoint_and_its_pictures(tmp_pat
     assert main(["--checkpoint", str(run / "ld.pt"), "--coco-root", str(toy_root)]) == 2
     err = capsys.readouterr().err
     assert "already calibrated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ece_floor_is_what_perfectly_calibrated_labels_score():
+    from runtime.metrics import calibration_error_floor
+
+    p = np.random.default_rng(6).random((400, 5))
+    floor = calibration_error_floor(p, draws=50)
+    assert 0 < floor < 0.05                      # finite-sample bias only
+    assert calibration_error_floor(np.random.default_rng(6).random((20, 5)), draws=50) > floor   # fewer samples, more

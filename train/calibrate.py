@@ -35,7 +35,8 @@ import torch.nn as nn
 
 from runtime.coco import CocoDataError, CocoSplit, load_coco_split
 from runtime.fileio import atomic_write_text
-from runtime.metrics import calibration_error, f1_optimal_thresholds, multilabel_metrics, of1_optimal_threshold
+from runtime.metrics import (calibration_error, calibration_error_floor, f1_optimal_thresholds, multilabel_metrics,
+                             of1_optimal_threshold)
 from train import label_dependency as LD
 from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from train.coco import CocoDataset
@@ -185,8 +186,10 @@ def calibrate(checkpoint: str | Path, coco_root: str | Path, out: str | Path | N
         "label_dependency": None if dep is None else {k: v.tolist() for k, v in dep.items()} | {"l2": LD.L2},
         "fold_max_abs_dprob_heldout": fold_err,
         "heldout": {"ECE_before": calibration_error(ph_before, yh)[0], "ECE_after": calibration_error(ph, yh)[0]},
-        "val_before": _figures(before) | {"absent_partner_prob": partner_before},
-        "val_after": _figures(after) | {"absent_partner_prob": partner_after, "absent_partner_cases": n_partner},
+        "val_before": _figures(before) | {"absent_partner_prob": partner_before,
+                                          "ECE_floor": calibration_error_floor(pv_before)},
+        "val_after": _figures(after) | {"absent_partner_prob": partner_after, "absent_partner_cases": n_partner,
+                                        "ECE_floor": calibration_error_floor(pv_after)},
         "val_note": "val2014 is only reported here: nothing is fitted on it",
     }
     contract = ckpt.contract.with_thresholds(t.tolist())
@@ -206,6 +209,7 @@ def calibrate(checkpoint: str | Path, coco_root: str | Path, out: str | Path | N
         f"tied temperature {platt['temperature']:.3f}; {int(thr['per_class'].sum())} own thresholds, "
         f"global {thr['global']:.3f}; fold max |dp| {fold_err:.1e}")
     log(f"calibrate: val mAP {b['mAP']:.4f} -> {a['mAP']:.4f}, ECE {b['ECE']:.4f} -> {a['ECE']:.4f}, "
+        f"(a perfectly calibrated model: {a['ECE_floor']:.4f} on this many images), "
         f"Brier {b['Brier']:.4f} -> {a['Brier']:.4f}; CF1/OF1 at 0.5 {a['CF1']:.4f}/{a['OF1']:.4f}, "
         f"at the contract's thresholds {a['CF1_contract']:.4f}/{a['OF1_contract']:.4f} -> {out}")
     return record
