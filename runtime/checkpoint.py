@@ -52,15 +52,56 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Model
     return obj, contract
 
 
-def build_network(arch: str, num_classes: int) -> Any:
-    """torchvision's `arch` (no weights) with its 1000-way fc replaced by a `num_classes`-way linear head (logits)."""
+# The label-dependency head's parameters (train/label_dependency.py fits them; the head is
+# defined here so that the runtime's PyTorch backend builds it without importing train).
+LABEL_DEPENDENCY_KEYS = ("fc.dep_scale", "fc.dep_weight", "fc.dep_bias")
+_DEPENDENT_LINEAR: Any = None
+
+
+def dependent_linear_class() -> Any:
+    """The nn.Linear subclass z' = dep_scale * z + sigmoid(z) @ dep_weight.T + dep_bias, z = W x + b.
+
+    (N, F) features -> (N, C) logits; dep_weight (C, C) has a zero diagonal (fitted so). Built on
+    first use, so that importing this module needs no torch.
+    """
+    global _DEPENDENT_LINEAR
+    if _DEPENDENT_LINEAR is None:
+        import torch
+        import torch.nn as nn
+
+        class DependentLinear(nn.Linear):
+            """The classifier head with the label-dependency update (a one-step mean field over the labels)."""
+
+            def __init__(self, in_features: int, num_classes: int) -> None:
+                super().__init__(in_features, num_classes)
+                self.dep_scale = nn.Parameter(torch.ones(num_classes))
+                self.dep_weight = nn.Parameter(torch.zeros(num_classes, num_classes))
+                self.dep_bias = nn.Parameter(torch.zeros(num_classes))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                z = super().forward(x)                                  # (N, C) backbone logits
+                return self.dep_scale * z + torch.sigmoid(z) @ self.dep_weight.T + self.dep_bias
+
+        _DEPENDENT_LINEAR = DependentLinear
+    return _DEPENDENT_LINEAR
+
+
+def has_label_dependency(state_dict: dict) -> bool:
+    """Whether a state_dict carries the label-dependency head."""
+    return all(k in state_dict for k in LABEL_DEPENDENCY_KEYS)
+
+
+def build_network(arch: str, num_classes: int, label_dependency: bool = False) -> Any:
+    """torchvision's `arch` (no weights) with its 1000-way fc replaced by a `num_classes`-way linear head (logits),
+    or by the label-dependency head."""
     import torch.nn as nn
     import torchvision
 
     if arch not in ARCHS:
         raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     model = getattr(torchvision.models, arch)(weights=None)
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    head = dependent_linear_class() if label_dependency else nn.Linear
+    model.fc = head(model.fc.in_features, num_classes)
     return model
 
 
@@ -68,7 +109,7 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Any, ModelContract, dict
     """(network with the checkpoint's weights in eval mode on the CPU, contract, val_metrics); CheckpointError names the file."""
     obj, contract = read_checkpoint(path)
     try:
-        model = build_network(obj["arch"], contract.labels.num_classes)
+        model = build_network(obj["arch"], contract.labels.num_classes, has_label_dependency(obj["state_dict"]))
         model.load_state_dict(obj["state_dict"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:    # weights that do not fit the arch
         text = str(e).strip().splitlines()

@@ -248,3 +248,23 @@ def test_ece_floor_is_what_perfectly_calibrated_labels_score():
     floor = calibration_error_floor(p, draws=50)
     assert 0 < floor < 0.05                      # finite-sample bias only
     assert calibration_error_floor(np.random.default_rng(6).random((20, 5)), draws=50) > floor   # fewer samples, more
+
+
+def test_the_runtime_pytorch_backend_runs_a_label_dependency_checkpoint(tmp_path: Path, toy_checkpoint: Path):
+    """runtime.checkpoint builds the dependency head itself (the runtime never imports train)."""
+    from runtime.backends import open_backend
+
+    ck = load_checkpoint(toy_checkpoint)
+    c = ck.contract.labels.num_classes
+    rng = np.random.default_rng(7)
+    dep = {"scale": np.ones(c), "weight": rng.normal(0, 0.5, (c, c)) * (1 - np.eye(c)), "bias": rng.normal(0, 0.3, c)}
+    model = fold(ck.build(), np.full(c, 1.3), np.zeros(c), dep)
+    save_checkpoint(tmp_path / "ld.pt", Checkpoint(ck.arch, model.state_dict(), ck.contract))
+    x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.sigmoid(model(torch.from_numpy(x))).numpy()
+    b = open_backend(str(tmp_path / "ld.pt"), device="cpu")
+    try:
+        assert np.abs(b.infer(x) - want).max() <= 1e-6
+    finally:
+        b.close()

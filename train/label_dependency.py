@@ -19,27 +19,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from runtime.checkpoint import dependent_linear_class, has_label_dependency  # noqa: F401 (re-exported)
+
 L2 = 1e-3            # penalty on sum(W^2), added to the mean BCE; keeps W small on a few held-out images
 COOCCUR_MIN = 0.5    # "usually co-occur": P(j | i) >= this on the training set
-STATE_KEYS = ("fc.dep_scale", "fc.dep_weight", "fc.dep_bias")
 
 
-class DependentLinear(nn.Linear):
-    """The classifier head with the label-dependency update: (N, F) features -> (N, C) logits z'."""
-
-    def __init__(self, in_features: int, num_classes: int) -> None:
-        super().__init__(in_features, num_classes)
-        self.dep_scale = nn.Parameter(torch.ones(num_classes))
-        self.dep_weight = nn.Parameter(torch.zeros(num_classes, num_classes))
-        self.dep_bias = nn.Parameter(torch.zeros(num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = super().forward(x)                                          # (N, C) backbone logits
-        return self.dep_scale * z + torch.sigmoid(z) @ self.dep_weight.T + self.dep_bias
-
-
-def has_label_dependency(state_dict: dict) -> bool:
-    return all(k in state_dict for k in STATE_KEYS)
+DependentLinear = dependent_linear_class()     # defined in runtime.checkpoint (the runtime builds it too)
 
 
 def attach(model: nn.Module) -> nn.Module:
