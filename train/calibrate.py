@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from runtime.coco import CocoDataError, CocoSplit, load_coco_split
 from runtime.fileio import atomic_write_text
+from runtime.preprocess import ImageDecodeError
 from runtime.metrics import (calibration_error, calibration_error_floor, f1_optimal_thresholds, multilabel_metrics,
                              of1_optimal_threshold)
 from train import label_dependency as LD
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         calibrate(args.checkpoint, args.coco_root, args.out, args.holdout, args.label_dependency,
                   args.device, args.batch_size)
-    except (CalibrationError, CheckpointError, HoldoutError, CocoDataError) as e:
+    except (CalibrationError, CheckpointError, HoldoutError, CocoDataError, ImageDecodeError) as e:
         print(f"calibrate: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -306,6 +306,10 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     D.barrier()
     if info.is_main and cfg.get("calibrate", False) and len(held_split) and (run_dir / "best.pt").is_file():
         from train.calibrate import calibrate
-        calibrate(run_dir / "best.pt", cfg["coco_root"], label_dependency=cfg.get("label_dependency", False),
-                  device=device, batch_size=cfg["batch_size"], log=log)
+        try:
+            calibrate(run_dir / "best.pt", cfg["coco_root"], label_dependency=cfg.get("label_dependency", False),
+                      device=device, batch_size=cfg["batch_size"], log=log)
+        except (ValueError, OSError) as e:     # e.g. an unreadable held-out image: the trained run stays whole
+            log(f"calibrate: failed ({str(e).splitlines()[0][:300]}); best.pt is complete: fix it and run "
+                f"python -m train.calibrate --checkpoint {run_dir / 'best.pt'} --coco-root {cfg['coco_root']}")
     return doc
