@@ -55,7 +55,7 @@ if "$BIN/python" -c "import nncf, openvino" 2>/dev/null; then
     for b in onnxruntime openvino; do
         echo "-- model_int8.onnx on $b"
         "$BIN/probres-eval" --engine "$OUT/model_int8.onnx" --backend $b --coco-root "$OUT/toy_coco" \
-            --reference "$OUT/run/best.pt" --json "$OUT/parity_model_int8_$b.json" > "$OUT/parity_model_int8_$b.txt" || rc=$?
+            --reference "$OUT/run/best_calibrated.pt" --json "$OUT/parity_model_int8_$b.json" > "$OUT/parity_model_int8_$b.txt" || rc=$?
         tail -n 1 "$OUT/parity_model_int8_$b.txt"
     done
 else
