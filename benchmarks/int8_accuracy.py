@@ -8,8 +8,7 @@ Each --engine is FILE or FILE@BACKEND (runtime.backends.open_backend's backend).
 of ROOT/val2014 (training's image set, runtime.coco) is decoded once per model through
 runtime.pipeline, as probres-eval does (runtime.eval.run_pair); the gate is probres-eval's
 (mAP drop <= 0.002, 0.005 for INT8). ECE: 15 equal-width bins over all (image, label)
-probabilities pooled (Guo et al. 2017, applied per label decision); issue 10 adds ECE to
-runtime.metrics, which this should use once it lands.
+probabilities pooled (runtime.metrics.calibration_error, as probres-eval reports it).
 """
 
 from __future__ import annotations
@@ -23,21 +22,12 @@ import numpy as np
 
 from runtime.backends import BackendError, open_backend
 from runtime.eval import MAX_MAP_DROP, MAX_MAP_DROP_INT8, run_pair
-from runtime.metrics import multilabel_metrics
-
-ECE_BINS = 15
-
-
-def pooled_ece(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
-    """sum over bins of |sum(targets) - sum(probs)| / n, over all N*C pooled probabilities."""
-    p, t = probs.reshape(-1).astype(np.float64), targets.reshape(-1).astype(np.float64)
-    idx = np.minimum((p * bins).astype(np.int64), bins - 1)
-    return float(np.abs(np.bincount(idx, t, bins) - np.bincount(idx, p, bins)).sum() / len(p))
+from runtime.metrics import calibration_error, multilabel_metrics
 
 
 def score(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     m = multilabel_metrics(probs, targets)
-    return {"mAP": m["mAP"], "CF1": m["CF1"], "OF1": m["OF1"], "ECE": pooled_ece(probs, targets)}
+    return {"mAP": m["mAP"], "CF1": m["CF1"], "OF1": m["OF1"], "ECE": calibration_error(probs, targets)[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
