@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if not src.is_file():
         print(f"error: {src}: no such ONNX file", file=sys.stderr)
         return 2
+    if dst.resolve() == src.resolve():
+        print(f"error: {dst}: would overwrite the input ONNX file; choose another output", file=sys.stderr)
+        return 2
     try:
         model = convert_fp16(onnx.load(str(src)), fp16_input)
         onnx.checker.check_model(model)

@@ -310,3 +310,16 @@ def test_resnet101_448_exports_and_verifies(tmp_path: Path, toy_root: Path, caps
         floor = float(np.abs(torch.sigmoid(net(torch.from_numpy(x))).numpy() - ref).max())
     print(f"resnet101 fp16: |dprob| {err16:.2e}, fp16-weights-only floor {floor:.2e}")
     assert np.isfinite(err16) and err16 <= 2 * floor + 1e-3, (err16, floor)
+
+
+def test_fp16_cli_refuses_to_overwrite_its_input(toy_export: Path, tmp_path: Path, capsys) -> None:
+    """python -m export.fp16 IN IN would replace the FP32 export by its FP16 conversion."""
+    from export.fp16 import main as fp16_main
+
+    src = tmp_path / "model.onnx"
+    src.write_bytes(toy_export.read_bytes())
+    before = src.read_bytes()
+    assert fp16_main([str(src), str(tmp_path / "." / "model.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite the input" in err and len(err.strip().splitlines()) == 1
+    assert src.read_bytes() == before
