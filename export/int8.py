@@ -225,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = calibration_paths(calib, args.num)
     if not paths:
         return _error(f"--calib-images {calib}: no image files")
+    if args.verify_images is not None:
+        from export.verify import list_images
+
+        if not Path(args.verify_images).is_dir():
+            return _error(f"--verify-images {args.verify_images}: no such directory")
+        if not list_images(Path(args.verify_images), 1):
+            return _error(f"--verify-images {args.verify_images}: no image files")
     try:
         model = onnx.load(str(src))
         meta = parse_meta({p.key: p.value for p in model.metadata_props}, str(src))

@@ -111,6 +111,7 @@ def test_int8_eval_uses_the_int8_tolerance(files, toy_checkpoint, toy_root, tmp_
 @pytest.mark.parametrize("case, message", [
     ("val", "evaluation split"), ("same", "would overwrite the input"), ("fp16", "quantize the FP32 export"),
     ("nodir", "no such directory"), ("empty", "no image files"),
+    ("verify_nodir", "--verify-images"), ("verify_empty", "--verify-images"),
 ])
 def test_int8_cli_refuses_bad_input_and_writes_nothing(files, toy_root, tmp_path, capsys, case, message):
     fp32, _, _ = files
@@ -129,8 +130,14 @@ def test_int8_cli_refuses_bad_input_and_writes_nothing(files, toy_root, tmp_path
     elif case == "empty":
         calib = tmp_path / "empty"
         calib.mkdir()
+    extra = []
+    if case.startswith("verify_"):      # checked before quantizing, not a traceback after it
+        extra = ["--verify-images", str(tmp_path / "vmissing")]
+        if case == "verify_empty":
+            (tmp_path / "vmissing").mkdir()
     before = fp32.stat().st_mtime_ns
-    assert int8_main(["--onnx", str(src), "--calib-images", str(calib), "--num", "4", "--output", str(out)]) == 2
+    assert int8_main(["--onnx", str(src), "--calib-images", str(calib), "--num", "4", "--output", str(out),
+                      *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert fp32.stat().st_mtime_ns == before and (case == "same" or not out.exists())
