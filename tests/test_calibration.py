@@ -268,3 +268,27 @@ def test_the_runtime_pytorch_backend_runs_a_label_dependency_checkpoint(tmp_path
         assert np.abs(b.infer(x) - want).max() <= 1e-6
     finally:
         b.close()
+
+
+def test_calibrate_refuses_an_unreadable_image_instead_of_scoring_zeros(tmp_path: Path, toy_root: Path,
+                                                                        toy_checkpoint: Path, capsys):
+    """A val image that does not decode must stop calibration (naming it), not enter the figures as a zero image."""
+    import shutil
+
+    from runtime.coco import load_coco_split
+    from train.calibrate import main
+    from train.holdout import split_train, write_holdout
+
+    root = tmp_path / "coco"
+    shutil.copytree(toy_root, root)
+    bad = load_coco_split(root, "val2014").image_paths[3]
+    Path(bad).write_bytes(b"not an image")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(toy_checkpoint, run / "best.pt")
+    _, held = split_train(load_coco_split(root, "train2014"), 0.3, seed=0)
+    write_holdout(run, held, 0.3, 0)
+    assert main(["--checkpoint", str(run / "best.pt"), "--coco-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert Path(bad).name in err and len(err.strip().splitlines()) == 1
+    assert not (run / "best_calibrated.pt").exists()

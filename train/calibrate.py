@@ -58,7 +58,12 @@ def logits(model: nn.Module, split: CocoSplit, spec: Any, device: torch.device, 
     ds = CocoDataset(split, spec, train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     model.eval().to(device)
-    out = [model(x.to(device).contiguous(memory_format=torch.channels_last)).double().cpu() for x, _, _ in loader]
+    out = []
+    for x, _, index in loader:
+        bad = index < 0                   # an image that did not decode comes back as zeros: refuse it
+        if bool(bad.any()):
+            raise CalibrationError(ds.bad_image_message(int(-1 - index[bad][0])))
+        out.append(model(x.to(device).contiguous(memory_format=torch.channels_last)).double().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.fc.out_features))
 
 
