@@ -246,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: --{flag.replace('_', '-')} is a fraction in [0, 1), got {value}", file=sys.stderr)
             return 2
     from runtime.coco import annotation_path
+    if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
+        print(f"{PROG}: error: --plot {args.plot}: exists and is not a directory", file=sys.stderr)
+        return 2
+    plot_png = None if args.plot is None else Path(args.plot) / "reliability.png"
     try:                                          # before any work: never write over what is read
-        check_outputs([("--json", args.json)],
+        check_outputs([("--json", args.json), ("--plot", plot_png)],
                       [*model_inputs("--engine", args.engine), *model_inputs("--reference", args.reference),
                        *model_inputs("--reference-engine", args.reference_engine),
                        ("annotations", annotation_path(args.coco_root, args.split)),
@@ -256,16 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if args.plot:       # checked before any image is read: a missing matplotlib must not cost the run
-        if Path(args.plot).exists() and not Path(args.plot).is_dir():
-            print(f"{PROG}: error: --plot {args.plot}: exists and is not a directory", file=sys.stderr)
-            return 2
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             print(f"{PROG}: error: --plot needs matplotlib (pip install matplotlib, or the 'plot' extra)",
                   file=sys.stderr)
             return 2
-        Path(args.plot).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(args.plot).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"{PROG}: error: --plot {args.plot}: cannot create it ({e.strerror or e})", file=sys.stderr)
+            return 2
     try:
         rep, table = evaluate(args)
     except (BackendError, UsageError) as e:

@@ -221,3 +221,14 @@ def test_gate_uses_the_contract_thresholds_and_fails_when_they_are_edited(models
     rc, _, _ = run(["--engine", edited, "--coco-root", toy_root, "--reference-engine", good, "--threshold", "0.5"],
                    capsys)
     assert rc == 0
+
+
+def test_unwritable_plot_dir_is_refused_before_any_work(tmp_path, capsys):
+    """--plot under a regular file: one line and exit 2 before the model loads (was a NotADirectoryError traceback)."""
+    (tmp_path / "afile").write_text("x")
+    rc, out, err = run(["--engine", tmp_path / "m.onnx", "--coco-root", tmp_path,
+                        "--plot", tmp_path / "afile" / "plots"], capsys)
+    assert rc == 2 and "not a directory" in err and "Traceback" not in err, err
+    rc, out, err = run(["--engine", tmp_path / "m.onnx", "--coco-root", tmp_path,
+                        "--plot", tmp_path / "afile"], capsys)
+    assert rc == 2 and "exists and is not a directory" in err, err
