@@ -125,6 +125,10 @@ def decode_path_reusing(path: str) -> np.ndarray | None:
     if _fastnorm is None:
         return None
     try:
+        path.encode("utf-8")       # cv2.imread segfaults on a str it cannot encode: an undecodable
+    except UnicodeEncodeError:     # file name (os.fsdecode's surrogates); read_bytes opens those fine
+        return None
+    try:
         hw = _fastnorm.image_hw(path)                       # (h, w) from the header, None if not complete
     except (TypeError, ValueError):                         # e.g. an embedded NUL: decode_bgr says
         return None

@@ -334,3 +334,28 @@ def test_contract_thresholds_decide_and_each_record_says_which_applied(model, to
     rc, out, _ = run(["--engine", path, images[0]], capsys)
     r = json.loads(out)
     assert r["threshold"] == 0.5 and len(r["predictions"]) == int((p[0] >= 0.5).sum())
+
+
+def _undecodable_name_tree(toy_root: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    """DIR with one image under a file name that is not UTF-8 (b'caf\\xe9.jpg') and the same bytes as plain.jpg."""
+    src = sorted((toy_root / "val2014").iterdir())[0]
+    d = tmp_path / "names"
+    d.mkdir()
+    odd = os.path.join(os.fsencode(d), b"caf\xe9.jpg")
+    with open(odd, "wb") as f:
+        f.write(src.read_bytes())
+    (d / "plain.jpg").write_bytes(src.read_bytes())
+    return d, os.fsdecode(odd), str(d / "plain.jpg")
+
+
+def test_a_file_name_that_is_not_utf8_is_classified_not_a_segfault(model, toy_root, tmp_path):
+    """cv2.imread crashes the process on a str it cannot encode (os.fsdecode's surrogates); run in a subprocess."""
+    d, odd, plain = _undecodable_name_tree(toy_root, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "runtime.infer", "--engine", str(model[0]), str(d), "--top-k", "all"],
+                       capture_output=True, timeout=120, env=env)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    recs = {rec["image"]: rec for rec in map(json.loads, r.stdout.decode().splitlines())}
+    assert set(recs) == {odd, plain}
+    probs = lambda rec: sorted((p["label"], p["probability"]) for p in rec["predictions"])  # noqa: E731
+    assert probs(recs[odd]) == probs(recs[plain])
