@@ -41,6 +41,17 @@ def select(probs: np.ndarray, thresholds: np.ndarray | None = None, top_k: int |
     return [int(i) for i in (order if top_k is None else order[:top_k])]
 
 
+def printable(text: str) -> str:
+    """`text` as UTF-8 can carry it: an undecodable file name's bytes (os.fsdecode's surrogates) as \\xNN.
+
+    JSON escapes them itself; a csv or table line would otherwise fail to encode (and lose the run)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class Writer:
     """Formats results and errors onto a text stream."""
 
@@ -60,6 +71,8 @@ class Writer:
 
     def result(self, image: str, probs: np.ndarray) -> None:
         """One classified image; probs (C,) float32."""
+        if self.fmt != "jsonl":
+            image = printable(image)
         idx = select(probs, self.thresholds, self.top_k)
         thr = self.thresholds
         preds = [(self.labels.names[i], self.labels.category_ids[i], round(float(probs[i]), 6),
@@ -83,6 +96,8 @@ class Writer:
 
     def error(self, image: str, message: str) -> None:
         """One input that could not be classified."""
+        if self.fmt != "jsonl":
+            image, message = printable(image), printable(message)
         if self.fmt == "jsonl":
             self.f.write(json.dumps({"image": image, "error": message}) + "\n")
         elif self.fmt == "csv":

@@ -359,3 +359,16 @@ def test_a_file_name_that_is_not_utf8_is_classified_not_a_segfault(model, toy_ro
     assert set(recs) == {odd, plain}
     probs = lambda rec: sorted((p["label"], p["probability"]) for p in rec["predictions"])  # noqa: E731
     assert probs(recs[odd]) == probs(recs[plain])
+
+
+def test_csv_and_table_write_a_non_utf8_file_name_escaped(model, toy_root, tmp_path, capsys):
+    """Not a UnicodeEncodeError traceback that throws the whole output away: the name's bytes as \\xNN."""
+    d, odd, plain = _undecodable_name_tree(toy_root, tmp_path)
+    for fmt in ("csv", "table"):
+        out = tmp_path / f"r.{fmt}"
+        rc, _, err = run(["--engine", model[0], d, "--format", fmt, "--output", out], capsys)
+        assert rc == 0 and "Traceback" not in err, err
+        text = out.read_text(encoding="utf-8")
+        assert "caf\\xe9.jpg" in text and plain in text
+    rc, stdout, err = run(["--engine", model[0], d / "nowhere", odd, "--format", "csv"], capsys)
+    assert rc == 1 and "caf\\xe9.jpg" in stdout and "Traceback" not in err, err     # error rows too
