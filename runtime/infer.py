@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                         row += 1
                         n_ok += 1
                     else:
-                        writer.error(path, err)
+                        writer.error(path.partition("\0")[0], err)   # an unlistable directory: "DIR\0why"
                         bar.write(f"{PROG}: {err}", file=sys.stderr)
                         n_bad += 1
                 out.end_batch(len(batch.paths))   # this batch's records, in one write, flushed

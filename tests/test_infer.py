@@ -372,3 +372,21 @@ def test_csv_and_table_write_a_non_utf8_file_name_escaped(model, toy_root, tmp_p
         assert "caf\\xe9.jpg" in text and plain in text
     rc, stdout, err = run(["--engine", model[0], d / "nowhere", odd, "--format", "csv"], capsys)
     assert rc == 1 and "caf\\xe9.jpg" in stdout and "Traceback" not in err, err     # error rows too
+
+
+def test_an_unlistable_directory_gets_an_error_record_naming_it(model, toy_root, tmp_path, capsys, monkeypatch):
+    """The record's "image" is the directory, not the walk's internal "DIR\\0reason" token."""
+    d = tmp_path / "tree"
+    (d / "locked").mkdir(parents=True)
+    (d / "a.jpg").write_bytes(sorted((toy_root / "val2014").iterdir())[0].read_bytes())
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(d / "locked"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    rc, out, err = run(["--engine", model[0], d], capsys)
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert rc == 1 and [r["image"] for r in recs] == [str(d / "a.jpg"), str(d / "locked")], out
+    assert "cannot list directory (Permission denied)" in recs[1]["error"]
