@@ -132,3 +132,13 @@ def test_device_cuda_without_gpu_is_refused(tmp_path):
     path, _ = tiny_onnx(tmp_path / "m.onnx", SMALL)
     with pytest.raises(BackendError, match="no GPU provider"):
         open_backend(path, device="cuda")
+
+
+def test_checkpoint_without_torchvision_is_a_backend_error(toy_checkpoint, monkeypatch):
+    """torch alone (a Jetson wheel, say): one line naming the missing package, not an ImportError traceback."""
+    import sys
+
+    import torch  # noqa: F401  (present; torchvision is what goes missing)
+    monkeypatch.setitem(sys.modules, "torchvision", None)          # `import torchvision` raises ImportError
+    with pytest.raises(BackendError, match="torchvision"):
+        open_backend(toy_checkpoint, device="cpu")

@@ -48,6 +48,7 @@ class TorchBackend(Backend):
                  precision: str = "fp32", cuda_graph: bool = False, compile: bool = False) -> None:
         try:
             import torch
+            import torchvision  # noqa: F401  (runtime.checkpoint builds the network with it)
         except ImportError as e:
             raise BackendError(f"{path}: a .pt checkpoint needs torch and torchvision (pip install -e '.[train]'): {e}") from None
         from runtime.checkpoint import CheckpointError, load_network
