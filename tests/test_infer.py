@@ -314,7 +314,7 @@ def test_contract_thresholds_decide_and_each_record_says_which_applied(model, to
     with_thr = tmp_path / "thr.onnx"
     onnx.save(m, str(with_thr))
     rc, out, _ = run(["--engine", with_thr, *images], capsys)
-    assert rc == 0
+    assert rc == 0 and len(out.splitlines()) == len(images)
     for line, row in zip(out.splitlines(), p):
         r = json.loads(line)
         assert r["threshold"] == "contract"
@@ -323,10 +323,12 @@ def test_contract_thresholds_decide_and_each_record_says_which_applied(model, to
         assert [x["threshold"] for x in r["predictions"]] == [round(float(thr[k]), 6) for k in want]
     # --top-k with a threshold: the K most probable of the labels that pass it.
     rc, out, _ = run(["--engine", with_thr, *images, "--top-k", "1", "--threshold", "contract"], capsys)
+    assert rc == 0 and len(out.splitlines()) == len(images)     # else the loops below check nothing
     for line, row in zip(out.splitlines(), p):
         want = [k for k in np.argsort(-row, kind="stable") if row[k] >= thr[k]][:1]
         assert [x["label"] for x in json.loads(line)["predictions"]] == [contract.labels.names[k] for k in want]
     rc, out, _ = run(["--engine", with_thr, *images, "--threshold", "0.3"], capsys)
+    assert rc == 0 and len(out.splitlines()) == len(images)
     for line, row in zip(out.splitlines(), p):
         r = json.loads(line)
         assert r["threshold"] == 0.3 and len(r["predictions"]) == int((row >= 0.3).sum())
