@@ -12,7 +12,7 @@ atomically. The gate (exit 1) fails when mAP drops by more than --max-map-drop, 
 decision thresholds drops by more than --max-cf1-drop, or ECE rises by more than
 --max-ece-rise (fractions, as the metrics are). --plot DIR writes DIR/reliability.png.
 Without a reference it compares against the val metrics PyTorch stored in the model's
-metadata, and says so. --json is checked first: never one of the files read, and
+metadata, and says so. --json and --plot are checked first: never one of the files read, and
 writable. The image set follows training's evaluation (runtime.coco: images
 without annotations dropped unless --keep-empty). Exit 2: usage, model or data errors.
 """
