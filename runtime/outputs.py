@@ -126,6 +126,7 @@ class ResultFile:
         if path is None:
             self._ctx, self.f = None, sys.stdout
         elif append:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)    # as atomic_open does (check_writable allows it)
             self._ctx, self.f = None, open(path, "a", encoding="utf-8")
             self._end = self.f.tell()
         else:

@@ -242,3 +242,13 @@ def test_real_sigint_keeps_the_finished_batches(data, tmp_path):
     assert 40 <= len(kept) < 20000 and len(kept) % 4 == 0 and f"{len(kept)} records kept in {out}" in err
     assert [r["image"] for r in kept] == [paths[i % len(paths)] for i in range(len(kept))]
     assert sorted(os.listdir(tmp_path)) == ["many.txt", "r.jsonl"]
+
+
+def test_resume_on_a_first_run_creates_the_output_directory(data, tmp_path, capsys):
+    """The same command for the first run and every rerun: --resume into a directory that does not exist yet."""
+    model, paths = data
+    out = tmp_path / "parts" / "sub" / "part0.jsonl"
+    args = ["--engine", str(model), *paths[:5], "--output", str(out), "--resume"]
+    assert infer.main(args) == 0, capsys.readouterr().err
+    assert [r["image"] for r in records(out)] == paths[:5]
+    assert infer.main(args) == 0 and len(records(out)) == 5         # the rerun skips them all
