@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackendError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                     # loading can take minutes (--compile, a big plan)
+        print(f"{PROG}: interrupted while loading {args.engine}", file=sys.stderr)
+        return 130
     top_k = backend.contract.labels.num_classes if args.top_k == "all" else args.top_k
     threads = args.threads or default_threads()
     n_ok = n_bad = 0

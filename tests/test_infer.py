@@ -392,3 +392,17 @@ def test_an_unlistable_directory_gets_an_error_record_naming_it(model, toy_root,
     recs = [json.loads(line) for line in out.splitlines()]
     assert rc == 1 and [r["image"] for r in recs] == [str(d / "a.jpg"), str(d / "locked")], out
     assert "cannot list directory (Permission denied)" in recs[1]["error"]
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(model, toy_root, monkeypatch, capsys):
+    import runtime.infer as infer
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(infer, "open_backend", interrupted)
+    image = sorted((toy_root / "val2014").iterdir())[0]
+    try:
+        rc, out, err = run(["--engine", model[0], image], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main (a traceback, exit 1)")
+    assert rc == 130 and "interrupted while loading" in err and out == "", err
