@@ -37,7 +37,7 @@ AMPERE_PLUS_MIN_CC = (8, 0)
 
 # Keys a manifest may lack (older manifests, written before they existed).
 OPTIONAL = ("hardware_compatible", "version_compatible", "created", "cuda_driver_version", "cuda_python_version",
-            "os", "arch", "val_metrics")
+            "os", "arch", "val_metrics", "input_dtype")
 
 
 def this_platform() -> tuple[str, str]:

@@ -42,13 +42,13 @@ def test_round_trip_beside_the_plan(tmp_path: Path) -> None:
 def test_optional_fields_default_when_absent(tmp_path: Path) -> None:
     d = _manifest().to_dict()
     for k in ("hardware_compatible", "version_compatible", "created", "os", "arch", "val_metrics",
-              "cuda_driver_version", "cuda_python_version"):
+              "cuda_driver_version", "cuda_python_version", "input_dtype"):
         del d[k]
     d["cuda_version"] = "12.6"                     # a manifest written before the fields were split
     (tmp_path / "m.plan.json").write_text(json.dumps(d))
     m = read_manifest(tmp_path / "m.plan")
-    assert (m.hardware_compatible, m.version_compatible, m.created, m.os, m.arch, m.val_metrics) == \
-        (False, False, "", "", "", None)
+    assert (m.hardware_compatible, m.version_compatible, m.created, m.os, m.arch, m.val_metrics, m.input_dtype) == \
+        (False, False, "", "", "", None, "float32")
     check_compatible(m, "10.13.3.9", "NVIDIA Jetson AGX Orin", "8.7", ("Linux", "x86_64"))   # unrecorded: not checked
 
 
