@@ -117,7 +117,7 @@ def open_instances(args: argparse.Namespace) -> list[ServeModel]:
             if backend.max_batch:                    # a TensorRT profile's limit
                 max_batch = min(max_batch, backend.max_batch)
             thresholds = None if args.threshold is None else np.full(backend.contract.labels.num_classes,
-                                                                      args.threshold, np.float32)
+                                                                      args.threshold, np.float64)
             models.append(ServeModel(backend, max_batch, threads, args.max_request_bytes, thresholds))
     except BaseException:
         for m in models:

@@ -31,19 +31,6 @@ from runtime.preprocess import ImageDecodeError, preprocess_into
 from runtime.report import select
 
 MAX_REQUEST_BYTES = 64 << 20       # per image in a request; --max-request-bytes
-DEFAULT_THRESHOLD = 0.5            # when the contract carries no per-class thresholds
-
-
-def contract_thresholds(backend: Backend) -> np.ndarray:
-    """(C,) decision thresholds: the contract's per-class `thresholds` when it has them, else 0.5."""
-    c = backend.contract.labels.num_classes
-    t = getattr(backend.contract, "thresholds", None)
-    if t is None:
-        return np.full(c, DEFAULT_THRESHOLD, dtype=np.float32)
-    t = np.asarray(t, dtype=np.float32).reshape(-1)
-    if t.shape != (c,):
-        raise ValueError(f"{backend.path}: contract has {t.size} thresholds for {c} labels")
-    return t
 
 
 def decode_item(name: str, data: object, row: np.ndarray, spec: PreprocessSpec, max_bytes: int) -> str | None:
@@ -75,7 +62,9 @@ class ServeModel:
         self.backend, self.max_batch, self.max_bytes = backend, int(max_batch), int(max_bytes)
         self.spec = backend.contract.preprocess
         self.labels = backend.contract.labels
-        self.thresholds = contract_thresholds(backend) if thresholds is None else np.asarray(thresholds, np.float32)
+        # (C,) float64, as probres-infer decides: the contract's thresholds (0.5 without them)
+        self.thresholds = np.asarray(backend.contract.decision_thresholds() if thresholds is None else thresholds,
+                                     dtype=np.float64)
         (self._buf,) = backend.allocate_inputs(self.max_batch, 1)    # (max_batch, 3, S, S) input_dtype
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-serve") if threads > 1 else None
         # Triton runs one batch at a time per instance; the lock keeps the one buffer safe even if not.
@@ -118,7 +107,7 @@ class ServeModel:
 
     def labels_json(self, probs: np.ndarray) -> bytes:
         """The labels passing the thresholds, most probable first, as probres-infer's JSONL writes them."""
-        keep = [i for i in select(probs, top_k=probs.size) if probs[i] >= self.thresholds[i]]
+        keep = select(probs, self.thresholds)
         return json.dumps([{"label": self.labels.names[i], "category_id": self.labels.category_ids[i],
                             "probability": round(float(probs[i]), 6)} for i in keep]).encode()
 
