@@ -69,9 +69,28 @@ def test_contract_thresholds_are_per_class_only_with_enough_positives():
     y[:60, 0] = 1
     y[:5, 1] = 1                                           # too few positives: takes the global threshold
     y[:30, 2] = 1
-    out = choose_thresholds(p, y, min_positives=20)
+    out = choose_thresholds(p, y, min_positives=20, rule="argmax")
     assert out["per_class"].tolist() == [True, False, True]
     assert out["thresholds"][1] == out["global"] == pytest.approx(of1_optimal_threshold(p, y)[0])
+    per, f_per = f1_optimal_thresholds(p, y)
+    assert out["thresholds"][[0, 2]] == pytest.approx(per[[0, 2]])
+    half = choose_thresholds(p, y, min_positives=20)             # default: F*/2
+    assert half["rule"] == "half-f1" and half["per_class"].tolist() == [True, False, True]
+    assert half["thresholds"][[0, 2]] == pytest.approx(f_per[[0, 2]] / 2)
+    assert half["thresholds"][1] == half["global"] == pytest.approx(of1_optimal_threshold(p, y)[1] / 2)
+
+
+def test_half_the_best_f1_is_the_f1_optimal_threshold_of_calibrated_probabilities():
+    # Labels drawn from the probabilities themselves (calibrated by construction), many of them:
+    # the held-out argmax cut and F*/2 must agree (Lipton et al. 2014), at several base rates.
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 2.5, (200_000, 3)) + np.array([-3.0, -1.0, 0.5])
+    p = 1 / (1 + np.exp(-z))
+    y = rng.random(p.shape) < p
+    per, f_per = f1_optimal_thresholds(p, y)
+    assert np.abs(per - f_per / 2).max() < 0.02                  # the F1 curve is flat near its top ...
+    for k in range(3):                                            # ... and F*/2 reaches the top of it
+        assert _f1_at(p[:, k], y[:, k], f_per[k] / 2) >= f_per[k] - 1e-3
 
 
 # --------------------------------------------------------------------------------------------- Platt
@@ -82,13 +101,43 @@ def test_platt_matches_sklearn_and_keeps_the_ranking():
     rng = np.random.default_rng(1)
     z = rng.normal(0, 2, (3000, 2))
     y = rng.random((3000, 2)) < 1 / (1 + np.exp(-(np.array([0.4, 2.5]) * z + np.array([-0.5, 1.0]))))
-    fit = fit_platt(z, y, min_positives=20)
+    fit = fit_platt(z, y, min_positives=20, prior=0.0)       # no prior: the plain ML fit per class
     for k in range(2):
         ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(z[:, k:k + 1], y[:, k])   # unpenalised ML logistic fit
         assert fit["a"][k] == pytest.approx(ref.coef_[0, 0], rel=1e-4)
         assert fit["c"][k] == pytest.approx(ref.intercept_[0], abs=1e-4)
     p = 1 / (1 + np.exp(-(fit["a"] * z + fit["c"])))
     assert np.array_equal(average_precision(p, y), average_precision(z, y))
+
+
+def test_tied_platt_is_the_pooled_logistic_fit_and_the_prior_shrinks_thin_classes_toward_it():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(4)
+    n = 4000
+    z = rng.normal(0, 2, (n, 3))
+    truth_a, truth_c = np.array([1.5, 0.6, 1.0]), np.array([-1.0, 0.5, 0.0])
+    y = (rng.random((n, 3)) < 1 / (1 + np.exp(-(truth_a * z + truth_c)))).astype(np.uint8)
+    fit = fit_platt(z, y, min_positives=20)
+    ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(z.reshape(-1, 1), y.reshape(-1))
+    assert fit["tied"][0] == pytest.approx(ref.coef_[0, 0], rel=1e-4)        # all labels pooled
+    assert fit["tied"][1] == pytest.approx(ref.intercept_[0], abs=1e-4)
+    # With 4000 images a prior worth 10 barely moves a class off its own ML fit ...
+    own = fit_platt(z, y, min_positives=20, prior=0.0)
+    assert np.abs(np.log(fit["a"]) - np.log(own["a"])).max() < 0.03
+    assert np.abs(fit["c"] - own["c"]).max() < 0.03
+    # ... with 30 images it holds the class much nearer the tied fit than its own ML fit is.
+    few = fit_platt(z[:30], y[:30], min_positives=1)
+    few_ml = fit_platt(z[:30], y[:30], min_positives=1, prior=0.0)
+    a0, c0 = few["tied"]
+    dist = lambda f: np.abs(np.log(f["a"]) - np.log(a0)) + np.abs(f["c"] - c0)   # noqa: E731
+    assert (dist(few) < 0.6 * dist(few_ml)).all()
+    # A class below min_positives takes the tied fit exactly.
+    y2 = y.copy()
+    y2[:, 1] = 0
+    y2[:5, 1] = 1
+    thin = fit_platt(z, y2, min_positives=20)
+    assert not thin["per_class"][1] and (thin["a"][1], thin["c"][1]) == thin["tied"]
 
 
 # -------------------------------------------------------------------------------------------- fold
