@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BackendError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                  # loading N instances can take minutes (a big plan, --compile)
+        print(f"{PROG}: interrupted while loading {args.engine}", file=sys.stderr)
+        return 130
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
     for name in ("pytriton", "pytriton.proxy"):        # PyTriton's per-request chatter
         logging.getLogger(name).setLevel(logging.WARNING)

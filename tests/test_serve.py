@@ -70,6 +70,32 @@ def test_serve_without_pytriton_or_with_bad_flags_exits_2_with_one_line(model, c
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "make serve-env" in err
 
+
+def test_ctrl_c_while_the_instances_load_exits_130_without_a_traceback(model, capsys, monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    import runtime.serve as serve
+
+    if importlib.util.find_spec("pytriton") is None:      # main imports PyTriton before loading: give it the two names
+        fake = types.ModuleType("pytriton.triton")
+        fake.Triton = fake.TritonConfig = object
+        monkeypatch.setitem(sys.modules, "pytriton", types.ModuleType("pytriton"))
+        monkeypatch.setitem(sys.modules, "pytriton.triton", fake)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(serve, "open_backend", interrupted)
+    free = free_ports(3)
+    try:
+        rc = serve.main(["--engine", str(model[0]), "--http-port", str(free[0]), "--grpc-port", str(free[1]),
+                         "--metrics-port", str(free[2])])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main (a traceback, exit 1)")
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted while loading" in err and err.count("\n") == 1, err
+
 # ------------------------------------------------------------------------------ the real server
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,8 @@ def calibrate(checkpoint: str | Path, coco_root: str | Path, out: str | Path | N
     ckpt = load_checkpoint(checkpoint)
     if "calibration" in ckpt.extra:
         raise CalibrationError(f"{checkpoint}: already calibrated; calibrate the uncalibrated checkpoint (best.pt)")
-    ids = read_holdout(Path(holdout) if holdout else checkpoint.parent / HOLDOUT_FILE)
+    holdout = Path(holdout) if holdout else checkpoint.parent / HOLDOUT_FILE
+    ids = read_holdout(holdout)
     keep_empty = bool(ckpt.config.get("keep_empty", False))
     labels, spec = ckpt.contract.labels, ckpt.contract.preprocess
     train = load_coco_split(coco_root, "train2014", keep_empty=keep_empty, labels=labels)
@@ -195,7 +196,7 @@ def calibrate(checkpoint: str | Path, coco_root: str | Path, out: str | Path | N
     model = ckpt.build()
     if LD.has_label_dependency(ckpt.state_dict):
         raise CalibrationError(f"{checkpoint}: already has a label-dependency head; calibrate the uncalibrated one")
-    log(f"calibrate: {len(held)} held-out images ({checkpoint.parent / HOLDOUT_FILE}), reporting on {len(val)} val images")
+    log(f"calibrate: {len(held)} held-out images ({holdout}), reporting on {len(val)} val images")
     zh, zv = logits(model, held, spec, device, batch_size), logits(model, val, spec, device, batch_size)
 
     dep = LD.fit(zh, yh) if label_dependency else None
