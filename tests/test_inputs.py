@@ -221,13 +221,21 @@ def test_ctrl_c_inside_a_write_keeps_only_whole_batches(tmp_path, append):
     assert os.listdir(tmp_path) == ["r.jsonl"]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default disposition. A suite started in the
+    background by a non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler: the child would never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_real_sigint_keeps_the_finished_batches(data, tmp_path):
     model, paths = data
     lst = tmp_path / "many.txt"
     lst.write_text("".join(f"{paths[i % len(paths)]}\n" for i in range(20000)))    # far more than 1 s of work
     out = tmp_path / "r.jsonl"
     p = subprocess.Popen([EXE, "--engine", str(model), "--from-list", str(lst), "--output", str(out),
-                          "--batch-size", "4", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+                          "--batch-size", "4", "--threads", "1"], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_default_sigint)
     deadline = time.time() + 60
     while time.time() < deadline:
         tmps = list(tmp_path.glob(".r.jsonl.*.tmp"))
