@@ -25,7 +25,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
     """Markdown table of (name, val figures) rows."""
     lines = ["| model | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for name, fig in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{fig[k]:.4f}" for k, _ in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join("n/a" if fig[k] != fig[k] else f"{fig[k]:.4f}" for k, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
           f"absent-partner cases {base['val_after']['absent_partner_cases']}")
     print(table(rows))
     if args.json:
-        from runtime.fileio import atomic_write_text
-        atomic_write_text(args.json, json.dumps({"rows": [{"model": n, **f} for n, f in rows]}, indent=1) + "\n")
+        from runtime.fileio import atomic_write_text, strict_json
+        atomic_write_text(args.json, strict_json({"rows": [{"model": n, **f} for n, f in rows]}, indent=1) + "\n")
     return 0
 
 

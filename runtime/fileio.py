@@ -1,4 +1,4 @@
-"""Small file helpers shared by every layer: atomic writes and hashing.
+"""Small file helpers shared by every layer: atomic writes, strict JSON and hashing.
 
     python -c "from runtime.fileio import sha256_file; print(sha256_file('model.onnx'))"
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -50,6 +52,23 @@ def _commit(f: IO, tmp: str, path: Path) -> None:
     f.flush()
     os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def strict_json(obj: object, **kwargs) -> str:
+    """json.dumps with every non-finite float (NaN, inf: a metric with no cases) written as null.
+
+    Python writes NaN as a bare `NaN`, which is not JSON: jq, JavaScript and most other readers refuse the file.
+    """
+    def clean(o: object) -> object:
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

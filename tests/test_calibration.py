@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from runtime.contract import ContractError, LabelSet, ModelContract, PreprocessSpec
+from runtime.fileio import strict_json
 from runtime.metrics import (average_precision, brier_score, calibration_error, f1_optimal_thresholds,
                              multilabel_metrics, of1_optimal_threshold)
 from train import label_dependency as LD
@@ -273,6 +274,13 @@ def test_calibrate_cli_writes_the_calibrated_checkpoint_and_its_pictures(tmp_pat
     assert main(args) == 0
     ck = load_checkpoint(run / "best_calibrated.pt")
     rec = ck.extra["calibration"]
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    # Strict JSON (no NaN/Infinity: jq and JavaScript refuse them), with the checkpoint's record.
+    saved = json.loads((run / "best_calibrated.calibration.json").read_text(), parse_constant=refuse)
+    assert saved["thresholds"] == rec["thresholds"] and saved["a"] == rec["a"] and saved["val_after"]["mAP"] == rec["val_after"]["mAP"]
+    assert json.loads(strict_json({"p": float("nan"), "q": [1.5, float("inf")]}), parse_constant=refuse) == {"p": None, "q": [1.5, None]}
     assert ck.contract.thresholds is not None and list(ck.contract.thresholds) == rec["thresholds"]
     assert rec["fold_max_abs_dprob_heldout"] <= 1e-6 and min(rec["a"]) > 0
     assert abs(rec["val_after"]["mAP"] - rec["val_before"]["mAP"]) <= 1e-4       # a_k > 0: ranking kept

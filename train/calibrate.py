@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from runtime.coco import CocoDataError, CocoSplit, load_coco_split
-from runtime.fileio import atomic_write_text
+from runtime.fileio import atomic_write_text, strict_json
 from runtime.preprocess import ImageDecodeError
 from runtime.metrics import (calibration_error, calibration_error_floor, f1_optimal_thresholds, multilabel_metrics,
                              of1_optimal_threshold)
@@ -237,7 +237,7 @@ def calibrate(checkpoint: str | Path, coco_root: str | Path, out: str | Path | N
                                     {k: v for k, v in after.items() if k not in ("AP", "ECE_per_class")},
                                     ckpt.weights, {"calibration": record, "calibrated_from": str(checkpoint)}))
     stem = out.with_suffix("")
-    atomic_write_text(f"{stem}.calibration.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_text(f"{stem}.calibration.json", strict_json(record, indent=1) + "\n")   # no case: null
     atomic_write_text(out.parent / "cooccurrence.json", json.dumps(
         {"labels": list(labels.names), "P_j_given_i": cond.tolist(), "images": int(len(train_part))}) + "\n")
     plots.reliability_diagram(f"{stem}_reliability.png", [("held-out, before", ph_before, yh),
