@@ -237,7 +237,8 @@ def train_one_epoch(ctx: StepContext, loader: DataLoader, epoch: int, epochs: in
         prog.compute_s += now - t1
         bar.update(1)
         if bar.n % 5 == 0 or bar.n == len(loader):
-            bar.set_postfix(loss=f"{prog.loss_sum / max(prog.steps - len(losses), 1):.4f}",
+            synced = prog.steps - len(losses)       # steps whose loss has reached the host (0: show none yet)
+            bar.set_postfix(loss=f"{prog.loss_sum / synced:.4f}" if synced else "-",
                             img_s=f"{images.shape[0] * info.world_size / max(now - t_last, 1e-9):.1f}")
         t_last = now
         if on_step is not None:
