@@ -2,7 +2,7 @@
 
     python -m benchmarks.latency --engine best.pt [--engine model.onnx --engine model_fp16.onnx
         --engine model.plan] [--batch-sizes 1,8,32] [--iters N] [--device auto|cpu|cuda] [--threads T]
-        [--json OUT] [--plot OUT.png] [--coco-root DIR [--coco-limit N]] [--e2e-count N] [--formats A,B]
+        [--json OUT] [--plot OUT.png] [--coco-root DIR [--coco-limit N]] [--e2e-count N] [--e2e-rounds R] [--formats A,B]
 
 Rows, one per backend + options the given files allow (the others listed "unavailable: why"),
 each opened with runtime.backends.open_backend exactly as probres-infer opens it (the row's
@@ -18,7 +18,9 @@ batch on the host clock (host->device->host included, as probres-infer pays it),
 images/s = the steady state of submit(k+1) before wait(k) over two buffers, the overlap the
 pipeline uses. End to end: runtime.pipeline.classify, probres-infer's own loop (decode +
 preprocess into the backend's buffers, submit/wait), over --e2e-count photo files re-read from
-disk, at the largest batch size, timed after one warm-up pass over the same batch shapes.
+disk, at the largest batch size, timed after one warm-up pass over the same batch shapes; its
+ratio to engine only comes from --e2e-rounds alternating pairs (engine pass, end-to-end pass),
+median over median, so that load from other processes falls on both alike.
 Decode workers and CPU inference share --threads, as in probres-infer. FP16 rows also report
 their max/mean |p - p_fp32| against the FP32 row of the same family on the photo set.
 --coco-root adds mAP on the first --coco-limit val2014 images (runtime.coco, runtime.metrics).
@@ -41,7 +43,8 @@ import numpy as np
 from benchmarks.images import build_image_set, list_images
 from benchmarks.preprocess import machine_info
 from runtime.backends import OPTION_FLAGS, BackendError, open_backend
-from runtime.fileio import atomic_write_bytes, atomic_write_text
+from benchmarks.latency_report import format_table, plot, row_line
+from runtime.fileio import atomic_write_text
 from runtime.infer import default_threads
 from runtime.pipeline import classify
 from runtime.preprocess import preprocess
@@ -131,13 +134,8 @@ def _ms(fn: Any, iters: int) -> list[float]:
     return out
 
 
-def time_engine(backend: Any, bufs: list[np.ndarray], n: int, iters: int, warmup: int) -> dict[str, Any]:
-    """Batch-n latency of infer() and the overlapped (submit k+1, wait k) rate over two own buffers."""
-    a, b = bufs[0][:n], bufs[1][:n]
-    for _ in range(warmup):
-        backend.infer(a)
-        backend.infer(b)
-    ms = np.asarray(_ms(lambda: backend.infer(a), iters))
+def overlapped_rate(backend: Any, a: np.ndarray, b: np.ndarray, iters: int) -> float:
+    """Images/s of submit(k+1) before wait(k) over two of the backend's own buffers, iters + 1 batches."""
     t0 = time.perf_counter()
     pending = backend.submit(a)
     for k in range(1, iters + 1):
@@ -145,21 +143,51 @@ def time_engine(backend: Any, bufs: list[np.ndarray], n: int, iters: int, warmup
         pending.wait()
         pending = nxt
     pending.wait()
-    rate = n * (iters + 1) / (time.perf_counter() - t0)
+    return len(a) * (iters + 1) / (time.perf_counter() - t0)
+
+
+def time_engine(backend: Any, bufs: list[np.ndarray], n: int, iters: int, warmup: int) -> dict[str, Any]:
+    """Batch-n latency of infer() and the overlapped (submit k+1, wait k) rate over two own buffers."""
+    a, b = bufs[0][:n], bufs[1][:n]
+    for _ in range(warmup):
+        backend.infer(a)
+        backend.infer(b)
+    ms = np.asarray(_ms(lambda: backend.infer(a), iters))
+    rate = overlapped_rate(backend, a, b, iters)
     return {"batch": n, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "images_per_s": float(rate),
             "latency_images_per_s": float(n / np.median(ms) * 1e3), "iters": len(ms)}
 
 
-def e2e_images_per_s(backend: Any, paths: list[Path], batch: int, threads: int) -> float:
+def e2e_images_per_s(backend: Any, paths: list[Path], batch: int, threads: int, warm: bool = True) -> float:
     """probres-infer's loop (runtime.pipeline.classify) over `paths`, after one untimed pass of the same shapes."""
     strs = [str(p) for p in paths]
-    for _ in classify(backend, strs[:batch] + strs[:len(strs) % batch], batch, threads):
-        pass                                                    # warm-up: every batch shape of the timed run
+    if warm:
+        for _ in classify(backend, strs[:batch] + strs[:len(strs) % batch], batch, threads):
+            pass                                                # warm-up: every batch shape of the timed run
     t0, n = time.perf_counter(), 0
     for b, _probs in classify(backend, strs, batch, threads):
         n += len(b.paths)
     return n / (time.perf_counter() - t0)
+
+
+def e2e_vs_engine(backend: Any, bufs: list[np.ndarray], paths: list[Path], batch: int, threads: int,
+                  iters: int, rounds: int) -> dict[str, Any]:
+    """End to end against engine only at `batch`, in `rounds` alternating pairs (engine pass, e2e pass).
+
+    Taking turns, as benchmarks.preprocess's pipelines do, lets load from other processes hit both
+    alike; the ratio is of the two medians, and each round's own ratio is kept beside it.
+    """
+    a, b = bufs[0][:batch], bufs[1][:batch]
+    e2e_images_per_s(backend, paths, batch, threads)             # warm-up pass of every batch shape
+    engine, e2e = [], []
+    for _ in range(rounds):
+        engine.append(overlapped_rate(backend, a, b, iters))
+        e2e.append(e2e_images_per_s(backend, paths, batch, threads, warm=False))
+    return {"e2e_images_per_s": float(np.median(e2e)), "e2e_engine_images_per_s": float(np.median(engine)),
+            "e2e_over_engine": float(np.median(e2e) / np.median(engine)),
+            "e2e_over_engine_rounds": [round(x / y, 4) for x, y in zip(e2e, engine)],
+            "e2e_images": len(paths), "e2e_threads": threads, "e2e_rounds": rounds}
 
 
 def coco_map(backend: Any, root: str, limit: int, batch: int, threads: int) -> float:
@@ -230,11 +258,8 @@ def run_rows(rows: list[dict], args: argparse.Namespace, photos: list[Path]) -> 
             res.update(batch=best["batch"], ms_per_image=best["p50_ms"] / best["batch"], images_per_s=best["images_per_s"])
             if e2e_count > max(batches):
                 paths = [photos[i % len(photos)] for i in range(e2e_count)]   # re-read and re-decoded each time
-                threads = args.threads or default_threads()
-                res["e2e_images_per_s"] = e2e_images_per_s(backend, paths, max(batches), threads)
-                res["e2e_images"], res["e2e_threads"] = e2e_count, threads
-                engine = next(q for q in per if q["batch"] == max(batches))["images_per_s"]
-                res["e2e_over_engine"] = res["e2e_images_per_s"] / engine
+                res.update(e2e_vs_engine(backend, bufs, paths, max(batches), args.threads or default_threads(),
+                                         iters, args.e2e_rounds))
             if args.coco_root:
                 res["mAP"] = coco_map(backend, args.coco_root, args.coco_limit, max(batches),
                                       args.threads or default_threads())
@@ -244,7 +269,7 @@ def run_rows(rows: list[dict], args: argparse.Namespace, photos: list[Path]) -> 
         finally:
             backend.close()
         results.append(res)
-        print(_row_line(res), file=sys.stderr, flush=True)
+        print(row_line(res), file=sys.stderr, flush=True)
     return results
 
 
@@ -308,68 +333,6 @@ def versions() -> dict[str, Any]:
     return v
 
 
-def _row_line(r: dict) -> str:
-    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-    return (f"{r['format'][:44]:<44} {r['status'][:60]:<60} {f(r.get('size_mb'), '8.1f'):>8} {f(r.get('mAP'), '6.4f'):>6} "
-            f"{f(r.get('ms_per_image'), '9.3f'):>9} {f(r.get('images_per_s'), '9.1f'):>9} {f(r.get('batch'), 'd'):>5} "
-            f"{r['precision']:>5} {r['device']:>5}")
-
-
-def format_table(res: dict) -> str:
-    head = (f"{'format':<44} {'status':<60} {'size MB':>8} {'mAP':>6} {'ms/image':>9} {'images/s':>9} {'batch':>5} "
-            f"{'prec':>5} {'dev':>5}")
-    lines = [head] + [_row_line(r) for r in res["rows"]]
-    lines.append("")
-    lines.append(f"{'format':<44} {'prec':>5} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'images/s':>9}")
-    for r in res["rows"]:
-        for q in r.get("latency", []):
-            lines.append(f"{r['format'][:44]:<44} {r['precision']:>5} {q['batch']:>5} {q['p50_ms']:>9.2f} {q['p90_ms']:>9.2f} "
-                         f"{q['p99_ms']:>9.2f} {q['images_per_s']:>9.1f}")
-    for r in res["rows"]:
-        extra = []
-        if "prob_diff_vs_fp32" in r:
-            extra.append(f"max|p-p_fp32| {r['prob_diff_vs_fp32']['max']:.2e} mean {r['prob_diff_vs_fp32']['mean']:.2e}")
-        if "prob_diff_vs_pytorch_fp32" in r:
-            extra.append(f"max|p-p_pytorch| {r['prob_diff_vs_pytorch_fp32']:.2e}")
-        if "e2e_images_per_s" in r:
-            extra.append(f"end-to-end {r['e2e_images_per_s']:.1f} images/s = {r['e2e_over_engine']:.3f}x engine-only "
-                         f"at batch {max(q['batch'] for q in r['latency'])} ({r['e2e_threads']} threads shared by "
-                         f"decode and inference)")
-        if extra:
-            lines.append(f"{r['format']} {r['precision']}: " + "; ".join(extra))
-    v = res["versions"]
-    lines.append("versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k] is not None and k != "onnxruntime_providers"))
-    return "\n".join(lines)
-
-
-def plot(res: dict, out: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in res["rows"]:
-        lat = r.get("latency")
-        if not lat:
-            continue
-        bs = [q["batch"] for q in lat]
-        label = f"{r['format']} {r['precision']} ({r['device']})"
-        a.plot(bs, [q["p50_ms"] for q in lat], "o-", label=label)
-        b.plot(bs, [q["images_per_s"] for q in lat], "o-", label=label)
-    for ax, yl in ((a, "p50 latency per batch (ms)"), (b, "images/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(yl)
-        ax.grid(True, which="both", alpha=0.3)
-    a.legend(fontsize=7)
-    fig.suptitle(f"probres latency vs batch ({res['versions'].get('gpu') or res['machine']['cpu']})", fontsize=10)
-    fig.tight_layout()
-    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
-        fig.savefig(tmp.name, dpi=110)
-        atomic_write_bytes(out, Path(tmp.name).read_bytes())
-    plt.close(fig)
-
-
 def _ints(text: str) -> list[int]:
     vals = [int(v) for v in text.split(",") if v.strip()]
     if not vals or min(vals) < 1:
@@ -387,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime / torch (default: all)")
     ap.add_argument("--images", help="photos for the input batch / e2e (default: the COCO-like set)")
     ap.add_argument("--e2e-count", type=int, default=64, help="images for the end-to-end run (<= max batch: skip)")
+    ap.add_argument("--e2e-rounds", type=int, default=3, help="alternating engine-only / end-to-end passes (median)")
     ap.add_argument("--cpu-batch-sizes", default=None, help="batch sizes for CPU rows (default: --batch-sizes)")
     ap.add_argument("--cpu-iters", type=int, default=None, help="iterations for CPU rows (default: --iters)")
     ap.add_argument("--cpu-e2e-count", type=int, default=None, help="end-to-end images for CPU rows (default: --e2e-count)")
@@ -412,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         if not e.endswith((".pt", ".onnx", ".plan", ".engine")):
             print(f"--engine {e}: expected a .pt, .onnx or .plan file", file=sys.stderr)
             return 2
-    if args.iters < 1 or args.e2e_count < 0:
-        print("--iters must be >= 1 and --e2e-count >= 0", file=sys.stderr)
+    if args.iters < 1 or args.e2e_count < 0 or args.e2e_rounds < 1:
+        print("--iters and --e2e-rounds must be >= 1 and --e2e-count >= 0", file=sys.stderr)
         return 2
     if args.device == "cuda" and not _torch_cuda():
         print("--device cuda: no CUDA device visible to torch here", file=sys.stderr)

@@ -65,7 +65,8 @@ def test_latency_benchmark_rows_table_json_and_plot(tmp_path, toy_checkpoint, ca
     model = _tiny_onnx(tmp_path / "tiny.onnx")
     out, png = tmp_path / "lat.json", tmp_path / "lat.png"
     rc = latency.main(["--engine", str(toy_checkpoint), "--engine", str(model), "--device", "cpu", "--batch-sizes", "1,2",
-                       "--iters", "2", "--warmup", "1", "--e2e-count", "5", "--json", str(out), "--plot", str(png)])
+                       "--iters", "2", "--warmup", "1", "--e2e-count", "5", "--e2e-rounds", "2", "--json", str(out),
+                       "--plot", str(png)])
     assert rc == 0
     res = json.loads(out.read_text())
     rows = {(r["format"], r["precision"]): r for r in res["rows"]}
@@ -74,6 +75,9 @@ def test_latency_benchmark_rows_table_json_and_plot(tmp_path, toy_checkpoint, ca
         assert r["status"] == "ok" and [q["batch"] for q in r["latency"]] == [1, 2]
         assert all(q["p50_ms"] <= q["p90_ms"] <= q["p99_ms"] for q in r["latency"])
         assert r["e2e_images_per_s"] > 0 and r["size_mb"] is not None and r["e2e_over_engine"] > 0
+        # the ratio is median over median of alternating rounds, each round's own ratio kept
+        assert r["e2e_rounds"] == 2 and len(r["e2e_over_engine_rounds"]) == 2
+        assert r["e2e_over_engine"] == pytest.approx(r["e2e_images_per_s"] / r["e2e_engine_images_per_s"])
         assert r["command"].startswith(f"probres-infer --engine {r['path']} --device cpu")
     assert "prob_diff_vs_pytorch_fp32" not in ort          # other labels: not the same model, not compared
     # what cannot run here is listed with the reason, never timed
