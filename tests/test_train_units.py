@@ -184,3 +184,42 @@ def test_cli_arch_list_matches_the_model() -> None:
     from train.model import ARCHS
 
     assert CLI_ARCHS == ARCHS
+
+
+class _Dataset:
+    """Just what drop_bad_images asks of a CocoDataset: the path and the decode error of image i."""
+
+    split = type("Split", (), {"image_paths": [f"/data/train2014/img{i}.jpg" for i in range(12)]})()
+
+    def bad_image_message(self, i: int) -> str:
+        return f"{self.split.image_paths[i]}: not a decodable image"
+
+
+class _Loader(list):
+    dataset = _Dataset()
+
+
+def _batch(first: int, bad: set[int]) -> tuple:
+    """A loader batch of 4: images first..first+3, the ones in `bad` marked undecodable (index -1 - i)."""
+    index = torch.tensor([-1 - i if i in bad else i for i in range(first, first + 4)])
+    return torch.rand(4, 3, 16, 16), (torch.rand(4, 3) > 0.5).float(), index
+
+
+def test_a_wholly_unreadable_batch_is_skipped_alone_and_resume_starts_after_it() -> None:
+    from train.distributed import DistInfo
+    from train.engine import BadImageError, EpochProgress, drop_bad_images, train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(model, BCELoss(), opt, None, None, None, torch.device("cpu"), None, skip_bad_images=True)
+    loader = _Loader([_batch(0, set()), _batch(4, {4, 5, 6, 7}), _batch(8, {9})])
+    prog = train_one_epoch(ctx, loader, 1, 1, DistInfo(), EpochProgress(), progress_bar=False)
+    # Two optimizer steps, but three batches taken: a resume must start after the third (the sampler
+    # offset is batches x batch size), not re-train the one after the skipped batch.
+    assert (prog.steps, prog.batches, prog.skipped) == (2, 3, 5)
+    # With several processes the others would wait in the all-reduce of the step this one leaves out.
+    with pytest.raises(BadImageError, match=r"img4\.jpg.*every image of this process's batch of 4.*2 processes"):
+        drop_bad_images(_batch(4, {4, 5, 6, 7}), _Dataset(), True, None, processes=2)
+    images, _, index = drop_bad_images(_batch(8, {9}), _Dataset(), True, None, processes=2)   # partly bad: fine
+    assert index.tolist() == [8, 10, 11] and len(images) == 3

@@ -158,8 +158,13 @@ def to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
     return images.contiguous(memory_format=torch.channels_last), targets.to(device, non_blocking=True)
 
 
-def drop_bad_images(batch: tuple, dataset: CocoDataset, skip: bool, prog: "EpochProgress | None" = None) -> tuple:
-    """Remove the rows whose image did not decode (index < 0), or raise BadImageError naming the file."""
+def drop_bad_images(batch: tuple, dataset: CocoDataset, skip: bool, prog: "EpochProgress | None" = None,
+                    processes: int = 1) -> tuple:
+    """Remove the rows whose image did not decode (index < 0), or raise BadImageError naming the file.
+
+    With several processes a batch whose every image failed cannot be skipped: this process would
+    leave out an optimizer step whose gradient all-reduce the others wait in (a hang, not an error).
+    """
     images, targets, index = batch
     bad = index < 0
     if not bool(bad.any()):
@@ -167,6 +172,10 @@ def drop_bad_images(batch: tuple, dataset: CocoDataset, skip: bool, prog: "Epoch
     first = int(-1 - index[bad][0])
     if not skip:
         raise BadImageError(f"{dataset.bad_image_message(first)} (pass --skip-bad-images to skip and count such files)")
+    if processes > 1 and bool(bad.all()):
+        raise BadImageError(f"{dataset.bad_image_message(first)}: every image of this process's batch of {len(index)} "
+                            f"failed, which --skip-bad-images cannot skip with {processes} processes (the others would "
+                            f"wait for its step); remove or fix the files")
     if prog is not None:
         prog.skipped += int(bad.sum())
         prog.skipped_paths = (prog.skipped_paths + [str(dataset.split.image_paths[int(-1 - i)]) for i in index[bad]])[:20]
@@ -199,6 +208,7 @@ class EpochProgress:
     """Running totals of the current epoch (saved in last.pt so a mid-epoch resume keeps them)."""
 
     steps: int = 0
+    batches: int = 0                          # loader batches taken, skipped ones too: where a resume restarts
     loss_sum: float = 0.0
     images: int = 0
     data_wait_s: float = 0.0
@@ -219,9 +229,10 @@ def train_one_epoch(ctx: StepContext, loader: DataLoader, epoch: int, epochs: in
     while True:
         t0 = time.perf_counter()
         try:
-            images, targets, _ = drop_bad_images(next(it), loader.dataset, ctx.skip_bad_images, prog)
+            images, targets, _ = drop_bad_images(next(it), loader.dataset, ctx.skip_bad_images, prog, info.world_size)
         except StopIteration:
             break
+        prog.batches += 1
         t1 = time.perf_counter()
         if images.shape[0] == 0:     # every image of the batch was unreadable (and skipped)
             continue

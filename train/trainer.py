@@ -205,7 +205,8 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
             scaler.load_state_dict(x["scaler"])
         ema.load_state_dict(x["ema"])
         history, best = list(x["history"]), dict(x["best"])
-        start_epoch, prog = ckpt.epoch, EpochProgress(**x["progress"])
+        # A last.pt from before `batches` existed: its steps were its batches unless one was skipped.
+        start_epoch, prog = ckpt.epoch, EpochProgress(**({"batches": x["progress"]["steps"]} | x["progress"]))
         if info.is_main:
             set_rng_state(x["rng"])
         else:   # only rank 0's generator state is saved; other ranks get a fresh, distinct stream
@@ -258,7 +259,7 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
-        train_loader.sampler.set_start(prog.steps * cfg["batch_size"])
+        train_loader.sampler.set_start(prog.batches * cfg["batch_size"])   # past every batch taken, skipped too
         train_one_epoch(ctx, train_loader, epoch + 1, cfg["epochs"], info, prog,
                         on_step if cfg["save_every"] else None, cfg["progress"])
         train_loader.sampler.set_start(0)
