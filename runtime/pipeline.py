@@ -6,9 +6,10 @@ print(sum(len(b.paths) for b in iter_batches(iter_image_paths(['imgs']), Preproc
 One batching engine (`fill_rows`) writes images into the rows of a batch buffer, one task per
 worker, each taking the next image (cv2 decode and the C kernel release the GIL, so workers use
 every core). `runtime.preprocess.preprocess()` is a single call of it; `iter_batches` streams:
-a producer thread takes the input paths batch_size at a time, keeping two batches in flight so
-the workers never idle at a batch boundary, and finished batches wait in a queue of `prefetch`
-slots while the caller runs inference. The buffers come from `allocate` (a backend's
+a producer thread takes the input paths batch_size at a time from a reader thread
+(`runtime.chunks`: a pause in the input, as on stdin, closes a partial batch instead of holding
+back the images before it), keeping two batches in flight so the workers never idle at a batch
+boundary, and finished batches wait in a queue of `prefetch` slots while the caller runs inference. The buffers come from `allocate` (a backend's
 `allocate_inputs`: its input dtype, pinned memory on a GPU), once per run, sized
 min(batch_size, inputs) by reading at most one batch of paths ahead, and recycled: memory is
 fixed by batch_size x (IN_FLIGHT + prefetch + hold), never by the number of images.
@@ -28,11 +29,11 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from runtime.chunks import Chunks
 from runtime.contract import PreprocessSpec
 from runtime.headers import check_header, header_size  # noqa: F401  (header_size: part of this module's API)
 from runtime.preprocess import (OUT_DTYPES, STREAM_BYTES, ImageDecodeError, ImageSource,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff"})
 MAX_FILE_BYTES = 256 << 20     # no camera image is this big; refuse before reading it into memory
 IN_FLIGHT = 2                  # batches being decoded at once
+FIRST_LINGER_S = 1.0           # a pause before the first batch is full: take it (later ones: chunks.LINGER_S)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -247,16 +249,27 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
     """
     if batch_size < 1 or threads < 1 or prefetch < 1 or hold < 1:
         raise ValueError("batch_size, threads, prefetch and hold must be >= 1")
-    source = iter(paths)
-    first = list(islice(source, batch_size))         # the peek: at most one batch of paths
+    chunks = Chunks(paths, batch_size)
+    try:
+        # The peek: at most one batch of paths (a pause in the input closes it only after FIRST_LINGER_S,
+        # so that a short list is always seen whole, whatever the scheduling).
+        first = chunks.next(linger=FIRST_LINGER_S)
+    except BaseException:
+        chunks.close()
+        raise
     if not first:
         return
-    # One short batch is the whole input: one buffer of its size (--batch-size 100000 on one image
-    # allocates one image, not 56 GiB).
-    count = 1 if len(first) < batch_size else IN_FLIGHT + prefetch + hold
+    # A first batch that is the whole input gets one buffer of its size (--batch-size 100000 on one
+    # image allocates one image, not 56 GiB).
+    whole = chunks.ended()
+    rows, count = (len(first), 1) if whole else (batch_size, IN_FLIGHT + prefetch + hold)
     free: queue.Queue = queue.Queue()
-    for b in _allocate(allocate or numpy_buffers(spec), len(first), count, spec):
-        free.put(b)
+    try:
+        for b in _allocate(allocate or numpy_buffers(spec), rows, count, spec):
+            free.put(b)
+    except BaseException:
+        chunks.close()
+        raise
     ready: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-decode")
@@ -277,9 +290,13 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
             start, more, chunk = 0, True, first
             while not stop.is_set():
                 while more and len(inflight) < IN_FLIGHT:
-                    chunk = chunk or list(islice(source, batch_size))
-                    if not chunk:
+                    # With a batch in flight, only take paths already there: a paused input must not
+                    # hold back the batch decoded before it.
+                    chunk = chunk or chunks.next(block=not inflight, stop=stop.is_set)
+                    if chunk is None:
                         more = False
+                        break
+                    if not chunk:
                         break
                     buf = wait(free.get)
                     if buf is None:
@@ -317,6 +334,7 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
             yield batch
     finally:
         stop.set()
+        chunks.close()
         producer.join()
         pool.shutdown(wait=True, cancel_futures=True)
 
