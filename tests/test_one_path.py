@@ -20,6 +20,7 @@ from runtime import infer
 from runtime.backends import BackendError, open_backend
 from runtime.backends.onnxrt import OnnxRuntimeBackend
 from runtime.backends.base import Pending
+from runtime.chunks import READ_AHEAD
 from runtime.pipeline import IN_FLIGHT, classify, iter_batches, numpy_buffers
 from runtime.preprocess import preprocess, preprocess_one
 from tests.test_pipeline_memory import CONTRACT, S, write_images
@@ -130,8 +131,8 @@ def test_the_spy_refuses_a_foreign_array(tmp_path):
     assert be.infer(buf[:1]).shape == (1, 3)
 
 
-def test_buffers_are_sized_by_the_input_and_paths_are_peeked_one_batch_ahead(tmp_path):
-    paths = write_images(tmp_path / "imgs", 9, size=40)
+def test_buffers_are_sized_by_the_input_and_paths_are_read_a_few_batches_ahead(tmp_path):
+    paths = write_images(tmp_path / "imgs", 9, size=40) * 4                     # 36 paths
     calls, consumed = [], []
 
     def source():
@@ -147,8 +148,10 @@ def test_buffers_are_sized_by_the_input_and_paths_are_peeked_one_batch_ahead(tmp
     (b,) = list(iter_batches(paths[:1], CONTRACT.preprocess, batch_size=100000, allocate=allocate))
     assert calls[-1][:2] == (1, 1) and b.data.shape == (1, 3, S, S)
     got = [b for b in iter_batches(source(), CONTRACT.preprocess, batch_size=4, threads=2, allocate=allocate, hold=2)]
-    assert calls[-1] == (4, IN_FLIGHT + 1 + 2, 4)                           # allocated after reading 4 paths, not 9
-    assert [len(b.paths) for b in got] == [4, 4, 1]
+    # allocated once the first 4 paths are in, while the reader is at most READ_AHEAD + 1 batches ahead, not 36
+    rows, count, read = calls[-1]
+    assert (rows, count) == (4, IN_FLIGHT + 1 + 2) and 4 <= read <= (READ_AHEAD + 1) * 4 + 1
+    assert [len(b.paths) for b in got] == [4] * 9
 
 
 def test_probres_infer_batch_size_larger_than_the_input_runs(tmp_path, capsys):
