@@ -11,6 +11,7 @@ each opened with runtime.backends.open_backend exactly as probres-infer opens it
          --precision fp16 --cuda-graph, --precision fp16 --compile (Inductor, minutes to compile)
   .onnx  onnxruntime --provider cpu; on CUDA also --provider cuda and --provider tensorrt
          (IO binding), at the graph's precision and input dtype (FP16 input for FP16 exports)
+         and openvino (--backend openvino, its CPU plugin) where installed
   .plan  tensorrt
 Engine only: the photo set (benchmarks.images, tiled) preprocessed once into the backend's own
 buffers (allocate_inputs: its input dtype, pinned on a GPU); latency = one infer() call of a
@@ -101,6 +102,10 @@ def plan_rows(engines: list[str], device: str) -> list[dict]:
             fmt = {"cpu": "CPU", "cuda": "CUDA", "tensorrt": "TensorRT"}[prov]
             rows.append(dict(format=f"ONNX Runtime {fmt}", path=p, precision=onnx_precision(p),
                              device="cpu" if prov == "cpu" else "cuda", family="onnx", options={"provider": prov}))
+    ov_why = None if importlib.util.find_spec("openvino") is not None else "openvino is not installed (pip install '.[openvino]')"
+    for p in onnxs:                                   # probres-infer --backend openvino: its CPU plugin
+        rows.append(dict(format="OpenVINO CPU", path=p, precision=onnx_precision(p), device="cpu", family="openvino",
+                         backend="openvino", options={}, why=ov_why))
     for prec in ("fp32", "fp16"):
         if not any(onnx_precision(p) == prec for p in onnxs):
             rows.append(dict(format="ONNX Runtime", path=None, precision=prec, device=dev, family="onnx", options={},
@@ -221,9 +226,10 @@ def run_rows(rows: list[dict], args: argparse.Namespace, photos: list[Path]) -> 
         cpu = r["device"] == "cpu"                       # CPU rows may get a lighter schedule on a GPU machine
         batches, iters = (args.cpu_batch_sizes, args.cpu_iters) if cpu else (args.batch_sizes, args.iters)
         e2e_count = args.cpu_e2e_count if cpu else args.e2e_count
-        res["command"] = command_line(r["path"], r["device"], None, r["options"], args.threads, max(batches))
+        res["command"] = command_line(r["path"], r["device"], r.get("backend"), r["options"], args.threads, max(batches))
         try:
-            backend = open_backend(r["path"], device=r["device"], threads=args.threads, **r["options"])
+            backend = open_backend(r["path"], device=r["device"], threads=args.threads, backend=r.get("backend"),
+                                   **r["options"])
         except BackendError as e:
             res["status"] = f"unavailable: {e}"
             results.append(res)

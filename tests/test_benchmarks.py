@@ -80,6 +80,9 @@ def test_latency_benchmark_rows_table_json_and_plot(tmp_path, toy_checkpoint, ca
         assert r["e2e_over_engine"] == pytest.approx(r["e2e_images_per_s"] / r["e2e_engine_images_per_s"])
         assert r["command"].startswith(f"probres-infer --engine {r['path']} --device cpu")
     assert "prob_diff_vs_pytorch_fp32" not in ort          # other labels: not the same model, not compared
+    ov = rows[("OpenVINO CPU", "fp32")]                     # a shipped backend: its row too
+    assert ov["status"] == "ok" and ov["backend"].startswith("openvino") and "--backend openvino" in ov["command"]
+    assert ov["e2e_over_engine"] > 0 and [q["batch"] for q in ov["latency"]] == [1, 2]
     # what cannot run here is listed with the reason, never timed
     for key in [("PyTorch eager channels_last", "fp16"), ("PyTorch CUDA graph channels_last", "fp16"), ("ONNX Runtime", "fp16"),
                 ("TensorRT", "fp16")]:
@@ -93,17 +96,19 @@ def test_rows_are_probres_infer_command_lines(tmp_path, toy_checkpoint, capsys):
     from runtime import infer
     model = _tiny_onnx(tmp_path / "t.onnx", size=16)
     rows = {r["format"]: r for r in latency.plan_rows([str(toy_checkpoint), str(model)], "cpu") if not r.get("why")}
-    assert set(rows) == {"PyTorch eager", "ONNX Runtime CPU"}
-    r = rows["ONNX Runtime CPU"]
-    cmd = latency.command_line(r["path"], r["device"], None, r["options"], 1, 4)
-    assert cmd == f"probres-infer --engine {model} --device cpu --provider cpu --threads 1 --batch-size 4 IMAGES..."
+    assert set(rows) == {"PyTorch eager", "ONNX Runtime CPU", "OpenVINO CPU"}
     img = tmp_path / "a.png"
     import cv2
     cv2.imwrite(str(img), np.full((20, 20, 3), 128, np.uint8))
-    assert infer.main(cmd.split()[1:-1] + [str(img), "--top-k", "all"]) == 0       # the row's command runs
-    out = json.loads(capsys.readouterr().out)
     want = 1 / (1 + np.exp(-preprocess_one(str(img), PreprocessSpec(size=16)).mean(axis=(1, 2))))
-    np.testing.assert_allclose([q["probability"] for q in out["predictions"]], sorted(want, reverse=True), rtol=1e-5)
+    for fmt, flag in (("ONNX Runtime CPU", "--provider cpu"), ("OpenVINO CPU", "--backend openvino")):
+        r = rows[fmt]
+        cmd = latency.command_line(r["path"], r["device"], r.get("backend"), r["options"], 1, 4)
+        assert cmd == f"probres-infer --engine {model} --device cpu {flag} --threads 1 --batch-size 4 IMAGES..."
+        assert infer.main(cmd.split()[1:-1] + [str(img), "--top-k", "all"]) == 0       # the row's command runs
+        out = json.loads(capsys.readouterr().out)
+        np.testing.assert_allclose([q["probability"] for q in out["predictions"]], sorted(want, reverse=True),
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("argv", [["--engine", "/nonexistent.pt"], ["--engine", "{f}", "--batch-sizes", "0"],
