@@ -184,7 +184,7 @@ def e2e_vs_engine(backend: Any, bufs: list[np.ndarray], paths: list[Path], batch
     alike; the ratio is of the two medians, and each round's own ratio is kept beside it.
     """
     a, b = bufs[0][:batch], bufs[1][:batch]
-    e2e_images_per_s(backend, paths, batch, threads)             # warm-up pass of every batch shape
+    e2e_images_per_s(backend, paths, batch, threads)             # untimed: every batch shape, then one whole pass
     engine, e2e = [], []
     for _ in range(rounds):
         engine.append(overlapped_rate(backend, a, b, iters))
