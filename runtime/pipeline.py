@@ -9,10 +9,11 @@ every core). `runtime.preprocess.preprocess()` is a single call of it; `iter_bat
 a producer thread takes the input paths batch_size at a time from a reader thread
 (`runtime.chunks`: a pause in the input, as on stdin, closes a partial batch instead of holding
 back the images before it), keeping two batches in flight so the workers never idle at a batch
-boundary, and finished batches wait in a queue of `prefetch` slots while the caller runs inference. The buffers come from `allocate` (a backend's
-`allocate_inputs`: its input dtype, pinned memory on a GPU), once per run, sized
-min(batch_size, inputs) by reading a few batches of paths ahead (never the whole list), and recycled: memory is
-fixed by batch_size x (IN_FLIGHT + prefetch + hold), never by the number of images.
+boundary, and finished batches wait in a queue of `prefetch` slots while the caller runs
+inference. The buffers come from `allocate` (a backend's `allocate_inputs`: its input dtype,
+pinned memory on a GPU), once per run, sized min(batch_size, inputs) by reading a few batches of
+paths ahead (never the whole list), and recycled: memory is fixed by batch_size x (IN_FLIGHT +
+prefetch + hold), never by the number of images.
 `classify` is probres-infer's loop over them: batch k+1 is submitted before batch k is waited for.
 
 A bad input never stops the stream: it becomes an error message in its batch and the other
@@ -243,7 +244,8 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
 
     allocate(rows, count): the `count` buffers (rows, 3, S, S) float32/float16 to write into, e.g.
     a backend's allocate_inputs (default: float32 numpy). Called once, with rows = min(batch_size,
-    number of inputs): the reader is at most chunks.READ_AHEAD + 1 batches of paths ahead, never the whole list.
+    number of inputs): the reader is at most chunks.READ_AHEAD + 1 batches of paths ahead, never
+    the whole list.
     hold: batches the caller keeps at once (2 for submit k+1 before wait k); a batch's buffer is
     recycled when `hold` later batches have been requested.
     """
