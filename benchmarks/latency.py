@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.images import build_image_set, list_images
+from benchmarks.latency_report import format_table, plot, row_line
 from benchmarks.preprocess import machine_info
 from runtime.backends import OPTION_FLAGS, BackendError, open_backend
-from benchmarks.latency_report import format_table, plot, row_line
 from runtime.fileio import atomic_write_text
 from runtime.infer import default_threads
 from runtime.pipeline import classify
