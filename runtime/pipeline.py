@@ -252,21 +252,16 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
     if batch_size < 1 or threads < 1 or prefetch < 1 or hold < 1:
         raise ValueError("batch_size, threads, prefetch and hold must be >= 1")
     chunks = Chunks(paths, batch_size)
+    free: queue.Queue = queue.Queue()
     try:
         # The peek: the first batch of paths (a pause in the input closes it only after FIRST_LINGER_S,
         # so that a short list is always seen whole, whatever the scheduling).
         first = chunks.next(linger=FIRST_LINGER_S)
-    except BaseException:
-        chunks.close()
-        raise
-    if not first:
-        return
-    # A first batch that is the whole input gets one buffer of its size (--batch-size 100000 on one
-    # image allocates one image, not 56 GiB).
-    whole = chunks.ended()
-    rows, count = (len(first), 1) if whole else (batch_size, IN_FLIGHT + prefetch + hold)
-    free: queue.Queue = queue.Queue()
-    try:
+        if not first:
+            return
+        # A first batch that is the whole input gets one buffer of its size (--batch-size 100000 on
+        # one image allocates one image, not 56 GiB).
+        rows, count = (len(first), 1) if chunks.ended() else (batch_size, IN_FLIGHT + prefetch + hold)
         for b in _allocate(allocate or numpy_buffers(spec), rows, count, spec):
             free.put(b)
     except BaseException:
