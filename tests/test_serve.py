@@ -98,24 +98,46 @@ def test_ctrl_c_while_the_instances_load_exits_130_without_a_traceback(model, ca
 
 # ------------------------------------------------------------------------------ the real server
 
+# PyTriton's proxy handshake can lose a start-up race (the stub connects before the handshake
+# socket listens: ConnectionRefusedError in get_config_from_handshake_server; pytriton#109 is its
+# timeout twin). Seen once in about ten suite runs here; such a start is retried once, nothing else is.
+HANDSHAKE_RACE = "get_config_from_handshake_server"
+
+
+def start_server(model_path: Path, log_dir: Path) -> tuple[subprocess.Popen, int, int, int]:
+    """probres-serve on loopback, waited for until its tensor model is ready; fails the test with its log."""
+    for attempt in (1, 2):
+        http, grpc, metrics = free_ports(3)
+        (log_dir / str(attempt)).mkdir()
+        log = log_dir / str(attempt) / "server.log"
+        proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model_path),
+                                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                                 "--instances", "2", "--threads", "1", "--max-batch", "8",
+                                 "--max-request-bytes", str(CAP)],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(log.parent),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while http_status(f"http://127.0.0.1:{http}/v2/models/probres_tensor/ready") != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:         # the whole group has already exited
+                    pass
+                proc.wait(timeout=30)
+                if attempt == 1 and HANDSHAKE_RACE in tail(log):
+                    break
+                pytest.fail(f"probres-serve did not start: {tail(log)}")
+            time.sleep(0.3)
+        else:
+            return proc, http, grpc, metrics
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     """probres-serve on loopback: 2 instances, max batch 8, a 200 kB request cap."""
-    http, grpc, metrics = free_ports(3)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log_dir = tmp_path_factory.mktemp("serve_log")
     shm_before = shm_names()
-    proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--instances", "2",
-                             "--threads", "1", "--max-batch", "8", "--max-request-bytes", str(CAP)],
-                            cwd=ROOT, env=env, stdout=server_log(log_dir), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 90
-    while http_status(f"http://127.0.0.1:{http}/v2/models/probres_tensor/ready") != 200:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"probres-serve did not start: {tail(log_dir / 'server.log')}")
-        time.sleep(0.3)
+    proc, http, grpc, metrics = start_server(model[0], tmp_path_factory.mktemp("serve_log"))
     yield proc, http, grpc, metrics
     stop(proc)
     reap_shm(shm_before)
