@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from runtime.contract import ContractError, ModelContract
+from runtime.errors import ModelError
 
 CHECKPOINT_FORMAT = "probres-checkpoint/1"
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError, ValueError):
     """A checkpoint file is missing, truncated, or not a probres checkpoint; the message names it."""
 
 

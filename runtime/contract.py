@@ -21,6 +21,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from runtime.errors import ModelError
+
 CONTRACT_FORMAT = "probres-contract/1"
 
 # COCO-2014 "instances" categories: (id, name). Ids are the real, non-contiguous ids 1..90
@@ -51,7 +53,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("area", "linear")
 
 
-class ContractError(ValueError):
+class ContractError(ModelError, ValueError):
     """A contract (or its JSON) is malformed."""
 
 

@@ -25,66 +25,16 @@ import sys
 import time
 from typing import Iterator
 
-import numpy as np
-
+from runtime.api import default_threads
 from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
-from runtime.contract import DEFAULT_THRESHOLD
+from runtime.cli import positive_int, probability, threshold_arg, top_k_arg  # noqa: F401  (eval imports them here)
 from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
 from runtime.pipeline import classify, is_image_name
-from runtime.report import FORMATS, Writer
+from runtime.report import FORMATS, Writer, decision_thresholds
 
 PROG = "probres-infer"
-
-
-def default_threads() -> int:
-    """Decode/preprocess workers: every core, at most 8 (beyond that the engine is the bottleneck)."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def top_k_arg(text: str) -> int | str:
-    return "all" if text.strip().lower() == "all" else positive_int(text)
-
-
-def probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    return v
-
-
-def threshold_arg(text: str) -> str | float:
-    """--threshold: 'contract' (the model's per-label thresholds) or one probability for every label."""
-    return "contract" if text.strip().lower() == "contract" else probability(text)
-
-
-def decision_thresholds(contract, threshold: str | float | None, top_k: int | None
-                        ) -> tuple[np.ndarray | None, str | float | None]:
-    """((C,) thresholds or None, what decided) from --threshold and --top-k.
-
-    Neither given: the contract's thresholds ("contract"; 0.5 per label for a model without
-    them). --top-k alone: no threshold (the K most probable). A number: that, for every label.
-    """
-    if threshold is None and top_k is not None:
-        return None, None
-    if threshold in (None, "contract"):
-        return np.asarray(contract.decision_thresholds(), dtype=np.float64), (
-            "contract" if contract.thresholds is not None else DEFAULT_THRESHOLD)
-    return np.full(contract.labels.num_classes, float(threshold)), float(threshold)
 
 
 def build_parser() -> argparse.ArgumentParser:

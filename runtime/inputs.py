@@ -25,13 +25,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from runtime.errors import UsageError
 from runtime.pipeline import iter_image_paths
 
 
 RECORD_START = b'{"image": '      # how every record of runtime.report's jsonl writer begins
 
 
-class InputError(Exception):
+class InputError(UsageError):
     """A bad list file, --shard value or resume file; str() is the one line for stderr."""
 
 

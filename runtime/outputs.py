@@ -26,12 +26,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
+from runtime.errors import UsageError
 from runtime.fileio import atomic_open
 
 Named = tuple[str, "str | os.PathLike[str] | None"]     # (flag or role, path); None = not given
 
 
-class OutputError(Exception):
+class OutputError(UsageError):
     """An unsafe or unwritable output; str() is the one line for stderr."""
 
 

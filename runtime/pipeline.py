@@ -118,8 +118,14 @@ def load_into(path: str, out: np.ndarray, spec: PreprocessSpec, stream: bool = F
 
 
 def load_source(src: ImageSource, out: np.ndarray, spec: PreprocessSpec, stream: bool = False) -> None:
-    """load_into for a path; encoded bytes get the same header check, then decode_bgr."""
-    if isinstance(src, (bytes, bytearray, memoryview)):
+    """load_into for a path; encoded bytes get the same header check, then decode_bgr; a decoded BGR
+    uint8 array (runtime.api converts the others) is preprocessed as it is; an exception is raised
+    (an input the caller already found bad keeps its place in the stream)."""
+    if isinstance(src, np.ndarray):
+        preprocess_array_into(src, out, spec, stream=stream)
+    elif isinstance(src, BaseException):
+        raise src
+    elif isinstance(src, (bytes, bytearray, memoryview)):
         check_header(src, f"<{len(src)} bytes>")
         preprocess_array_into(decode_bgr(src), out, spec, stream=stream)
     else:
@@ -131,7 +137,8 @@ def error_message(src: ImageSource, e: BaseException) -> str:
     if isinstance(e, ImageDecodeError):
         return str(e)
     text = str(e).strip().splitlines()        # cv2.error, MemoryError...: still this image's problem
-    name = f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
+    name = (f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else
+            f"<array {'x'.join(map(str, src.shape))}>" if isinstance(src, np.ndarray) else os.fspath(src))
     return f"{name}: {e.__class__.__name__}: {text[-1] if text else 'failed'}"
 
 

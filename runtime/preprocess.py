@@ -45,6 +45,7 @@ import cv2  # noqa: E402  (after the environment variable above)
 import numpy as np  # noqa: E402
 
 from runtime.contract import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec  # noqa: E402
+from runtime.errors import ImageError  # noqa: E402
 
 OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -56,7 +57,7 @@ except ImportError:  # not built (no compiler): the numpy twin gives the same fl
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(ImageError, ValueError):
     """An input could not be turned into an image; the message names the input."""
 
 

@@ -23,7 +23,7 @@ from typing import IO
 
 import numpy as np
 
-from runtime.contract import LabelSet
+from runtime.contract import DEFAULT_THRESHOLD, LabelSet, ModelContract
 
 FORMATS = ("jsonl", "csv", "table")
 
@@ -39,6 +39,41 @@ def select(probs: np.ndarray, thresholds: np.ndarray | None = None, top_k: int |
     if thresholds is not None:
         order = [i for i in order if probs[i] >= thresholds[i]]
     return [int(i) for i in (order if top_k is None else order[:top_k])]
+
+
+def decision_thresholds(contract: ModelContract, threshold: str | float | None, top_k: int | None
+                        ) -> tuple[np.ndarray | None, str | float | None]:
+    """((C,) thresholds or None, what decided) from a threshold choice and top_k.
+
+    Neither given: the contract's thresholds ("contract"; 0.5 per label for a model without
+    them). top_k alone: no threshold (the K most probable). A number: that, for every label.
+    """
+    if threshold is None and top_k is not None:
+        return None, None
+    if threshold in (None, "contract"):
+        return np.asarray(contract.decision_thresholds(), dtype=np.float64), (
+            "contract" if contract.thresholds is not None else DEFAULT_THRESHOLD)
+    return np.full(contract.labels.num_classes, float(threshold)), float(threshold)
+
+
+def prediction_rows(probs: np.ndarray, idx: list[int], labels: LabelSet, thresholds: np.ndarray | None
+                    ) -> list[dict]:
+    """The "predictions" of a record: label, category_id, probability, threshold (rounded to 6 places)."""
+    return [{"label": labels.names[i], "category_id": labels.category_ids[i], "probability": round(float(probs[i]), 6),
+             "threshold": None if thresholds is None else round(float(thresholds[i]), 6)} for i in idx]
+
+
+def record(image: str, probs: np.ndarray, labels: LabelSet, thresholds: np.ndarray | None = None,
+           top_k: int | None = None, threshold_name: str | float | None = None, idx: list[int] | None = None) -> dict:
+    """The JSONL record of one classified image (idx: select's answer when the caller has it)."""
+    idx = select(probs, thresholds, top_k) if idx is None else idx
+    return {"image": image, "threshold": None if thresholds is None else threshold_name,
+            "predictions": prediction_rows(probs, idx, labels, thresholds)}
+
+
+def error_record(image: str, message: str) -> dict:
+    """The JSONL record of an input that could not be classified."""
+    return {"image": image, "error": message}
 
 
 def printable(text: str) -> str:
@@ -73,13 +108,10 @@ class Writer:
         """One classified image; probs (C,) float32."""
         if self.fmt != "jsonl":
             image = printable(image)
-        idx = select(probs, self.thresholds, self.top_k)
-        thr = self.thresholds
-        preds = [(self.labels.names[i], self.labels.category_ids[i], round(float(probs[i]), 6),
-                  None if thr is None else round(float(thr[i]), 6)) for i in idx]
+        rec = record(image, probs, self.labels, self.thresholds, self.top_k, self.threshold_name)
+        preds = [(p["label"], p["category_id"], p["probability"], p["threshold"]) for p in rec["predictions"]]
         if self.fmt == "jsonl":
-            self.f.write(json.dumps({"image": image, "threshold": self.threshold_name, "predictions": [
-                {"label": n, "category_id": c, "probability": p, "threshold": t} for n, c, p, t in preds]}) + "\n")
+            self.f.write(json.dumps(rec) + "\n")
         elif self.fmt == "csv":
             rows = [[image, r + 1, n, c, f"{p:.6f}", "" if t is None else f"{t:.6f}", ""]
                     for r, (n, c, p, t) in enumerate(preds)]
@@ -99,7 +131,7 @@ class Writer:
         if self.fmt != "jsonl":
             image, message = printable(image), printable(message)
         if self.fmt == "jsonl":
-            self.f.write(json.dumps({"image": image, "error": message}) + "\n")
+            self.f.write(json.dumps(error_record(image, message)) + "\n")
         elif self.fmt == "csv":
             self._csv.writerow([image, "", "", "", "", "", message])
         else:

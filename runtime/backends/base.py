@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from runtime.contract import ModelContract
+from runtime.errors import ModelError
 
 
-class BackendError(RuntimeError):
+class BackendError(ModelError, RuntimeError):
     """The model cannot be loaded or run here (missing/corrupt file, missing package, wrong device).
 
     The message is one line naming the file or the flag; the CLIs turn it into exit code 2.
