@@ -77,6 +77,43 @@ def test_the_detector_sees_a_lazy_import():
     assert "train" in _imports(tree, top_level_only=False)
 
 
+# Reading import statements misses __import__("train.checkpoint") and importlib calls: this imports
+# every runtime module for real, in a process where train, export, benchmarks and torch cannot be.
+IMPORT_ALL = """
+import importlib, pkgutil, sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"train", "export", "benchmarks", "torch", "torchvision"}:
+            raise ImportError("layering: " + name + " imported")
+sys.meta_path.insert(0, Blocker())
+try:
+    import train
+    sys.exit("the blocker does not block")
+except ImportError:
+    pass
+import runtime
+names = [m.name for m in pkgutil.walk_packages(runtime.__path__, "runtime.")]
+for name in names:
+    importlib.import_module(name)        # an ImportError fails the process, naming the module
+print(len(names))
+"""
+
+
+def test_every_runtime_module_imports_where_train_and_export_cannot(tmp_path):
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout) > 20                              # every module, not an empty walk
+    # The check catches what the AST test cannot see.
+    (tmp_path / "sneaky.py").write_text('__import__("train.checkpoint")\n')
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALL.replace("import runtime\n", "import runtime, sneaky\n")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": f"{tmp_path}:{RUNTIME.parent}"})
+    assert r.returncode != 0 and "layering: train" in r.stderr
+
+
 # ------------------------------------------------------------------------------------------- buffers
 
 class OwnBuffersOnly(OnnxRuntimeBackend):
