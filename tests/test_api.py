@@ -238,3 +238,12 @@ def test_predict_iter_streams_10000_paths_in_bounded_memory(tmp_path):
     assert seen == 10000
     assert lead <= bound                       # the input is read a few batches ahead, never listed whole
     assert rss - rss_500 < 48 * 1024           # KiB; keeping the pixels would add ~490 MB, the predictions ~10 MB
+
+
+def test_api_speed_benchmark_runs(work, tmp_path):
+    from benchmarks.api_speed import main as bench
+    out = tmp_path / "speed.json"
+    assert bench(["--engine", str(work["model"]), "--count", "16", "--rounds", "1", "--threads", "2",
+                  "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["count"] == 16 and rep["ratio"] > 0 and len(rep["classifier_img_s"]) == 1
