@@ -247,3 +247,29 @@ def test_api_speed_benchmark_runs(work, tmp_path):
                   "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["count"] == 16 and rep["ratio"] > 0 and len(rep["classifier_img_s"]) == 1
+
+
+def test_the_readme_example_prints_probres_infers_labels_and_probabilities(work, toy_root, tmp_path, capsys):
+    import ast
+    import os
+    import re
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 5
+    demo = tmp_path / "demo_out"                        # what make demo leaves, with the tiny model
+    demo.mkdir()
+    (demo / "model.onnx").symlink_to(work["model"])
+    (demo / "toy_coco").symlink_to(toy_root)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    first = sorted((toy_root / "val2014").glob("*.jpg"))[0]
+    ref = infer_records(capsys, "--engine", work["model"], first)[0]
+    want = {p["label"]: p["probability"] for p in ref["predictions"]}
+    assert len(lines) == 3 and want
+    for line, source in zip(lines, ["demo_out/toy_coco/val2014/" + first.name, "<array #1>", "<bytes #2>"]):
+        name, _, scores = line.partition(" {")
+        scores = ast.literal_eval("{" + scores)
+        assert name == source and list(scores) == list(want)
+        assert max(abs(scores[k] - want[k]) for k in want) <= 1e-6
