@@ -17,7 +17,7 @@ Engine only: the photo set (benchmarks.images, tiled) preprocessed once into the
 buffers (allocate_inputs: its input dtype, pinned on a GPU); latency = one infer() call of a
 batch on the host clock (host->device->host included, as probres-infer pays it), p50/p90/p99;
 images/s = the steady state of submit(k+1) before wait(k) over two buffers, the overlap the
-pipeline uses. End to end: runtime.pipeline.classify, probres-infer's own loop (decode +
+pipeline uses. End to end: runtime.Classifier.predict_iter, probres-infer's own loop (decode +
 preprocess into the backend's buffers, submit/wait), over --e2e-count photo files re-read from
 disk, at the largest batch size, timed after one warm-up pass over the same batch shapes; its
 ratio to engine only comes from --e2e-rounds alternating pairs (engine pass, end-to-end pass),
@@ -44,10 +44,9 @@ import numpy as np
 from benchmarks.images import build_image_set, list_images
 from benchmarks.latency_report import format_table, plot, row_line
 from benchmarks.preprocess import machine_info
+from runtime.api import Classifier, default_threads
 from runtime.backends import OPTION_FLAGS, BackendError, open_backend
 from runtime.fileio import atomic_write_text
-from runtime.infer import default_threads
-from runtime.pipeline import classify
 from runtime.preprocess import preprocess
 
 
@@ -165,14 +164,16 @@ def time_engine(backend: Any, bufs: list[np.ndarray], n: int, iters: int, warmup
 
 
 def e2e_images_per_s(backend: Any, paths: list[Path], batch: int, threads: int, warm: bool = True) -> float:
-    """probres-infer's loop (runtime.pipeline.classify) over `paths`, after one untimed pass of the same shapes."""
+    """The library's predict_iter (probres-infer's loop, runtime.pipeline.classify, and its decision) over
+    `paths`, after one untimed pass of the same shapes."""
+    clf = Classifier(backend, threads)            # wraps the open backend (not closed here: the caller owns it)
     strs = [str(p) for p in paths]
     if warm:
-        for _ in classify(backend, strs[:batch] + strs[:len(strs) % batch], batch, threads):
+        for _ in clf.predict_iter(strs[:batch] + strs[:len(strs) % batch], batch_size=batch):
             pass                                                # warm-up: every batch shape of the timed run
     t0, n = time.perf_counter(), 0
-    for b, _probs in classify(backend, strs, batch, threads):
-        n += len(b.paths)
+    for _ in clf.predict_iter(strs, batch_size=batch):
+        n += 1
     return n / (time.perf_counter() - t0)
 
 
@@ -201,9 +202,10 @@ def coco_map(backend: Any, root: str, limit: int, batch: int, threads: int) -> f
     split = load_coco_split(root, "val2014", labels=backend.contract.labels)
     n = min(limit, len(split))
     probs = np.full((n, backend.contract.labels.num_classes), np.nan, np.float32)
-    for b, p in classify(backend, [str(x) for x in split.image_paths[:n]], batch, threads):
-        if p is not None:
-            probs[[b.start + i for i in b.ok]] = p
+    for i, p in enumerate(Classifier(backend, threads).predict_iter([str(x) for x in split.image_paths[:n]],
+                                                                     batch_size=batch)):
+        if p.ok:
+            probs[i] = p.probabilities
     ok = ~np.isnan(probs).any(1)
     return float(multilabel_metrics(probs[ok], split.targets[:n][ok])["mAP"])
 

@@ -27,7 +27,7 @@ from typing import Iterator
 
 from runtime.api import default_threads
 from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
-from runtime.cli import positive_int, probability, threshold_arg, top_k_arg  # noqa: F401  (eval imports them here)
+from runtime.cli import positive_int, probability, threshold_arg, top_k_arg  # noqa: F401  (eval, serve import them here)
 from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
