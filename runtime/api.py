@@ -114,6 +114,7 @@ class Classifier:
     """A model opened for classification; use `Classifier.open(path)`, ideally in a `with` block."""
 
     def __init__(self, backend: Backend, threads: int | None = None, threshold: str | float = "contract") -> None:
+        """Wrap an open backend (runtime.backends.open_backend); close() closes it. Classifier.open does both."""
         self.backend = backend
         self.contract: ModelContract = backend.contract
         self.labels: list[str] = list(self.contract.labels.names)

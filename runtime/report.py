@@ -13,6 +13,8 @@ order. Predictions are sorted by probability, descending (ties by label index).
 "threshold" says what decided: "contract" (the model contract's per-label thresholds; each
 prediction carries its label's), a number given with --threshold (the same for every
 label), or null (--top-k alone: the K most probable, whatever their probability).
+The decision (decision_thresholds, select) and the record (record, error_record) are defined
+here once: probres-infer's Writer and runtime.api's Prediction.to_json both build them.
 """
 
 from __future__ import annotations
