@@ -7,8 +7,10 @@ Writes --count COCO-shaped JPEGs (benchmarks.images) to a temp folder, opens the
 the library, then alternates rounds: probres-infer (runtime.infer.main in this process, its
 JSONL to a temp file; its own images/s, timed from after the model loads, read from its summary
 line) and Classifier.predict over the same list of paths at the same batch size and threads
-(timed around the call; the model already open). Alternating puts load from other processes
-on both alike; the ratio is median(library) / median(probres-infer). Target: >= 0.97.
+(timed around the call; the model already open), which of the two goes first alternating too.
+Alternating puts load from other processes on both alike; the ratio is median(library) /
+median(probres-infer). Target: >= 0.97. On a shared machine single rounds vary by 2x: use
+several rounds and read the ratio with the load average beside it.
 """
 
 from __future__ import annotations
@@ -81,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             infer_rate(args.engine, paths[: 4 * args.batch_size], args.batch_size, threads, out)
             cli, lib = [], []
             for r in range(args.rounds):
+                if r % 2:                       # which goes first alternates too: no order bias
+                    lib.append(api_rate(clf, paths, args.batch_size))
                 cli.append(infer_rate(args.engine, paths, args.batch_size, threads, out))
-                lib.append(api_rate(clf, paths, args.batch_size))
+                if not r % 2:
+                    lib.append(api_rate(clf, paths, args.batch_size))
                 print(f"round {r + 1}: probres-infer {cli[-1]:.1f} img/s, Classifier.predict {lib[-1]:.1f} img/s",
                       file=sys.stderr)
             backend = clf.describe()
