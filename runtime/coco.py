@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime.contract import LabelSet
+from runtime.errors import UsageError
 
 
-class CocoDataError(ValueError):
+class CocoDataError(UsageError, ValueError):
     """The COCO tree is incomplete or an annotation file is malformed; the message names the file."""
 
 

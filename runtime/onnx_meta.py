@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.contract import ContractError, ModelContract
+from runtime.errors import ModelError
 
 KEY_CONTRACT = "probres.contract"
 KEY_SHA = "probres.checkpoint_sha256"
@@ -33,7 +34,7 @@ KEY_EXPORTER = "probres.exporter"
 KEY_INT8_CALIBRATION = "probres.int8_calibration"
 
 
-class OnnxMetaError(ValueError):
+class OnnxMetaError(ModelError, ValueError):
     """The file is missing, not ONNX, or carries no (valid) probres contract; the message names it."""
 
 

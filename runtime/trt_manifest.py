@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.contract import ContractError, ModelContract
+from runtime.errors import ModelError
 from runtime.fileio import atomic_write_text
 
 MANIFEST_FORMAT = "probres-trt-manifest/1"
@@ -47,11 +48,11 @@ def this_platform() -> tuple[str, str]:
     return platform.system(), arch
 
 
-class ManifestError(ValueError):
+class ManifestError(ModelError, ValueError):
     """The manifest file is missing or malformed; the message names the file."""
 
 
-class ManifestMismatch(RuntimeError):
+class ManifestMismatch(ModelError, RuntimeError):
     """The plan was built for another TensorRT version or GPU than this one."""
 
 

@@ -273,3 +273,23 @@ def test_the_readme_example_prints_probres_infers_labels_and_probabilities(work,
         scores = ast.literal_eval("{" + scores)
         assert name == source and list(scores) == list(want)
         assert max(abs(scores[k] - want[k]) for k in want) <= 1e-6
+
+
+def test_every_error_probres_reports_is_a_probres_error_of_its_kind():
+    from runtime.backends import BackendError
+    from runtime.checkpoint import CheckpointError
+    from runtime.coco import CocoDataError
+    from runtime.contract import ContractError
+    from runtime.inputs import InputError
+    from runtime.onnx_meta import OnnxMetaError
+    from runtime.outputs import OutputError
+    from runtime.preprocess import ImageDecodeError
+    from runtime.trt_manifest import ManifestError, ManifestMismatch
+    kinds = {UsageError: (InputError, OutputError, CocoDataError), ImageError: (ImageDecodeError,),
+             ModelError: (BackendError, CheckpointError, ContractError, OnnxMetaError, ManifestError, ManifestMismatch)}
+    for kind, classes in kinds.items():
+        for cls in classes:
+            assert issubclass(cls, kind) and issubclass(cls, ProbresError), cls
+    # What callers caught before still catches them.
+    assert issubclass(ImageDecodeError, ValueError) and issubclass(BackendError, RuntimeError)
+    assert issubclass(ContractError, ValueError) and issubclass(CheckpointError, ValueError)
