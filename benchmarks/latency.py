@@ -36,6 +36,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,29 @@ def _error(e: BaseException) -> str:
     return f"error: {e.__class__.__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def run_rows(rows: list[dict], args: argparse.Namespace, photos: list[Path]) -> list[dict]:
+@dataclass(frozen=True)
+class Schedule:
+    """What run_rows measures (the command line's flags, typed): batch sizes, iterations, threads, end to end, mAP."""
+
+    batch_sizes: list[int]
+    iters: int
+    cpu_batch_sizes: list[int]
+    cpu_iters: int
+    warmup: int
+    threads: int | None = None
+    e2e_count: int = 0
+    cpu_e2e_count: int = 0
+    e2e_rounds: int = 1
+    coco_root: str | None = None
+    coco_limit: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Schedule":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def run_rows(rows: list[dict], args: Schedule, photos: list[Path]) -> list[dict]:
+    """Measure each planned row (one open backend at a time); a row that fails says why and the others go on."""
     ref_probs: dict[str, tuple[Any, np.ndarray]] = {}     # family -> (contract, FP32 probs)
     results = []
     for r in rows:
@@ -400,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.formats:
             keep = [f.strip() for f in args.formats.split(",") if f.strip()]
             planned = [r for r in planned if any(k in r["format"] for k in keep)]
-        rows = run_rows(planned, args, photos)
+        rows = run_rows(planned, Schedule.from_args(args), photos)
     res = {"rows": rows, "machine": machine_info(), "versions": versions(), "batch_sizes": args.batch_sizes,
            "iters": args.iters, "warmup": args.warmup, "cpu_batch_sizes": args.cpu_batch_sizes, "cpu_iters": args.cpu_iters,
            "command": "python -m benchmarks.latency " + " ".join(sys.argv[1:] if argv is None else argv)}
