@@ -10,6 +10,8 @@ order. Predictions are sorted by probability, descending (ties by label index).
   csv    image,rank,label,category_id,probability,threshold,error  (one row per prediction;
          an image with none gets one row with empty label fields; a failed one, its error)
   table  the image path, then "class  probability" rows
+A file name that is not valid UTF-8 is written readable, its undecodable bytes as \\xNN, and in
+jsonl also as "image_base64": the name's raw bytes, base64 (only then), which recover it.
 "threshold" says what decided: "contract" (the model contract's per-label thresholds; each
 prediction carries its label's), a number given with --threshold (the same for every
 label), or null (--top-k alone: the K most probable, whatever their probability).
@@ -17,8 +19,10 @@ label), or null (--top-k alone: the K most probable, whatever their probability)
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
+import os
 from typing import IO
 
 import numpy as np
@@ -52,6 +56,13 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def image_fields(image: str) -> dict:
+    """A jsonl record's "image": readable (printable), plus "image_base64" (the raw bytes) when not UTF-8."""
+    text = printable(image)
+    return {"image": text} if text is image else {"image": text,
+                                                  "image_base64": base64.b64encode(os.fsencode(image)).decode()}
+
+
 class Writer:
     """Formats results and errors onto a text stream."""
 
@@ -78,7 +89,7 @@ class Writer:
         preds = [(self.labels.names[i], self.labels.category_ids[i], round(float(probs[i]), 6),
                   None if thr is None else round(float(thr[i]), 6)) for i in idx]
         if self.fmt == "jsonl":
-            self.f.write(json.dumps({"image": image, "threshold": self.threshold_name, "predictions": [
+            self.f.write(json.dumps({**image_fields(image), "threshold": self.threshold_name, "predictions": [
                 {"label": n, "category_id": c, "probability": p, "threshold": t} for n, c, p, t in preds]}) + "\n")
         elif self.fmt == "csv":
             rows = [[image, r + 1, n, c, f"{p:.6f}", "" if t is None else f"{t:.6f}", ""]
@@ -99,7 +110,7 @@ class Writer:
         if self.fmt != "jsonl":
             image, message = printable(image), printable(message)
         if self.fmt == "jsonl":
-            self.f.write(json.dumps({"image": image, "error": message}) + "\n")
+            self.f.write(json.dumps({**image_fields(image), "error": printable(message)}) + "\n")
         elif self.fmt == "csv":
             self._csv.writerow([image, "", "", "", "", "", message])
         else:
