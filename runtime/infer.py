@@ -238,7 +238,7 @@ def run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
                 out.end_batch(len(batch.paths))   # this batch's records, in one write, flushed
                 bar.update(len(batch.paths))
     except (BackendError, InputError, MemoryError) as e:    # MemoryError: the batch buffers (names --batch-size)
-        untouched = isinstance(e, InputError) and not args.resume
+        untouched = isinstance(e, InputError) and not args.resume and args.output is not None
         print(f"{PROG}: error: {e}" + (f"; {args.output} left as it was" if untouched else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:               # Ctrl-C, SIGTERM or SIGHUP (stop_on_signals)

@@ -25,7 +25,7 @@ import sys
 from array import array
 from bisect import bisect_left
 from itertools import chain
-from typing import Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def read_list(path: str) -> Iterator[str]:
     """Paths from a list file (or '-': stdin), one a line, blank lines skipped; read as it is consumed."""
     f = sys.stdin.buffer if path == "-" else open(path, "rb")
     try:
-        for lineno, raw in enumerate(f, 1):     # bytes: any path the file system allows, decoded like os.listdir
+        for lineno, raw in enumerate(_stdin_lines(f) if path == "-" else f, 1):   # bytes: any path, as os.listdir
             if b"\0" in raw:                     # stdin: nothing could check it before the run
                 raise InputError(f"--from-list {path} line {lineno}: a NUL byte; this is a binary file, "
                                  f"not a list of paths one a line")
@@ -71,6 +71,20 @@ def read_list(path: str) -> Iterator[str]:
     finally:
         if f is not sys.stdin.buffer:
             f.close()
+
+
+def _stdin_lines(f: IO[bytes]) -> Iterator[bytes]:
+    """The lines of stdin, after a check of its first read (up to 64 KiB: what is there, no wait for
+    more) for a NUL byte, so a binary file piped in is refused before its first "path" is tried."""
+    head = f.read1(1 << 16)
+    at = head.find(b"\0")
+    if at >= 0:
+        raise InputError(f"--from-list -: a binary file (NUL byte at offset {at}), not a list of paths one a line")
+    parts = head.splitlines(keepends=True)
+    if parts and not parts[-1].endswith(b"\n"):
+        parts[-1] += f.readline()               # the line the read cut in two
+    yield from parts
+    yield from f
 
 
 def check_list(path: str | None) -> None:

@@ -139,6 +139,7 @@ class ResultFile:
 
     def __init__(self, path: str | os.PathLike[str] | None, append: bool = False) -> None:
         self.path, self._parts, self.kept, self._writing, self._lock = path, [], 0, False, None
+        self._file = path is not None and not in_place(path)     # a regular file (else a stream or device)
         if path is None:
             self._ctx, self.f = None, sys.stdout
         elif append:
@@ -151,8 +152,8 @@ class ResultFile:
         self._end = self._tell()
 
     def _tell(self) -> int | None:
-        """Byte offset in the file, None for a stream (stdout, a FIFO, a device) that cannot seek."""
-        return self.f.tell() if self.path is not None and self.f.seekable() else None
+        """Byte offset in the file; None for a stream (stdout, a FIFO, a device: never cut back)."""
+        return self.f.tell() if self._file else None
 
     def write(self, text: str) -> None:
         """Buffered until end_batch(): a batch's records reach the file together."""
@@ -174,11 +175,17 @@ class ResultFile:
 
     def __exit__(self, et, ev, tb) -> bool:
         self._parts.clear()                    # an unfinished batch is dropped whole (at most one batch lost)
-        if self._writing and self._end is not None:
-            # Ctrl-C cut a batch's write() short (the signal interrupts the system call): cut the
-            # file back to the end of the last whole batch rather than keep half a line.
-            self.f.flush()
-            self.f.truncate(self._end)
+        try:
+            if self._writing and self._end is not None:
+                # Ctrl-C cut a batch's write() short (the signal interrupts the system call): cut the
+                # file back to the end of the last whole batch rather than keep half a line.
+                self.f.flush()
+                self.f.truncate(self._end)
+        finally:
+            self._close(et, ev, tb)
+        return False
+
+    def _close(self, et, ev, tb) -> None:
         try:
             if self._ctx is not None:
                 self._ctx.__exit__(et, ev, tb)     # rename on success or Ctrl-C; temp removed on any other error
@@ -187,7 +194,6 @@ class ResultFile:
         finally:
             if self._lock is not None:
                 self._lock.release()
-        return False
 
 
 class Interrupted(KeyboardInterrupt):
