@@ -9,9 +9,10 @@ given) is I modulo N: the same path lands in the same shard on every machine wha
 listing order, so N processes given the same paths label a store together, each input once.
 --resume reads the JSONL already written and skips every image recorded there (results and
 error records alike), keeping only an 8-byte hash per record (8 MB per million), and cuts off
-a last line left unfinished by a hard kill. Its first line, the provenance header
-(runtime.provenance), is returned for probres-infer to compare with the run's own; a record
-whose file name is not UTF-8 is matched by its "image_base64" (the name's raw bytes).
+a last line left unfinished by a hard kill. Its provenance header (runtime.provenance; one per
+file, or one per part in `cat part*.jsonl`, all the same) is returned for probres-infer to
+compare with the run's own; a record whose file name is not UTF-8 is matched by its
+"image_base64" (the name's raw bytes).
 A list file is a text file: one holding a NUL byte (no path can) is refused before any work.
 """
 
@@ -30,7 +31,7 @@ from typing import IO, Iterable, Iterator
 import numpy as np
 
 from runtime.pipeline import iter_image_paths
-from runtime.provenance import JSONL_START, parse_header
+from runtime.provenance import JSONL_START, describe, parse_header, same_run
 
 
 RECORD_START = b'{"image": '      # how every record of runtime.report's jsonl writer begins
@@ -232,10 +233,12 @@ def read_done(path: str) -> DoneSet:
             end += len(raw)
             if not raw.strip():
                 continue
-            if lineno == 1 and raw.startswith(JSONL_START):
-                head = parse_header(raw)
-                if head is not None:
-                    continue
+            if raw.startswith(JSONL_START) and (h := parse_header(raw)) is not None:
+                if head is not None and not same_run(head, h):      # shards concatenated: all one run
+                    raise InputError(f"--resume: {path} line {lineno}: a header for {describe(h)} after one for "
+                                     f"{describe(head)}: the file mixes two models or decision rules")
+                head = head or h
+                continue
             try:
                 image = _record_image(raw)
             except (ValueError, KeyError, TypeError):

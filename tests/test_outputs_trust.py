@@ -230,6 +230,18 @@ def test_resume_refuses_a_file_made_by_another_model_or_decision_rule(data, tmp_
     capsys.readouterr()
     recs = lines(out)
     assert sum("probres" in r for r in recs) == 1 and [r["image"] for r in recs[1:]] == paths
+    parts = [tmp_path / f"part{i}.jsonl" for i in range(2)]                       # shards, then `cat`
+    for i, part in enumerate(parts):
+        assert infer.main(["--engine", str(model), *paths, "--shard", f"{i}/2", "--output", str(part)]) == 0
+    merged = tmp_path / "all.jsonl"
+    merged.write_text("".join(p.read_text() for p in parts))
+    assert infer.main(["--engine", str(model), *paths, "--output", str(merged), "--resume"]) == 0
+    assert f"({len(paths)} already in" in capsys.readouterr().err
+    assert infer.main(["--engine", str(other), *paths, "--shard", "0/2", "--output", str(parts[0])]) == 0
+    merged.write_text("".join(p.read_text() for p in parts))                     # one part by another model
+    capsys.readouterr()
+    assert infer.main(["--engine", str(model), *paths, "--output", str(merged), "--resume"]) == 2
+    assert "mixes two models" in one_line_error(capsys.readouterr().err, merged)
     old = tmp_path / "old.jsonl"                                                   # records, no header
     old.write_text(json.dumps({"image": paths[0], "threshold": 0.5, "predictions": []}) + "\n")
     assert infer.main(["--engine", str(model), *paths[:2], "--output", str(old), "--resume"]) == 2
