@@ -166,7 +166,7 @@ def test_eval_json_into_a_symlink_to_dev_full_is_one_line_and_keeps_the_device(d
 # ------------------------------------------------------------------------ row 2: SIGTERM and SIGHUP
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_keep_the_finished_batches_and_resume_finishes(data, tmp_path, sig):
+def test_sigterm_and_sighup_keep_the_finished_batches_and_resume_finishes(data, tmp_path, sig, capsys):
     model, paths = data
     out = tmp_path / "term.jsonl"
     p = start_blocked(model, paths[:6], out)          # 6 records: a batch of 4 and a partial one of 2
@@ -181,9 +181,8 @@ def test_sigterm_and_sighup_keep_the_finished_batches_and_resume_finishes(data, 
         f"(finish with the same command plus --resume)"]
     assert [r["image"] for r in lines(out)[1:]] == paths[:6]
     assert sorted(os.listdir(tmp_path)) == ["term.jsonl"]          # no hidden temp file, no lock file
-    r = subprocess.run([EXE, "--engine", str(model), *paths, "--output", str(out), "--resume"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "(6 already in" in r.stderr, r.stderr
+    assert infer.main(["--engine", str(model), *paths, "--output", str(out), "--resume"]) == 0
+    assert "(6 already in" in capsys.readouterr().err
     assert [r["image"] for r in lines(out)[1:]] == paths                # each image once
 
 
