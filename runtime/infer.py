@@ -37,10 +37,10 @@ import numpy as np
 
 from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
 from runtime.contract import DEFAULT_THRESHOLD
+from runtime.fileio import OutputLock, OutputLocked
 from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
-from runtime.fileio import OutputLock, OutputLocked
-from runtime.outputs import (OutputError, ResultFile, check_outputs, exit_code, model_inputs, interrupted_by,
+from runtime.outputs import (OutputError, ResultFile, check_outputs, exit_code, interrupted_by, model_inputs,
                              stop_on_signals)
 from runtime.pipeline import classify, is_image_name
 from runtime.provenance import describe, header, header_line, same_run

@@ -132,7 +132,7 @@ class ResultFile:
 
     Without append: into a temp file beside `path`, renamed over it on close() and also when
     the run is interrupted (KeyboardInterrupt), so an interrupted run keeps what it wrote;
-    a failure (any other exception) leaves `path` untouched. With append: onto `path` itself
+    a failure (any other exception) leaves `path` untouched. With append: onto `path` itself, locked
     (--resume), so a hard kill loses at most the batch in flight; a line cut short by the kill
     is repaired by the next --resume (runtime.inputs.read_done).
     """
@@ -144,8 +144,12 @@ class ResultFile:
             self._ctx, self.f = None, sys.stdout
         elif append:
             self._lock = OutputLock(path).acquire()               # held until __exit__
-            Path(path).parent.mkdir(parents=True, exist_ok=True)    # as atomic_open does (check_writable allows it)
-            self._ctx, self.f = None, open(path, "a", encoding="utf-8")
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)    # as atomic_open does (check_writable allows it)
+                self._ctx, self.f = None, open(path, "a", encoding="utf-8")
+            except BaseException:
+                self._lock.release()
+                raise
         else:
             self._ctx = atomic_open(path, "w", commit_on=(KeyboardInterrupt,))
             self.f = self._ctx.__enter__()
