@@ -7,19 +7,27 @@ MODEL by extension: .plan/.engine (TensorRT, with its .json sidecar), .onnx (ONN
 .pt (PyTorch checkpoint; needs the training extra). Directories are walked recursively in
 sorted order (JPEG, PNG, BMP, WebP, TIFF); files named explicitly are tried whatever their
 extension. Decoding overlaps inference (runtime.pipeline); memory does not grow with the
-number of images, nor does the list of inputs: paths stream (runtime.inputs). A bad input
-gets an error record and one stderr line; the rest go on. --output is never an input
-(runtime.outputs checks before the model loads); it is written batch by batch, each batch
-flushed whole, into a temp file renamed over FILE at the end or on Ctrl-C (what was
-classified is kept); with --resume (JSONL only) it is appended to and recorded images are
-skipped, so a killed run loses at most the batch in flight.
-Exit status: 0 all classified, 1 some inputs failed, 2 usage or model error (one line, no
-traceback), 130 interrupted.
+number of images, nor does the list of inputs: paths stream (runtime.inputs); a binary
+--from-list file is refused. A bad input gets an error record and one stderr line; the rest go on.
+
+Output (docs/outputs.md): stdout, or --output FILE ('-': stdout). The first line names the model
+(file name, sha256) and the decision rule (runtime.provenance); then one record per input.
+--output is never an input (runtime.outputs checks before the model loads); a regular file is
+written batch by batch, each batch flushed whole, into a temp file renamed over FILE (a
+symlink's target) at the end or on Ctrl-C, SIGTERM or SIGHUP (what was classified is kept); a
+device or FIFO is written in place, never replaced. With --resume (JSONL only) FILE is appended
+to and recorded images are skipped, so a killed run loses at most the batch in flight; a file
+made by another model or decision rule is refused. FILE is locked while the run writes it: a
+second run on the same file is refused.
+Exit status: 0 all classified, 1 some inputs failed, 2 usage, model or output error (one line,
+no traceback), 128+signal when interrupted after keeping what was done: 130 Ctrl-C (SIGINT),
+143 SIGTERM, 129 SIGHUP.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,10 +36,13 @@ from typing import Iterator
 from runtime.api import default_threads
 from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
 from runtime.cli import positive_int, probability, threshold_arg, top_k_arg  # noqa: F401  (eval, serve import them here)
+from runtime.fileio import OutputLock, OutputLocked
 from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
-from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
+from runtime.outputs import (OutputError, ResultFile, check_outputs, exit_code, interrupted_by, model_inputs,
+                             stop_on_signals)
 from runtime.pipeline import classify, is_image_name
+from runtime.provenance import describe, header, header_line, same_run
 from runtime.report import FORMATS, Writer, decision_thresholds
 
 PROG = "probres-infer"
@@ -54,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="alone: the K most probable labels whatever their probability ('all': every label); "
                          "with --threshold: the K most probable of those that pass it")
     ap.add_argument("--output", "-o", metavar="FILE",
-                    help="write here instead of stdout (temp file renamed at the end; Ctrl-C keeps what was done)")
+                    help="write here instead of stdout ('-': stdout; temp file renamed at the end; Ctrl-C, SIGTERM "
+                         "and SIGHUP keep what was done)")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="images per inference call (default 16)")
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="CPU threads for decoding and for CPU inference (default: all cores, decoding at most 8)")
@@ -69,11 +81,16 @@ def _progress():
     return tqdm(unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def check_args(args: argparse.Namespace) -> tuple[Iterator[str], DoneSet | None]:
+def check_args(args: argparse.Namespace, hold: contextlib.ExitStack
+               ) -> tuple[Iterator[str], DoneSet | None, dict | None]:
     """Everything that can fail before the model loads (InputError/OutputError: one line, exit 2).
 
-    Returns the input stream (shard and resume applied) and the resume bookkeeping (or None).
+    Returns the input stream (shard and resume applied), the resume bookkeeping (or None) and the
+    provenance header (None if the model cannot be read: loading it then says why). The output's
+    lock is entered on `hold`, before --resume reads the file.
     """
+    if args.output == "-":
+        args.output = None
     if not args.paths and args.from_list is None:
         raise InputError("give image files or directories (PATH ...) and/or --from-list FILE")
     shard = parse_shard(args.shard)
@@ -97,33 +114,53 @@ def check_args(args: argparse.Namespace) -> tuple[Iterator[str], DoneSet | None]
     source = take_shard(source, *shard)
     if args.output and os.path.isfile(args.output):
         source = refuse_output(source, args.output)           # stdin entries: nothing listed them beforehand
+    try:
+        hold.enter_context(OutputLock(args.output))
+    except OutputLocked as e:
+        raise OutputError(f"--output {e}") from None
+    try:
+        head = header(args.engine, args.threshold, args.top_k)
+    except OSError:
+        head = None
     done = read_done(args.output) if args.resume else None
     if done is not None:
+        if done.header is None and len(done):
+            raise InputError(f"--resume: {args.output} has no provenance header (an older probres-infer wrote it): "
+                             f"nothing says which model made it; write to a new --output")
+        if done.header is not None and head is not None and not same_run(done.header, head):
+            raise InputError(f"--resume: {args.output} was made by {describe(done.header)}; this run is "
+                             f"{describe(head)}: one file never mixes two; write to a new --output")
         if done.dropped_bytes:
             print(f"{PROG}: {args.output}: dropped an unfinished last line ({done.dropped_bytes} bytes) "
                   f"left by a killed run; that image is classified again", file=sys.stderr)
         source = done.skip_done(source)
-    return source, done
+    return source, done, head
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with stop_on_signals(), contextlib.ExitStack() as hold:     # SIGTERM, SIGHUP: as Ctrl-C
+        return run(args, hold)
+
+
+def run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
+    """The run after argument parsing; the output's lock is held on `hold`."""
     try:
-        paths, done = check_args(args)
+        paths, done, head = check_args(args, hold)
     except (InputError, OutputError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted before the first input", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"{PROG}: interrupted{interrupted_by(e)} before the first input", file=sys.stderr)
+        return exit_code(e)
     try:
         backend = open_backend(args.engine, device=args.device, threads=args.threads, **backend_options(args))
     except BackendError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:                     # loading can take minutes (--compile, a big plan)
-        print(f"{PROG}: interrupted while loading {args.engine}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:                # loading can take minutes (--compile, a big plan)
+        print(f"{PROG}: interrupted{interrupted_by(e)} while loading {args.engine}", file=sys.stderr)
+        return exit_code(e)
     top_k = backend.contract.labels.num_classes if args.top_k == "all" else args.top_k
     threads = args.threads or default_threads()
     n_ok = n_bad = 0
@@ -132,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ResultFile(args.output, append=args.resume) as out, _progress() as bar:
             thresholds, decided_by = decision_thresholds(backend.contract, args.threshold, top_k)
+            if head is not None and (done is None or done.header is None):
+                out.write(header_line(head, args.format))     # which model and rule made every record below
             writer = Writer(out, args.format, backend.contract.labels, thresholds, top_k, decided_by)
-            out.end_batch()                       # the csv header
+            out.end_batch()                       # the provenance and csv headers
             # Preprocessed straight into the backend's own buffers; batch k+1 submitted before k is waited for.
             for batch, probs in classify(backend, paths, args.batch_size, threads):
                 row = 0
@@ -149,16 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                 out.end_batch(len(batch.paths))   # this batch's records, in one write, flushed
                 bar.update(len(batch.paths))
     except (BackendError, InputError, MemoryError) as e:    # MemoryError: the batch buffers (names --batch-size)
-        untouched = isinstance(e, InputError) and not args.resume
+        untouched = isinstance(e, InputError) and not args.resume and args.output is not None
         print(f"{PROG}: error: {e}" + (f"; {args.output} left as it was" if untouched else ""), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:               # Ctrl-C, SIGTERM or SIGHUP (stop_on_signals)
         kept = ""
         if out is not None and args.output:
             kept = f"; {out.kept} records kept in {args.output}" + (
                 " (finish with the same command plus --resume)" if args.format == "jsonl" else "")
-        print(f"{PROG}: interrupted after {n_ok + n_bad} inputs{kept}", file=sys.stderr)
-        return 130
+        print(f"{PROG}: interrupted{interrupted_by(e)} after {n_ok + n_bad} inputs{kept}", file=sys.stderr)
+        return exit_code(e)
     except BrokenPipeError:                       # e.g. `probres-infer ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -9,11 +9,16 @@ given) is I modulo N: the same path lands in the same shard on every machine wha
 listing order, so N processes given the same paths label a store together, each input once.
 --resume reads the JSONL already written and skips every image recorded there (results and
 error records alike), keeping only an 8-byte hash per record (8 MB per million), and cuts off
-a last line left unfinished by a hard kill.
+a last line left unfinished by a hard kill. Its provenance header (runtime.provenance; one per
+file, or one per part in `cat part*.jsonl`, all the same) is returned for probres-infer to
+compare with the run's own; a record whose file name is not UTF-8 is matched by its
+"image_base64" (the name's raw bytes).
+A list file is a text file: one holding a NUL byte (no path can) is refused before any work.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -21,15 +26,17 @@ import sys
 from array import array
 from bisect import bisect_left
 from itertools import chain
-from typing import Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 
 from runtime.errors import UsageError
 from runtime.pipeline import iter_image_paths
+from runtime.provenance import JSONL_START, describe, parse_header, same_run
 
 
 RECORD_START = b'{"image": '      # how every record of runtime.report's jsonl writer begins
+RAW_KEY = b'"image_base64": '       # present only when the file name is not valid UTF-8 (runtime.report)
 
 
 class InputError(UsageError):
@@ -56,7 +63,10 @@ def read_list(path: str) -> Iterator[str]:
     """Paths from a list file (or '-': stdin), one a line, blank lines skipped; read as it is consumed."""
     f = sys.stdin.buffer if path == "-" else open(path, "rb")
     try:
-        for raw in f:                           # bytes: any path the file system allows, decoded like os.listdir
+        for lineno, raw in enumerate(_stdin_lines(f) if path == "-" else f, 1):   # bytes: any path, as os.listdir
+            if b"\0" in raw:                     # stdin: nothing could check it before the run
+                raise InputError(f"--from-list {path} line {lineno}: a NUL byte; this is a binary file, "
+                                 f"not a list of paths one a line")
             line = raw.rstrip(b"\r\n")
             if line:
                 yield os.fsdecode(line)
@@ -65,14 +75,39 @@ def read_list(path: str) -> Iterator[str]:
             f.close()
 
 
+def _stdin_lines(f: IO[bytes]) -> Iterator[bytes]:
+    """The lines of stdin, after a check of its first read (up to 64 KiB: what is there, no wait for
+    more) for a NUL byte, so a binary file piped in is refused before its first "path" is tried."""
+    head = f.read1(1 << 16)
+    at = head.find(b"\0")
+    if at >= 0:
+        raise InputError(f"--from-list -: a binary file (NUL byte at offset {at}), not a list of paths one a line")
+    parts = head.splitlines(keepends=True)
+    if parts and not parts[-1].endswith(b"\n"):
+        parts[-1] += f.readline()               # the line the read cut in two
+    yield from parts
+    yield from f
+
+
 def check_list(path: str | None) -> None:
-    """InputError unless the --from-list file can be opened (checked before any work)."""
+    """InputError unless the --from-list file can be read and is text (checked before any work).
+
+    A NUL byte anywhere makes it binary (a model given by mistake, say): no path can hold one.
+    The whole file is scanned, in 1 MiB reads: a second for ~1 GB, next to hours of classifying.
+    """
     if path is None or path == "-":
         return
     if os.path.isdir(path):
         raise InputError(f"--from-list {path}: is a directory; give a file with one path a line")
     try:
-        open(path, "rb").close()
+        with open(path, "rb") as f:
+            offset = 0
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                at = chunk.find(b"\0")
+                if at >= 0:
+                    raise InputError(f"--from-list {path}: a binary file (NUL byte at offset {offset + at}), "
+                                     f"not a list of paths one a line")
+                offset += len(chunk)
     except OSError as e:
         raise InputError(f"--from-list {path}: {e.strerror or e}") from None
 
@@ -129,12 +164,13 @@ def peek(paths: Iterable[str]) -> Iterator[str] | None:
 class DoneSet:
     """The images already recorded in a JSONL output: their path hashes, sorted (8 bytes each)."""
 
-    def __init__(self, hashes: np.ndarray, dropped_bytes: int = 0) -> None:
+    def __init__(self, hashes: np.ndarray, dropped_bytes: int = 0, header: dict | None = None) -> None:
         # array('Q') rather than numpy for lookups: bisect on it costs ~1 us a path, where a scalar
         # np.searchsorted call costs ~10 us of overhead (and batching lookups would stall a stdin list).
         self.hashes = array("Q", np.sort(hashes.astype(np.uint64)).tobytes())
         self.dropped_bytes = dropped_bytes       # size of the unfinished last line cut off, 0 if none
         self.skipped = 0                         # inputs skipped so far by skip_done
+        self.header = header                     # the file's provenance header, None if it has none
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -157,13 +193,17 @@ class DoneSet:
 
 
 def _record_image(raw: bytes) -> str:
-    """The "image" of one JSONL record. Records this tool wrote begin with RECORD_START: only
-    their first value is decoded (raw_decode stops after it: 1M records in seconds, not tens)."""
-    if raw.startswith(RECORD_START) and raw.rstrip().endswith(b"}"):
+    """The "image" of one JSONL record, as the input stream gives it. Records this tool wrote begin
+    with RECORD_START: only their first value is decoded (raw_decode stops after it: 1M records in
+    seconds, not tens). A non-UTF-8 name comes back from its raw bytes ("image_base64")."""
+    if raw.startswith(RECORD_START) and raw.rstrip().endswith(b"}") and RAW_KEY not in raw:
         image = _DECODER.raw_decode(raw[len(RECORD_START):].decode("utf-8"))[0]
         if isinstance(image, str):
             return image
-    return json.loads(raw)["image"]
+    rec = json.loads(raw)
+    if "image_base64" in rec:
+        return os.fsdecode(base64.b64decode(rec["image_base64"], validate=True))
+    return rec["image"]
 
 
 _DECODER = json.JSONDecoder()
@@ -178,7 +218,7 @@ def read_done(path: str) -> DoneSet:
     hashes = array("Q")
     if not os.path.exists(path):
         return DoneSet(np.zeros(0, np.uint64))
-    end, dropped = 0, 0
+    end, dropped, head = 0, 0, None
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -186,13 +226,19 @@ def read_done(path: str) -> DoneSet:
     with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):          # only the last line can lack it
-                if not (raw.startswith(RECORD_START) or RECORD_START.startswith(raw)):
+                if not any(raw.startswith(s) or s.startswith(raw) for s in (RECORD_START, JSONL_START)):
                     raise InputError(f"--resume: {path} line {lineno} is not a probres-infer JSONL record "
                                      f"(--resume appends to the JSONL output of an earlier run)")
                 dropped = len(raw)
                 break
             end += len(raw)
             if not raw.strip():
+                continue
+            if raw.startswith(JSONL_START) and (h := parse_header(raw)) is not None:
+                if head is not None and not same_run(head, h):      # shards concatenated: all one run
+                    raise InputError(f"--resume: {path} line {lineno}: a header for {describe(h)} after one for "
+                                     f"{describe(head)}: the file mixes two models or decision rules")
+                head = head or h
                 continue
             try:
                 image = _record_image(raw)
@@ -202,4 +248,4 @@ def read_done(path: str) -> DoneSet:
             hashes.append(path_hash(str(image)))
     if dropped:
         os.truncate(path, end)
-    return DoneSet(np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64), dropped)
+    return DoneSet(np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64), dropped, head)

@@ -10,6 +10,8 @@ order. Predictions are sorted by probability, descending (ties by label index).
   csv    image,rank,label,category_id,probability,threshold,error  (one row per prediction;
          an image with none gets one row with empty label fields; a failed one, its error)
   table  the image path, then "class  probability" rows
+A file name that is not valid UTF-8 is written readable, its undecodable bytes as \\xNN, and in
+jsonl also as "image_base64": the name's raw bytes, base64 (only then), which recover it.
 "threshold" says what decided: "contract" (the model contract's per-label thresholds; each
 prediction carries its label's), a number given with --threshold (the same for every
 label), or null (--top-k alone: the K most probable, whatever their probability).
@@ -19,8 +21,10 @@ here once: probres-infer's Writer and runtime.api's Prediction.to_json both buil
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
+import os
 from typing import IO
 
 import numpy as np
@@ -69,13 +73,13 @@ def record(image: str, probs: np.ndarray, labels: LabelSet, thresholds: np.ndarr
            top_k: int | None = None, threshold_name: str | float | None = None, idx: list[int] | None = None) -> dict:
     """The JSONL record of one classified image (idx: select's answer when the caller has it)."""
     idx = select(probs, thresholds, top_k) if idx is None else idx
-    return {"image": image, "threshold": None if thresholds is None else threshold_name,
+    return {**image_fields(image), "threshold": None if thresholds is None else threshold_name,
             "predictions": prediction_rows(probs, idx, labels, thresholds)}
 
 
 def error_record(image: str, message: str) -> dict:
     """The JSONL record of an input that could not be classified."""
-    return {"image": image, "error": message}
+    return {**image_fields(image), "error": printable(message)}
 
 
 def printable(text: str) -> str:
@@ -87,6 +91,13 @@ def printable(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def image_fields(image: str) -> dict:
+    """A jsonl record's "image": readable (printable), plus "image_base64" (the raw bytes) when not UTF-8."""
+    text = printable(image)
+    return {"image": text} if text is image else {"image": text,
+                                                  "image_base64": base64.b64encode(os.fsencode(image)).decode()}
 
 
 class Writer:

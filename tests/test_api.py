@@ -26,6 +26,7 @@ from golden_cases import build
 from runtime import Classifier, ProbresError
 from runtime.errors import ImageError, ModelError, UsageError
 from runtime.infer import main as infer_main
+from runtime.provenance import parse_header
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,12 @@ def work(tmp_path_factory, toy_root):
 def infer_records(capsys, *args) -> list[dict]:
     capsys.readouterr()
     infer_main([str(a) for a in args])
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return [json.loads(line) for line in record_lines(capsys.readouterr().out)]
+
+
+def record_lines(text: str) -> list[str]:
+    """probres-infer's JSONL lines, its provenance header (runtime.provenance) dropped."""
+    return [line for line in text.splitlines() if parse_header(line) is None]
 
 
 def same_record(pred, ref: dict) -> None:
@@ -64,7 +70,7 @@ def test_paths_and_directories_give_probres_infers_lines(work, capsys):
     model, images = work["model"], work["images"]
     capsys.readouterr()
     infer_main(["--engine", str(model), str(images), "--batch-size", "3"])
-    ref_lines = capsys.readouterr().out.splitlines()
+    ref_lines = record_lines(capsys.readouterr().out)
     with Classifier.open(model) as clf:
         preds = clf.predict(str(images), batch_size=5)
         assert [p.to_json() for p in preds] == ref_lines                # byte for byte, the error record too

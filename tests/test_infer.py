@@ -8,6 +8,7 @@ label set's contract, so every expected probability can be computed independentl
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -71,6 +72,13 @@ def run(args, capsys) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def body(out: str) -> list[str]:
+    """The lines after the provenance header (runtime.provenance), which must come first."""
+    lines = out.splitlines()
+    assert lines and lines[0].startswith(('{"probres": ', "# probres: ")), out[:200]
+    return lines[1:]
+
+
 # ------------------------------------------------------------------------------------ good inputs
 
 def test_jsonl_one_line_per_image_in_sorted_order(model, toy_root, tmp_path, capsys):
@@ -79,7 +87,7 @@ def test_jsonl_one_line_per_image_in_sorted_order(model, toy_root, tmp_path, cap
     images = sorted(val.glob("*.jpg"))
     rc, out, err = run(["--engine", path, val, "--batch-size", 5, "--threads", 2], capsys)
     assert rc == 0
-    lines = out.splitlines()
+    lines = body(out)
     assert len(lines) == len(images) == 24
     records = [json.loads(line) for line in lines]
     assert [r["image"] for r in records] == [str(p) for p in images]
@@ -98,7 +106,7 @@ def test_top_k_all_lists_every_label_with_its_probability(model, toy_root, capsy
     rc, out, _ = run(["--engine", path, *images, "--top-k", "all", "--batch-size", 3], capsys)
     assert rc == 0
     want = expected_probs(images, contract.preprocess, w, b)
-    for line, row in zip(out.splitlines(), want):
+    for line, row in zip(body(out), want):
         preds = json.loads(line)["predictions"]
         assert len(preds) == contract.labels.num_classes == 8
         got = {x["label"]: x["probability"] for x in preds}
@@ -107,7 +115,7 @@ def test_top_k_all_lists_every_label_with_its_probability(model, toy_root, capsy
         assert [x["label"] for x in preds] == [contract.labels.names[k] for k in np.argsort(-row, kind="stable")]
     rc, out, _ = run(["--engine", path, images[0], "--top-k", "2", "--threshold", "0.99"], capsys)
     row = want[0]                                           # top-k keeps only labels that pass the threshold
-    assert [x["label"] for x in json.loads(out)["predictions"]] == [
+    assert [x["label"] for x in json.loads(body(out)[0])["predictions"]] == [
         contract.labels.names[k] for k in np.argsort(-row, kind="stable")[:2] if row[k] >= 0.99]
 
 
@@ -117,12 +125,12 @@ def test_csv_table_and_atomic_output(model, toy_root, tmp_path, capsys):
     out_csv = tmp_path / "res" / "out.csv"
     rc, out, _ = run(["--engine", path, *images, "--format", "csv", "--top-k", 3, "--output", out_csv], capsys)
     assert rc == 0 and out == ""
-    rows = list(csv.DictReader(io.StringIO(out_csv.read_text())))
+    rows = list(csv.DictReader(io.StringIO("\n".join(body(out_csv.read_text())))))
     assert len(rows) == 12 and [r["rank"] for r in rows[:3]] == ["1", "2", "3"]
     assert rows[0]["image"] == str(images[0]) and rows[0]["error"] == ""
     assert sorted(os.listdir(out_csv.parent)) == ["out.csv"]       # no temp file left behind
     rc, out, _ = run(["--engine", path, images[0], "--format", "table", "--top-k", 2], capsys)
-    lines = out.splitlines()
+    lines = body(out)
     assert lines[0] == str(images[0]) and lines[1].split() == ["class", "probability"]
     want = expected_probs(images[:1], contract.preprocess, w, b)[0]
     top = np.argsort(-want, kind="stable")[:2]
@@ -135,7 +143,7 @@ def test_console_script_runs(model, toy_root):
     r = subprocess.run([str(exe), "--engine", str(model[0]), str(toy_root / "val2014")], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) == 24 and "\r" not in r.stderr     # no progress bar off a terminal
+    assert len(body(r.stdout)) == 24 and "\r" not in r.stderr     # no progress bar off a terminal
 
 
 # ------------------------------------------------------------------------------------ the bad-file corpus
@@ -211,7 +219,7 @@ def test_corpus_bad_files_get_error_records_good_ones_results(model, corpus, cap
     missing = str(d / "missing.jpg")
     rc, out, err = run(["--engine", path, d, text, missing, "--batch-size", 4], capsys)
     assert rc == 1
-    records = [json.loads(line) for line in out.splitlines()]
+    records = [json.loads(line) for line in body(out)]
     assert [r["image"] for r in records] == sorted(good + bad) + [text, missing]
     failed = {r["image"]: r["error"] for r in records if "error" in r}
     assert set(failed) == set(bad) | {text, missing}
@@ -314,8 +322,8 @@ def test_contract_thresholds_decide_and_each_record_says_which_applied(model, to
     with_thr = tmp_path / "thr.onnx"
     onnx.save(m, str(with_thr))
     rc, out, _ = run(["--engine", with_thr, *images], capsys)
-    assert rc == 0 and len(out.splitlines()) == len(images)
-    for line, row in zip(out.splitlines(), p):
+    assert rc == 0 and len(body(out)) == len(images)
+    for line, row in zip(body(out), p):
         r = json.loads(line)
         assert r["threshold"] == "contract"
         want = [k for k in np.argsort(-row, kind="stable") if row[k] >= thr[k]]
@@ -323,18 +331,18 @@ def test_contract_thresholds_decide_and_each_record_says_which_applied(model, to
         assert [x["threshold"] for x in r["predictions"]] == [round(float(thr[k]), 6) for k in want]
     # --top-k with a threshold: the K most probable of the labels that pass it.
     rc, out, _ = run(["--engine", with_thr, *images, "--top-k", "1", "--threshold", "contract"], capsys)
-    assert rc == 0 and len(out.splitlines()) == len(images)     # else the loops below check nothing
-    for line, row in zip(out.splitlines(), p):
+    assert rc == 0 and len(body(out)) == len(images)     # else the loops below check nothing
+    for line, row in zip(body(out), p):
         want = [k for k in np.argsort(-row, kind="stable") if row[k] >= thr[k]][:1]
         assert [x["label"] for x in json.loads(line)["predictions"]] == [contract.labels.names[k] for k in want]
     rc, out, _ = run(["--engine", with_thr, *images, "--threshold", "0.3"], capsys)
-    assert rc == 0 and len(out.splitlines()) == len(images)
-    for line, row in zip(out.splitlines(), p):
+    assert rc == 0 and len(body(out)) == len(images)
+    for line, row in zip(body(out), p):
         r = json.loads(line)
         assert r["threshold"] == 0.3 and len(r["predictions"]) == int((row >= 0.3).sum())
     # A model without thresholds behaves as before: 0.5 for every label.
     rc, out, _ = run(["--engine", path, images[0]], capsys)
-    r = json.loads(out)
+    r = json.loads(body(out)[0])
     assert r["threshold"] == 0.5 and len(r["predictions"]) == int((p[0] >= 0.5).sum())
 
 
@@ -350,17 +358,30 @@ def _undecodable_name_tree(toy_root: Path, tmp_path: Path) -> tuple[Path, str, s
     return d, os.fsdecode(odd), str(d / "plain.jpg")
 
 
-def test_a_file_name_that_is_not_utf8_is_classified_not_a_segfault(model, toy_root, tmp_path):
-    """cv2.imread crashes the process on a str it cannot encode (os.fsdecode's surrogates); run in a subprocess."""
+def test_a_file_name_that_is_not_utf8_is_classified_and_recoverable_from_its_record(model, toy_root, tmp_path):
+    """cv2.imread crashes the process on a str it cannot encode (os.fsdecode's surrogates); run in a subprocess.
+
+    The record is plain UTF-8 JSON (no lone surrogate "\\udce9", which jq turns into U+FFFD): "image" is
+    readable, "image_base64" the name's raw bytes, and --resume recognises the file from them."""
     d, odd, plain = _undecodable_name_tree(toy_root, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     r = subprocess.run([sys.executable, "-m", "runtime.infer", "--engine", str(model[0]), str(d), "--top-k", "all"],
                        capture_output=True, timeout=120, env=env)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    recs = {rec["image"]: rec for rec in map(json.loads, r.stdout.decode().splitlines())}
-    assert set(recs) == {odd, plain}
+    text = r.stdout.decode("utf-8")                          # strict: every byte is valid UTF-8
+    assert "\\ud" not in text                                 # no escaped lone surrogate
+    recs = {rec["image"]: rec for rec in map(json.loads, body(text))}
+    assert set(recs) == {odd.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), plain}
+    raw = [rec for rec in recs.values() if "image_base64" in rec]
+    assert len(raw) == 1 and base64.b64decode(raw[0]["image_base64"]) == os.fsencode(odd)    # the exact name
+    assert "image_base64" not in recs[plain]                 # only when the name is not UTF-8
     probs = lambda rec: sorted((p["label"], p["probability"]) for p in rec["predictions"])  # noqa: E731
-    assert probs(recs[odd]) == probs(recs[plain])
+    assert probs(raw[0]) == probs(recs[plain])
+    out = tmp_path / "r.jsonl"                               # --resume finds both names already done
+    out.write_bytes(r.stdout)
+    r = subprocess.run([sys.executable, "-m", "runtime.infer", "--engine", str(model[0]), str(d), "--resume",
+                        "--output", str(out), "--top-k", "all"], capture_output=True, timeout=120, env=env)
+    assert r.returncode == 0 and b"(2 already in" in r.stderr and out.read_bytes().count(b"\n") == 3, r.stderr
 
 
 def test_csv_and_table_write_a_non_utf8_file_name_escaped(model, toy_root, tmp_path, capsys):
@@ -389,7 +410,7 @@ def test_an_unlistable_directory_gets_an_error_record_naming_it(model, toy_root,
         return real(path)
     monkeypatch.setattr(os, "scandir", scandir)
     rc, out, err = run(["--engine", model[0], d], capsys)
-    recs = [json.loads(line) for line in out.splitlines()]
+    recs = [json.loads(line) for line in body(out)]
     assert rc == 1 and [r["image"] for r in recs] == [str(d / "a.jpg"), str(d / "locked")], out
     assert "cannot list directory (Permission denied)" in recs[1]["error"]
 

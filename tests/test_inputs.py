@@ -36,9 +36,10 @@ def data(tmp_path_factory):
 
 
 def records(path: Path) -> list[dict]:
+    """The records of a JSONL output, after its provenance header (which must come first, once)."""
     text = path.read_text()
-    assert text.endswith("\n")
-    return [json.loads(line) for line in text.splitlines()]
+    assert text.endswith("\n") and text.startswith('{"probres": ')
+    return [json.loads(line) for line in text.splitlines()[1:]]
 
 
 def test_resume_after_sigkill_gives_one_whole_line_per_input(data, tmp_path):
@@ -55,7 +56,7 @@ def test_resume_after_sigkill_gives_one_whole_line_per_input(data, tmp_path):
     # stdin stays open: every path fed is still classified, the last 2 as a partial batch once the
     # input pauses (runtime.chunks); before, the batch before the missing paths waited for them.
     deadline = time.time() + 60
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < n):
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1 + n):
         assert p.poll() is None, p.stderr.read().decode()
         time.sleep(0.02)
     assert p.poll() is None                   # still running, blocked on stdin: a kill mid-run
@@ -86,7 +87,7 @@ def test_three_shards_cover_every_input_exactly_once(data, tmp_path, capsys):
     seen: list[str] = []
     for i in range(3):
         assert infer.main(["--engine", str(model), imgs, "--shard", f"{i}/3", "--batch-size", "8"]) == 0
-        seen += [json.loads(line)["image"] for line in capsys.readouterr().out.splitlines()]
+        seen += [json.loads(line)["image"] for line in capsys.readouterr().out.splitlines()[1:]]
     assert sorted(seen) == sorted(paths) and len(seen) == len(set(seen))
     # the shard of a path does not depend on the listing order (other machines list differently)
     shuffled = paths[:]
@@ -115,7 +116,7 @@ def test_ctrl_c_keeps_what_was_classified_and_resume_finishes(data, tmp_path, mo
         assert infer.main(args) == 130
         err = capsys.readouterr().err
         assert f"15 records kept in {out}" in err
-        lines = out.read_text().splitlines()
+        lines = out.read_text().splitlines()[1:]           # after the provenance header
         if fmt == "csv":
             assert lines[0].startswith("image,rank") and {ln.split(",")[0] for ln in lines[1:]} == set(paths[:15])
         else:
@@ -248,7 +249,7 @@ def test_real_sigint_keeps_the_finished_batches(data, tmp_path):
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130, err
-    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    kept = records(out)
     assert 40 <= len(kept) < 20000 and len(kept) % 4 == 0 and f"{len(kept)} records kept in {out}" in err
     assert [r["image"] for r in kept] == [paths[i % len(paths)] for i in range(len(kept))]
     assert sorted(os.listdir(tmp_path)) == ["many.txt", "r.jsonl"]

@@ -222,5 +222,5 @@ def test_probres_infer_runs_the_int8_file_on_openvino(files, toy_root, tmp_path,
     images = [str(p) for p in sorted((toy_root / "val2014").glob("*.jpg"))[:3]]
     assert infer_main(["--engine", str(int8), "--backend", "openvino", "--threads", "1", "--output", str(out),
                        *images]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]     # after the provenance header
     assert [r["image"] for r in rows] == images and "openvino[CPU] int8" in capsys.readouterr().err

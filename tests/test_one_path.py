@@ -155,7 +155,7 @@ def test_probres_infer_hands_the_backend_its_own_buffers(tmp_path, monkeypatch, 
     assert len(be.submitted) == 10 and be.waited == 10                       # ceil(37 / 4), every one waited
     assert {d for _, d in be.submitted} == {"float16" if fp16_input else "float32"}
     assert len({a for a, _ in be.submitted}) <= IN_FLIGHT + 1 + 2            # recycled: fixed, not 10
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[1:]                        # after the provenance header
     assert len(lines) == 37
 
 
@@ -195,7 +195,7 @@ def test_probres_infer_batch_size_larger_than_the_input_runs(tmp_path, capsys):
     model = tiny_onnx(tmp_path / "m.onnx")
     (p,) = write_images(tmp_path / "imgs", 1, size=40)
     assert infer.main(["--engine", str(model), p, "--batch-size", "100000"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 1               # the provenance header, the record
 
 
 def test_held_batches_stay_intact_until_released(tmp_path):

@@ -91,7 +91,7 @@ def test_infer_allows_a_results_file_beside_the_images(tree, capsys):
     out = imgs / "results.jsonl"
     out.write_text("old\n")                           # a previous run's results: not an input
     assert main(["--engine", str(model), str(imgs), "--output", str(out)]) == 0
-    assert len(out.read_text().splitlines()) == 3
+    assert len(out.read_text().splitlines()) == 1 + 3                  # the provenance header, 3 records
 
 
 def test_infer_checks_the_output_location_before_loading_the_model(tree, capsys):

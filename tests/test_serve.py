@@ -168,7 +168,7 @@ def test_load_and_faults_32_clients(server, model, images, tmp_path):
 
     ref = serve_py("-m", "runtime.infer", "--engine", str(model[0]), "--top-k", "all", *map(str, good))
     want = {}
-    for line in ref.stdout.splitlines():
+    for line in ref.stdout.splitlines()[1:]:                # after probres-infer's provenance header
         row = json.loads(line)
         p = np.zeros(len(model[1].labels.names))
         for pred in row["predictions"]:

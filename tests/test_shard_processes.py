@@ -15,13 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from runtime.provenance import records
 from test_pipeline_memory import tiny_onnx, write_images
 
 N = 3
 # probres-infer's input stream (check_args: the walk, the shard, everything but the model) for every shard.
-STREAMS = ("import json, sys; from runtime.infer import build_parser, check_args; "
-           "print(json.dumps([list(check_args(build_parser().parse_args(sys.argv[1:] + ['--shard', f'{i}/%d']))[0]) "
-           "for i in range(%d)]))" % (N, N))
+STREAMS = ("import contextlib, json, sys; from runtime.infer import build_parser, check_args; "
+           "print(json.dumps([list(check_args(build_parser().parse_args(sys.argv[1:] + ['--shard', f'{i}/%d']), "
+           "contextlib.ExitStack())[0]) for i in range(%d)]))" % (N, N))
 
 
 def run(args: list[str], seed: int) -> str:
@@ -43,4 +44,4 @@ def test_shards_agree_across_hash_seeds_and_cover_each_input_once(tmp_path):
     # probres-infer itself, with a third seed, classifies exactly shard 1's images.
     exe = str(Path(sys.executable).parent / "probres-infer")
     out = run([exe, "--engine", str(model), str(images), "--shard", f"1/{N}", "--top-k", "1"], seed=3)
-    assert [json.loads(line)["image"] for line in out.splitlines()] == seen[1][1]
+    assert [r["image"] for r in records(out.splitlines())] == seen[1][1]
