@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         cuda_driver_version=host.cuda_driver_version, cuda_python_version=host.cuda_python_version,
         os=here[0], arch=here[1], val_metrics=meta.val_metrics if isinstance(meta.val_metrics, dict) else None,
-        input_dtype=facts.input_dtype)
+        input_dtype=facts.input_dtype, checkpoint_sha256=meta.checkpoint_sha256 or "")
     mpath = write_manifest(out, manifest)
     if args.timing_cache:
         save_timing_cache(args.timing_cache, cache_out, key)

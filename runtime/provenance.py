@@ -1,0 +1,77 @@
+"""Which checkpoint a model file came from: the lineage probres-eval checks a reference against.
+
+    python -c "from runtime.provenance import lineage; print(lineage('model_int8.onnx'))"
+
+Every export records the sha256 of what it was made from: export.onnx (FP32 and FP16) stores
+the checkpoint's (metadata_props probres.checkpoint_sha256), export.int8 keeps it and adds the
+FP32 ONNX's (probres.source_onnx_sha256), export.tensorrt's manifest records the ONNX's and the
+checkpoint's, and export.triton puts both into the model's config. So a model's lineage is its
+own sha256 plus every ancestor's, and two files are the same model when one is an ancestor of
+the other or both came from one checkpoint. No torch here: a checkpoint is only hashed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.fileio import sha256_file
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+PLAN_SUFFIXES = (".plan", ".engine")
+
+
+class ProvenanceError(ValueError):
+    """The file's metadata cannot be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A model file, its own sha256 and the sha256 of each file it was made from."""
+
+    path: str
+    kind: str                           # "checkpoint" | "onnx" | "plan"
+    sha256: str                         # the file itself
+    checkpoint_sha256: str | None       # the checkpoint it came from (its own sha256 for a checkpoint); None: not recorded
+    sources: tuple[str, ...] = ()       # every ancestor's sha256 (checkpoint, FP32 ONNX, ...)
+
+    def short(self) -> str:
+        """'best.pt (sha256 1a2b3c4d5e6f)' for messages."""
+        return f"{self.path} (sha256 {self.sha256[:12]})"
+
+
+def lineage(path: str | os.PathLike[str]) -> Lineage:
+    """The Lineage of a checkpoint, an .onnx file or a TensorRT plan (from its manifest)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    own = sha256_file(p)
+    if suffix in PLAN_SUFFIXES:
+        from runtime.trt_manifest import ManifestError, read_manifest
+        try:
+            m = read_manifest(p)
+        except ManifestError as e:
+            raise ProvenanceError(str(e)) from None
+        ckpt = m.checkpoint_sha256 or None
+        return Lineage(str(p), "plan", own, ckpt, tuple(s for s in (ckpt, m.onnx_sha256) if s))
+    if suffix == ".onnx":
+        from runtime.onnx_meta import KEY_SHA, KEY_SOURCE_ONNX, OnnxMetaError, metadata_props
+        try:
+            props = metadata_props(p)
+        except OnnxMetaError as e:
+            raise ProvenanceError(str(e)) from None
+        ckpt = props.get(KEY_SHA) or None
+        return Lineage(str(p), "onnx", own, ckpt, tuple(s for s in (ckpt, props.get(KEY_SOURCE_ONNX)) if s))
+    return Lineage(str(p), "checkpoint", own, own, ())
+
+
+def relation(model: Lineage, reference: Lineage) -> str:
+    """How `reference` relates to `model`: "itself", "source" (one was made from the other, or both
+    from one checkpoint), "unknown" (the model records no source) or "different"."""
+    if model.sha256 == reference.sha256:
+        return "itself"
+    if reference.sha256 in model.sources or model.sha256 in reference.sources:
+        return "source"
+    if model.checkpoint_sha256 is None or reference.checkpoint_sha256 is None:
+        return "unknown"
+    return "source" if model.checkpoint_sha256 == reference.checkpoint_sha256 else "different"
