@@ -142,10 +142,13 @@ def test_export_triton_plan_takes_names_and_batch_from_the_manifest(tmp_path, ca
 
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"not a real plan: export.triton copies it as is")
-    m = _manifest(input_name="input_0", output_name="output_0", max_batch=32)
+    m = _manifest(input_name="input_0", output_name="output_0", max_batch=32, checkpoint_sha256="c" * 64)
     write_manifest(plan, m)
     write_repository(plan, tmp_path / "repo")
     cfg = (tmp_path / "repo" / "probres_model" / "config.pbtxt").read_text()
+    from runtime.fileio import sha256_file         # issue 24: the repository says which checkpoint it serves
+    assert f'key: "probres.checkpoint_sha256" value {{ string_value: "{"c" * 64}" }}' in cfg
+    assert f'key: "probres.model_sha256" value {{ string_value: "{sha256_file(plan)}" }}' in cfg
     for line in ('platform: "tensorrt_plan"', "max_batch_size: 32", 'name: "input_0" data_type: TYPE_FP32 dims: [ 3, 448, 448 ]',
                  'name: "output_0" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt"', "kind: KIND_GPU"):
         assert line in cfg, line
