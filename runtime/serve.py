@@ -106,19 +106,21 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def open_instances(args: argparse.Namespace) -> list[ServeModel]:
-    """One ServeModel (its own backend and input buffer) per --instances; BackendError on a bad model."""
-    threads = args.threads or max(1, _cores() // args.instances)
+def open_instances(engine: str, instances: int = 1, device: str = "auto", threads: int | None = None,
+                   max_batch: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+                   threshold: float | None = None) -> list[ServeModel]:
+    """One ServeModel (its own backend and input buffer) per instance; BackendError on a bad model.
+    threads: per instance (default cores / instances); threshold: one for every label (None: the contract's)."""
+    threads = threads or max(1, _cores() // instances)
+    limit = max_batch
     models: list[ServeModel] = []
     try:
-        for _ in range(args.instances):
-            backend = open_backend(args.engine, device=args.device, threads=threads)
-            max_batch = args.max_batch or DEFAULT_MAX_BATCH
+        for _ in range(instances):
+            backend = open_backend(engine, device=device, threads=threads)
+            max_batch = limit or DEFAULT_MAX_BATCH
             if backend.max_batch:                    # a TensorRT profile's limit
                 max_batch = min(max_batch, backend.max_batch)
-            thresholds = None if args.threshold is None else np.full(backend.contract.labels.num_classes,
-                                                                      args.threshold, np.float64)
-            models.append(ServeModel(backend, max_batch, threads, args.max_request_bytes, thresholds))
+            models.append(ServeModel(backend, max_batch, threads, max_request_bytes, threshold))
     except BaseException:
         for m in models:
             m.close()
@@ -154,7 +156,8 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
     def tensor_fn(model: ServeModel):
         def infer(requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
             items = [r["images"] for r in requests]                  # each (n_r, 3, S, S)
-            return split(model.from_tensors(np.concatenate(items)), items)
+            names = [f"image {j}" for x in items for j in range(len(x))]
+            return split(model.from_tensors(np.concatenate(items), names), items)
         return infer
 
     triton.bind(model_name=BYTES_MODEL, infer_func=[bytes_fn(m) for m in models],
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
               f"environment: run `make serve-env`, then .venv-serve/bin/{PROG}", file=sys.stderr)
         return 2
     try:
-        models = open_instances(args)
+        models = open_instances(args.engine, args.instances, args.device, args.threads, args.max_batch,
+                                args.max_request_bytes, args.threshold)
     except (BackendError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

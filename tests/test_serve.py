@@ -52,6 +52,38 @@ def test_serve_model_per_item_errors_order_and_default_cap(model, images):
                                             if ref[0, i] >= 0.5]
     m.close()
 
+def test_serve_labels_are_probres_infers_predictions_and_a_nan_tensor_is_that_items_error(model, images, tmp_path):
+    """Issue 24 row 10: the labels JSON is the "predictions" of probres-infer's record for the same
+    image (per-label threshold included), with --threshold too; NaN/inf tensors are item errors."""
+    from runtime.backends import open_backend
+    from runtime.infer import main as infer_main
+    from runtime.preprocess import preprocess
+
+    path, contract = model
+    good, _ = images
+    for threshold in (None, 0.3):
+        out = tmp_path / f"ref_{threshold}.jsonl"
+        argv = ["--engine", str(path), "--device", "cpu", str(good[0]), str(good[1]), "--output", str(out)]
+        assert infer_main(argv + ([] if threshold is None else ["--threshold", str(threshold)])) == 0
+        want = [json.loads(line)["predictions"] for line in out.read_text().splitlines()]
+        assert all("threshold" in p for preds in want for p in preds) and any(want)
+        m = ServeModel(open_backend(path, device="cpu"), max_batch=4, threads=1, threshold=threshold)
+        try:
+            got = m.from_bytes([good[0].read_bytes(), good[1].read_bytes()])
+            assert [json.loads(x) for x in got["labels"][:, 0]] == want
+            x = preprocess([str(good[0]), str(good[1]), str(good[2])], spec=contract.preprocess)
+            x[1, 0, 3, 3] = np.nan
+            x[2, 2, 0, 0] = np.inf
+            t = m.from_tensors(x)
+            errs = [e.decode() for e in t["error"][:, 0]]
+            assert errs[0] == "" and errs[1] == "image 1: the input tensor holds NaN or infinite values"
+            assert errs[2] == "image 2: the input tensor holds NaN or infinite values"
+            assert np.isfinite(t["probs"]).all() and not t["probs"][1:].any()
+            assert json.loads(t["labels"][0, 0]) == want[0] and t["labels"][1, 0] == b"[]"
+        finally:
+            m.close()
+
+
 def test_serve_without_pytriton_or_with_bad_flags_exits_2_with_one_line(model, capsys):
     """Checked before anything loads: the host, the ports, then PyTriton's presence (it lives in .venv-serve)."""
     import importlib.util
