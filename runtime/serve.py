@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     try:
-        from pytriton.triton import Triton, TritonConfig
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
     except ImportError as e:
         print(f"{PROG}: error: PyTriton is not installed here ({e}); it needs numpy<2, so it has its own "
               f"environment: run `make serve-env`, then .venv-serve/bin/{PROG}", file=sys.stderr)
@@ -206,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
           f"grpc {args.host}:{args.grpc_port} metrics :{args.metrics_port}; models {BYTES_MODEL} (image bytes), "
           f"{TENSOR_MODEL} (tensors); max batch {m0.max_batch}", file=sys.stderr, flush=True)
     try:
-        with Triton(config=config) as triton:
+        # Bind first, then start tritonserver on a model store that already holds both models: it
+        # loads them at start-up, so /v2/health/ready (strict readiness) answers 200 only once they
+        # are ready. PyTriton's default starts the server first and loads the models afterwards,
+        # which reported ready seconds before the models answered (issue 24).
+        policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+        with Triton(config=config, triton_lifecycle_policy=policy) as triton:
             bind_models(triton, models, args.max_queue_delay_us)
             triton.serve()
     except KeyboardInterrupt:
