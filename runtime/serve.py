@@ -12,7 +12,10 @@ Two models on Triton's own protocol (KServe v2; /v2/health/ready, Prometheus met
                  error   BYTES (1,)   "" or one line naming what is wrong with that image
 Dynamic batching up to --max-batch (at most the engine's own limit) with --max-queue-delay-us;
 --instances model instances, each with its own backend (runtime.backends.open_backend).
-Ctrl-C or SIGTERM stops it cleanly. Safe by default: listens on 127.0.0.1 only (Triton has no
+Readiness: once both models are loaded it logs "probres-serve: ready: ..."; a load balancer's
+health check is GET /v2/models/probres/ready (200 once the model answers). Triton's own
+/v2/health/ready answers 200 before PyTriton has loaded the models: do not use it.
+A NaN or infinite value in a probres_tensor item is that item's error. Ctrl-C or SIGTERM stops it cleanly. Safe by default: listens on 127.0.0.1 only (Triton has no
 authentication); an image over --max-request-bytes (64 MiB) or whose header claims more than
 runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
 request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     try:
-        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+        from pytriton.triton import Triton, TritonConfig
     except ImportError as e:
         print(f"{PROG}: error: PyTriton is not installed here ({e}); it needs numpy<2, so it has its own "
               f"environment: run `make serve-env`, then .venv-serve/bin/{PROG}", file=sys.stderr)
@@ -206,13 +209,14 @@ def main(argv: list[str] | None = None) -> int:
           f"grpc {args.host}:{args.grpc_port} metrics :{args.metrics_port}; models {BYTES_MODEL} (image bytes), "
           f"{TENSOR_MODEL} (tensors); max batch {m0.max_batch}", file=sys.stderr, flush=True)
     try:
-        # Bind first, then start tritonserver on a model store that already holds both models: it
-        # loads them at start-up, so /v2/health/ready (strict readiness) answers 200 only once they
-        # are ready. PyTriton's default starts the server first and loads the models afterwards,
-        # which reported ready seconds before the models answered (issue 24).
-        policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
-        with Triton(config=config, triton_lifecycle_policy=policy) as triton:
+        with Triton(config=config) as triton:
             bind_models(triton, models, args.max_queue_delay_us)
+            # PyTriton starts tritonserver first and loads the models into it afterwards, so Triton's own
+            # /v2/health/ready answers 200 seconds before they can answer (issue 24; starting Triton on
+            # a pre-filled model store instead loses PyTriton's stub handshake race under load). bind()
+            # returns once both are loaded: this line, and /v2/models/<name>/ready, mean ready.
+            print(f"{PROG}: ready: models {BYTES_MODEL} and {TENSOR_MODEL} loaded; health check for load "
+                  f"balancers: GET /v2/models/{BYTES_MODEL}/ready (not /v2/health/ready)", file=sys.stderr, flush=True)
             triton.serve()
     except KeyboardInterrupt:
         pass
