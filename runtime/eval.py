@@ -219,38 +219,6 @@ class EvalConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)   # open_backend's backend= and options
 
 
-def check_reference(engine_path: str, ref_path: str, ref_flag: str, allow_different: bool) -> str:
-    """"source" when `ref_path` is what `engine_path` was exported from (or another export of it),
-    "different model" when it is not and `allow_different` says compare anyway; else UsageError."""
-    from runtime.provenance import CHECKPOINT_SUFFIXES, ProvenanceError, lineage, relation
-
-    if ref_flag == "--reference" and Path(ref_path).suffix.lower() not in CHECKPOINT_SUFFIXES:
-        raise UsageError(f"--reference {ref_path}: takes the PyTorch checkpoint (.pt); give an exported model "
-                         f"as --reference-engine")
-    try:
-        same_file = Path(engine_path).resolve() == Path(ref_path).resolve()
-        mine, theirs = lineage(engine_path), lineage(ref_path)
-    except ProvenanceError as e:
-        raise UsageError(str(e)) from None
-    except OSError as e:
-        raise UsageError(f"{e.filename}: cannot read it ({e.strerror or e})") from None
-    rel = "itself" if same_file else relation(mine, theirs)
-    if rel == "itself":
-        raise UsageError(f"{ref_flag} {ref_path}: is the model under test itself (sha256 {mine.sha256[:12]}); "
-                         f"compare it with the checkpoint it was exported from")
-    if rel == "source":
-        return rel
-    why = (f"{engine_path} records no source checkpoint (exported before provenance was recorded; re-export it)"
-           if rel == "unknown" else
-           f"{engine_path} was exported from the checkpoint with sha256 {mine.checkpoint_sha256[:12]}, "
-           f"{ref_path} is (or comes from) {theirs.checkpoint_sha256[:12]}")
-    if not allow_different:
-        raise UsageError(f"{ref_flag} {ref_path}: not the model {engine_path} came from: {why}; give the checkpoint "
-                         f"it was exported from, or --allow-different-model to compare two models")
-    print(f"{PROG}: warning: comparing different models ({why}); this is not a parity check", file=sys.stderr)
-    return "different model"
-
-
 def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
     """Everything but the exit code: (report, table). UsageError/BackendError for exit 2."""
     from runtime.coco import CocoDataError, load_coco_split
@@ -261,8 +229,15 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
         if not Path(ref_path).is_file():
             raise UsageError(f"{'--reference' if cfg.reference else '--reference-engine'} {ref_path}: no such model file")
         if Path(cfg.engine).is_file():
-            relation = check_reference(cfg.engine, ref_path, "--reference" if cfg.reference else "--reference-engine",
-                                       cfg.allow_different_model)
+            from runtime.provenance import ProvenanceError, check_reference
+            try:
+                relation = check_reference(cfg.engine, ref_path, "--reference" if cfg.reference else "--reference-engine",
+                                           cfg.allow_different_model)
+            except ProvenanceError as e:
+                raise UsageError(str(e)) from None
+            if relation == "different model":
+                print(f"{PROG}: warning: {ref_path} is not what {cfg.engine} came from: comparing two models, "
+                      f"not a parity check", file=sys.stderr)
     engine = open_backend(cfg.engine, device=cfg.device, threads=cfg.threads, **cfg.backend_options)
     reference = None
     try:

@@ -75,3 +75,31 @@ def relation(model: Lineage, reference: Lineage) -> str:
     if model.checkpoint_sha256 is None or reference.checkpoint_sha256 is None:
         return "unknown"
     return "source" if model.checkpoint_sha256 == reference.checkpoint_sha256 else "different"
+
+
+def check_reference(engine_path: str, ref_path: str, ref_flag: str, allow_different: bool) -> str:
+    """"source" when `ref_path` is what `engine_path` was exported from (or another export of it),
+    "different model" when it is not and `allow_different` says compare anyway; else ProvenanceError
+    (one line naming `ref_flag`): an exported file as --reference, the model itself, another model."""
+    if ref_flag == "--reference" and Path(ref_path).suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ProvenanceError(f"--reference {ref_path}: takes the PyTorch checkpoint (.pt); give an exported model "
+                              f"as --reference-engine")
+    try:
+        same_file = Path(engine_path).resolve() == Path(ref_path).resolve()
+        mine, theirs = lineage(engine_path), lineage(ref_path)
+    except OSError as e:
+        raise ProvenanceError(f"{e.filename}: cannot read it ({e.strerror or e})") from None
+    rel = "itself" if same_file else relation(mine, theirs)
+    if rel == "itself":
+        raise ProvenanceError(f"{ref_flag} {ref_path}: is the model under test itself (sha256 {mine.sha256[:12]}); "
+                              f"compare it with the checkpoint it was exported from")
+    if rel == "source":
+        return rel
+    why = (f"{engine_path} records no source checkpoint (exported before provenance was recorded; re-export it)"
+           if rel == "unknown" else
+           f"{engine_path} was exported from the checkpoint with sha256 {mine.checkpoint_sha256[:12]}, "
+           f"{ref_path} is (or comes from) {theirs.checkpoint_sha256[:12]}")
+    if not allow_different:
+        raise ProvenanceError(f"{ref_flag} {ref_path}: not the model {engine_path} came from: {why}; give the "
+                              f"checkpoint it was exported from, or --allow-different-model to compare two models")
+    return "different model"
