@@ -29,8 +29,11 @@ output is what mAP ranks. Measured (benchmarks/RESULTS.md, "INT8 on the CPU"), q
 measurably change mAP either way (toy: 92.76 vs 92.77 ONNX Runtime, 92.75 vs 92.75 OpenVINO;
 photos: 69.60 vs 69.43, 69.07 vs 69.11): FP32 is kept because it costs nothing, not for mAP. Calibration images go through the runtime's own preprocessing (the contract's
 spec, runtime.preprocess), and must not be the evaluation split: a directory named val2014
-is refused. metadata_props travel from the FP32 file, with probres.precision = "int8" and
-probres.int8_calibration = JSON describing the calibration set and quantizer.
+is refused. metadata_props travel from the FP32 file (its probres.checkpoint_sha256 included),
+with probres.precision = "int8", probres.source_onnx_sha256 = the FP32 file's sha256 (so
+probres-eval knows both the checkpoint and the ONNX file this one came from) and
+probres.int8_calibration = JSON describing the calibration set and quantizer. The printed
+accuracy gate names the FP32 file as its reference (the file quantized here).
 
 Exit 2: usage errors (one line naming the flag or file); exit 1: quantization failed
 (nothing written).
@@ -47,7 +50,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from runtime.onnx_meta import KEY_INT8_CALIBRATION, KEY_PRECISION, OnnxMetaError, parse_meta
+from runtime.onnx_meta import KEY_INT8_CALIBRATION, KEY_PRECISION, KEY_SOURCE_ONNX, OnnxMetaError, parse_meta
 
 HEAD_OP_TYPES = ("Gemm", "MatMul")     # the classifier head, kept FP32 by default
 EVAL_SPLITS = ("val2014", "val2017", "test2014", "test2015", "test2017")
@@ -264,15 +267,27 @@ def main(argv: list[str] | None = None) -> int:
         if p.key == KEY_PRECISION:
             p.value = "int8"
     q.metadata_props.add(key=KEY_INT8_CALIBRATION, value=json.dumps(calibration, sort_keys=True))
-    report = fp32_vs_int8(model, q, meta.contract.preprocess, args.verify_images, paths)
+    from runtime.fileio import atomic_write_bytes, sha256_file
 
-    from runtime.fileio import atomic_write_bytes
+    q.metadata_props.add(key=KEY_SOURCE_ONNX, value=sha256_file(src))
+    report = fp32_vs_int8(model, q, meta.contract.preprocess, args.verify_images, paths)
 
     atomic_write_bytes(out, q.SerializeToString())
     print(f"{report}\nwrote {out} ({out.stat().st_size / 1e6:.1f} MB, {counts['QuantizeLinear']} Q / "
           f"{counts['DequantizeLinear']} DQ nodes, head {calibration['head']}); its accuracy gate is "
-          f"probres-eval --engine {out} --reference best.pt --max-map-drop 0.005")
+          f"{eval_hint(out, src, calib)}")
     return 0
+
+
+def eval_hint(out: Path, src: Path, calib: Path) -> str:
+    """The probres-eval command gating `out` against the FP32 file it was quantized from (INT8's
+    own tolerances apply); the COCO root is the calibration directory's parent when it is one."""
+    import shlex
+
+    root = calib.parent
+    coco = str(root) if (root / "annotations").is_dir() else "COCO_ROOT"
+    return " ".join(["probres-eval", "--engine", shlex.quote(str(out)), "--coco-root", shlex.quote(coco),
+                     "--reference-engine", shlex.quote(str(src))])
 
 
 def fp32_vs_int8(fp32: onnx.ModelProto, int8: onnx.ModelProto, spec: Any, verify_dir: str | None,

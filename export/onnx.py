@@ -12,7 +12,9 @@ Every graph is checked before it is written: onnx.checker, a symbolic dim 0 on i
 output (tracing specializes a size-1 dimension, pytorch #157621, so we trace at batch 2),
 and ONNX Runtime CPU vs PyTorch at batch 1 and 7 on preprocessed images (export/verify.py):
 max |Δprob| <= 1e-4 (FP32) and <= 5e-3 (--fp16: OUT_fp16.onnx, FP32 head, float32 output and
-FP16 input, verified on the float16-rounded batch; --fp32-input keeps a float32 input).
+FP16 input, verified on the float16-rounded batch; --fp32-input keeps a float32 input, and
+without --fp16 is refused). Each file written is followed by its accuracy gate, the
+probres-eval command naming the checkpoint it came from.
 A graph that fails is not written; exit code 1. Usage errors exit 2.
 
 Exporter: "auto" (default) uses torch.onnx's dynamo exporter (the default and maintained one
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return usage_error(f"--opset {args.opset}: must be in {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
     if args.max_batch < TRACE_BATCH:
         return usage_error(f"--max-batch {args.max_batch}: must be >= {TRACE_BATCH}")
+    if args.fp32_input and not args.fp16:
+        return usage_error("--fp32-input applies to the FP16 graph only; add --fp16 (or drop --fp32-input)")
     if not Path(args.checkpoint).is_file():          # before importing torch: a typo fails fast
         return usage_error(f"--checkpoint {args.checkpoint}: no such checkpoint file")
     from export.fp16 import fp16_path
@@ -250,7 +254,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {fp16_path(out)} ({fp16_path(out).stat().st_size / 1e6:.1f} MB, "
               f"{fp16_weight_fraction(p16):.2%} of weights FP16, {'float32' if args.fp32_input else 'float16'} input, "
               f"float32 output, FP32 head)")
+    for path in [out] + ([fp16_path(out)] if args.fp16 else []):
+        print(f"its accuracy gate: {eval_hint(path, args.checkpoint, ckpt.config)}")
     return 0
+
+
+def eval_hint(onnx_path: Path, checkpoint: str, config: Any) -> str:
+    """The probres-eval command gating `onnx_path` against the checkpoint it came from, on the
+    training config's COCO root when that is on this machine (else the placeholder COCO_ROOT)."""
+    import shlex
+
+    root = config.get("coco_root") if isinstance(config, dict) else None
+    coco = root if isinstance(root, str) and (Path(root) / "annotations").is_dir() else "COCO_ROOT"
+    return " ".join(["probres-eval", "--engine", shlex.quote(str(onnx_path)), "--coco-root", shlex.quote(coco),
+                     "--reference", shlex.quote(str(checkpoint))])
 
 
 def maybe_slim(proto: onnx.ModelProto, x: Any, ref: Any) -> onnx.ModelProto:

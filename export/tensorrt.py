@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from export.trt_build import (EnginePrecisionError, UsageError, build_plan, check_engine_precision, check_output_path,
@@ -112,9 +113,13 @@ def build_host(cudart: Any) -> BuildHost:
     return BuildHost(name, cc, driver, cuda_python_version())
 
 
-def build_engine(trt: Any, args: argparse.Namespace, plan: Any, facts: Any, shapes: tuple, cache: bytes,
-                 logger: Any) -> tuple[bytes, bytes]:
+def build_engine(trt: Any, onnx_path: str | Path, plan: Any, facts: Any, shapes: tuple, cache: bytes, logger: Any,
+                 *, workspace_gib: float = 4.0, hardware_compatible: bool = False,
+                 version_compatible: bool = False, timing_cache_path: str | None = None) -> tuple[bytes, bytes]:
     """Parse the ONNX and build the serialized engine; returns (plan bytes, timing cache bytes).
+
+    workspace_gib: the builder's workspace (workspace_bytes); hardware_compatible: AMPERE_PLUS;
+    version_compatible: VERSION_COMPATIBLE; timing_cache_path: only named in errors (`cache` holds its bytes).
 
     Every failure TensorRT reports by a return value (False, None, -1) or an exception on bad shapes
     becomes a one-line BuildError.
@@ -127,21 +132,21 @@ def build_engine(trt: Any, args: argparse.Namespace, plan: Any, facts: Any, shap
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(args.onnx)):
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-        raise BuildError(f"{args.onnx}: the ONNX parser failed: {errors[:1000]}")
+        raise BuildError(f"{onnx_path}: the ONNX parser failed: {errors[:1000]}")
 
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes(args.workspace_gib))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes(workspace_gib))
     # DETAILED: the inspector then reports per-layer dtypes, which the precision check below reads.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if plan.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)          # 10.0-10.11 weak builds only: removed in 11.0
     if plan.disable_tf32:
         config.clear_flag(trt.BuilderFlag.TF32)        # FP32 reference: TF32 is on by default (NVIDIA/TensorRT #4492)
-    if args.hardware_compatible:
+    if hardware_compatible:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    if args.version_compatible:
+    if version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
 
     profile = builder.create_optimization_profile()
@@ -154,9 +159,9 @@ def build_engine(trt: Any, args: argparse.Namespace, plan: Any, facts: Any, shap
 
     timing_cache = config.create_timing_cache(cache)   # b"" -> an empty cache; None on failure
     if timing_cache is None:
-        raise BuildError(f"TensorRT could not read the timing cache {args.timing_cache or '(new)'}; delete it")
+        raise BuildError(f"TensorRT could not read the timing cache {timing_cache_path or '(new)'}; delete it")
     if not config.set_timing_cache(timing_cache, False):   # ignore_mismatch=False, as Polygraphy does
-        raise BuildError(f"TensorRT rejected the timing cache {args.timing_cache} (device mismatch); delete it")
+        raise BuildError(f"TensorRT rejected the timing cache {timing_cache_path} (device mismatch); delete it")
 
     serialized = builder.build_serialized_network(network, config)   # None on failure (errors go to the logger)
     if serialized is None:
@@ -241,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     logger = trt.Logger(trt.Logger.WARNING)
     t0 = time.time()
     try:
-        plan_bytes, cache_out = build_engine(trt, args, plan, facts, shapes, cache, logger)
+        plan_bytes, cache_out = build_engine(trt, args.onnx, plan, facts, shapes, cache, logger,
+                                             workspace_gib=args.workspace_gib,
+                                             hardware_compatible=args.hardware_compatible,
+                                             version_compatible=args.version_compatible,
+                                             timing_cache_path=args.timing_cache)
         info = inspect_engine(trt, plan_bytes, facts, shapes[1], logger, args.version_compatible)
         try:
             counts = layer_precisions(info)
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         cuda_driver_version=host.cuda_driver_version, cuda_python_version=host.cuda_python_version,
         os=here[0], arch=here[1], val_metrics=meta.val_metrics if isinstance(meta.val_metrics, dict) else None,
-        input_dtype=facts.input_dtype)
+        input_dtype=facts.input_dtype, checkpoint_sha256=meta.checkpoint_sha256 or "")
     mpath = write_manifest(out, manifest)
     if args.timing_cache:
         save_timing_cache(args.timing_cache, cache_out, key)

@@ -13,7 +13,9 @@ Layout (Triton's model repository; config.pbtxt is the model-config protobuf in 
   probres_preprocess/  Python backend (1/model.py = export/triton_model.py, plus a copy of the
                        `runtime` package): image bytes -> the input tensor, the project's preprocessing
   probres/             ensemble: image bytes -> probres_preprocess -> probres_model -> probs
-Every config carries the model contract (parameter "probres.contract"). A plan loads only on a
+Every config carries the model contract (parameter "probres.contract"); probres_model's also
+the sha256 of the model file and of the checkpoint it came from ("probres.model_sha256",
+"probres.checkpoint_sha256"; runtime.provenance). A plan loads only on a
 Triton built with the TensorRT version that built it (see its .json sidecar). The output
 directory must not exist or be empty: nothing is written over what is there.
 """
@@ -25,7 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from export.trt_build import UsageError
@@ -50,6 +52,7 @@ class EngineFacts:
     input_dtype: str       # "float32" | "float16"
     max_batch: int | None  # the plan's profile max; None for ONNX (symbolic batch)
     contract: ModelContract
+    provenance: dict[str, str] = field(default_factory=dict)   # sha256 of the model file and of its checkpoint
 
 
 def engine_facts(path: Path) -> EngineFacts:
@@ -118,7 +121,7 @@ def model_config(f: EngineFacts, max_batch: int, instances: int, kind: str, dela
             f"output [\n{_tensor(f.output_name, 'TYPE_FP32', [c], labels=True)}\n]\n"
             f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
             f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n"
-            + _params({"probres.contract": f.contract.to_json()}))
+            + _params({"probres.contract": f.contract.to_json(), **f.provenance}))
 
 
 def preprocess_config(f: EngineFacts, max_batch: int, instances: int, delay_us: int, max_bytes: int) -> str:
@@ -163,7 +166,12 @@ def write_repository(engine: Path, out: Path, max_batch: int | None = None, inst
                      preprocess_instances: int = 2, kind: str = "auto", delay_us: int = 2000,
                      max_bytes: int = MAX_REQUEST_BYTES) -> EngineFacts:
     """Write the three models under `out` (built in a temp directory beside it, then renamed)."""
+    from runtime.provenance import lineage
+
     f = engine_facts(engine)
+    made = lineage(engine)
+    f = replace(f, provenance={"probres.model_sha256": made.sha256,
+                               "probres.checkpoint_sha256": made.checkpoint_sha256 or ""})
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out}: exists and is not an empty directory; choose a new one")
     if max_batch is None:

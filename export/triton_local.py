@@ -9,7 +9,10 @@ preprocessing model; the full ensemble needs NVIDIA's Triton container. The Pyth
 stub is the wheel's build for this Python (it links libpython3.X.so from the loader path:
 Debian's /usr/bin/python3.11 works as is, a pyenv build needs its lib/ on LD_LIBRARY_PATH, which
 is added here). The stub runs with this environment's packages (numpy, OpenCV).
-Listens on 127.0.0.1 unless --host says otherwise. Exit status: tritonserver's.
+Listens on 127.0.0.1 unless --host says otherwise. Exit status: tritonserver's. Ctrl-C,
+SIGTERM and SIGHUP stop it the same way: tritonserver (in a process group of its own, with its
+stubs) is asked to stop, killed after STOP_TIMEOUT_S, and the temp directory is removed; exit
+130 / 143 / 129.
 """
 
 from __future__ import annotations
@@ -17,12 +20,43 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from runtime.serve import add_python_libdir
+
+STOP_TIMEOUT_S = 20     # tritonserver's own --exit-timeout-secs is 5
+
+
+class Stop(Exception):
+    """A termination signal arrived; `signum` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise Stop(signum)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ask tritonserver to stop (SIGTERM), kill it after STOP_TIMEOUT_S, then kill what is left of its
+    process group (the Python-backend stubs)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def tritonserver_dist() -> tuple[Path, Path, Path]:
@@ -71,12 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="probres-triton-") as work:
             cmd, env = server_command(args.repo.resolve(), Path(work), args.load or ["probres_preprocess"],
                                       args.host, args.http_port, args.grpc_port, args.metrics_port)
-            proc = subprocess.Popen(cmd, env=env)
+            for sig in (signal.SIGTERM, signal.SIGHUP):     # as Ctrl-C: stop the server, remove the temp dir
+                signal.signal(sig, _raise_stop)
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True)   # its own group: its stubs with it
             try:
                 return proc.wait()
-            except KeyboardInterrupt:
-                proc.terminate()
-                return proc.wait()
+            except (KeyboardInterrupt, Stop) as e:
+                signum = e.signum if isinstance(e, Stop) else signal.SIGINT
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # a second one must not cut the cleanup
+                    signal.signal(sig, signal.SIG_IGN)
+                print(f"python -m export.triton_local: {signal.Signals(signum).name}: stopping tritonserver",
+                      file=sys.stderr)
+                stop_server(proc)
+                return 128 + signum
+            finally:
+                stop_server(proc)
     except (ImportError, FileNotFoundError) as e:
         print(f"error: {e}; run this with .venv-serve/bin/python (make serve-env)", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ JSON), config, epoch, val_metrics, weights; last.pt adds the training state (see
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,21 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Model
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):       # torch.save writes a zip archive; anything else is not one of ours
+        what = "an ONNX model: run it with the onnxruntime backend" if path.suffix.lower() == ".onnx" else \
+            "not the zip archive torch.save writes"
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({what})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running whatever the file holds: never.
+        raise CheckpointError(f"{path}: not a loadable checkpoint: it holds Python objects beyond tensors and plain "
+                              f"containers; probres only loads checkpoints safely (weights_only) and does not unpickle it"
+                              ) from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a loadable checkpoint "
-                              f"({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        text = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({e.__class__.__name__}"
+                              f"{': ' + text if 'weights_only' not in text else ''})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} file")
     for key in ("arch", "state_dict"):

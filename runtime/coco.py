@@ -23,7 +23,7 @@ import contextlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ class CocoSplit:
     num_with_objects: int          # images in the json that have >= 1 annotation
     num_empty: int                 # images in the json without annotation
     keep_empty: bool
+    missing: list[Path] = field(default_factory=list)   # listed files not on disk, dropped (missing="drop")
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -115,12 +116,14 @@ def load_coco_split(
     split: str = "val2014",
     keep_empty: bool = False,
     labels: LabelSet | None = None,
+    missing: str = "error",
 ) -> CocoSplit:
     """Read ROOT/<split>/ and its instances json into a CocoSplit.
 
     labels: the label set the targets are indexed by (e.g. a checkpoint's contract); by
     default the json's own categories. Its category ids must be exactly the json's.
-    Raises CocoDataError naming the file for a missing/malformed json or missing images.
+    Raises CocoDataError naming the file for a missing/malformed json or missing images;
+    missing="drop" drops listed images that are not on disk instead (in CocoSplit.missing).
     """
     root = Path(root)
     ann_path = annotation_path(root, split)
@@ -143,17 +146,20 @@ def load_coco_split(
     kept = ids if keep_empty else with_objects
     targets = np.zeros((len(kept), labels.num_classes), dtype=np.uint8)
     paths: list[Path] = []
-    missing: list[Path] = []
+    missing_files: list[Path] = []
     for row, image_id in enumerate(kept):
         for a in coco.imgToAnns.get(image_id, ()):
             targets[row, col[a["category_id"]]] = 1
         p = img_dir / coco.imgs[image_id]["file_name"]
         paths.append(p)
         if not p.is_file():
-            missing.append(p)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CocoDataError(f"{missing[0]}: image file not found{more}; listed in {ann_path}")
+            missing_files.append(p)
+    if missing_files and missing != "drop":
+        more = f" (and {len(missing_files) - 1} more)" if len(missing_files) > 1 else ""
+        raise CocoDataError(f"{missing_files[0]}: image file not found{more}; listed in {ann_path}")
+    if missing_files:
+        on_disk = [i for i, p in enumerate(paths) if p not in set(missing_files)]
+        paths, kept, targets = [paths[i] for i in on_disk], [kept[i] for i in on_disk], targets[on_disk]
     return CocoSplit(split=split, image_paths=paths, image_ids=kept, targets=targets, labels=labels,
                      num_with_objects=len(with_objects), num_empty=len(ids) - len(with_objects),
-                     keep_empty=keep_empty)
+                     keep_empty=keep_empty, missing=missing_files)

@@ -5,6 +5,7 @@
 export.onnx stores these metadata_props (all strings):
   probres.contract           ModelContract JSON (labels + preprocessing)
   probres.checkpoint_sha256  sha256 of the source checkpoint file
+  probres.source_onnx_sha256 sha256 of the FP32 .onnx an INT8 file was quantized from (export.int8)
   probres.arch               e.g. "resnet101"
   probres.val_metrics        JSON of PyTorch's val metrics for these weights (when known)
   probres.precision          "fp32" | "fp16" | "int8" (FP16 and INT8 graphs keep float32 inputs/outputs)
@@ -27,6 +28,7 @@ from runtime.errors import ModelError
 
 KEY_CONTRACT = "probres.contract"
 KEY_SHA = "probres.checkpoint_sha256"
+KEY_SOURCE_ONNX = "probres.source_onnx_sha256"
 KEY_ARCH = "probres.arch"
 KEY_METRICS = "probres.val_metrics"
 KEY_PRECISION = "probres.precision"

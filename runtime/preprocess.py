@@ -94,6 +94,8 @@ def decode_bgr(src: ImageSource, name: str | None = None) -> np.ndarray:
     and the EXIF orientation applied (IMREAD_IGNORE_ORIENTATION is not set).
     """
     buf = read_bytes(src, name)
+    if buf[:4].tobytes() == b"GIF8":   # OpenCV 5 (.venv) decodes GIF, 4.x (.venv-serve) not: one answer for both
+        raise ImageDecodeError(f"{_name(src, name)}: GIF is not a supported format (JPEG, PNG, BMP, WebP, TIFF)")
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as e:

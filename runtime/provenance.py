@@ -1,6 +1,9 @@
-"""Which model and which decision rule made a results file: the provenance header probres-infer writes first.
+"""Provenance: which model and decision made a results file, and which checkpoint a model came from.
 
     probres-infer --engine model.onnx photos/ --output results.jsonl && head -1 results.jsonl
+    python -c "from runtime.provenance import lineage; print(lineage('model_int8.onnx'))"
+
+## The header of a results file
 
 The first line of every output (a file or stdout, every format) names the model by its file
 name and sha256 (a TensorRT plan's .json sidecar too: it carries the contract) and the decision
@@ -12,12 +15,22 @@ stays exactly what runtime.report writes for one image.
 --resume compares the file's header with this run's (same_run) and refuses another model or
 another rule: one file never mixes two. Readers skip the header: `records` here, or
 `tail -n +2`, `pandas.read_csv(f, skiprows=1)`, `jq 'select(.image)'`. See docs/outputs.md.
+
+## A model's lineage (probres-eval's reference check)
+
+Every export records the sha256 of what it was made from: export.onnx (FP32 and FP16) stores
+the checkpoint's (metadata_props probres.checkpoint_sha256), export.int8 keeps it and adds the
+FP32 ONNX's (probres.source_onnx_sha256), export.tensorrt's manifest records the ONNX's and the
+checkpoint's, and export.triton puts both into the model's config. So a model's lineage is its
+own sha256 plus every ancestor's, and two files are the same model when one is an ancestor of
+the other or both came from one checkpoint. No torch here: a checkpoint is only hashed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -94,3 +107,92 @@ def records(lines: Iterable[str]) -> Iterator[dict]:
             obj = json.loads(line)
             if KEY not in obj:
                 yield obj
+
+
+# ---------------------------------------------------------------------------------------- lineage
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+PLAN_SUFFIXES = (".plan", ".engine")
+
+
+class ProvenanceError(ValueError):
+    """The file's metadata cannot be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A model file, its own sha256 and the sha256 of each file it was made from."""
+
+    path: str
+    kind: str                           # "checkpoint" | "onnx" | "plan"
+    sha256: str                         # the file itself
+    checkpoint_sha256: str | None       # the checkpoint it came from (its own sha256 for a checkpoint); None: not recorded
+    sources: tuple[str, ...] = ()       # every ancestor's sha256 (checkpoint, FP32 ONNX, ...)
+
+    def short(self) -> str:
+        """'best.pt (sha256 1a2b3c4d5e6f)' for messages."""
+        return f"{self.path} (sha256 {self.sha256[:12]})"
+
+
+def lineage(path: str | os.PathLike[str]) -> Lineage:
+    """The Lineage of a checkpoint, an .onnx file or a TensorRT plan (from its manifest)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    own = file_sha256(p)
+    if suffix in PLAN_SUFFIXES:
+        from runtime.trt_manifest import ManifestError, read_manifest
+        try:
+            m = read_manifest(p)
+        except ManifestError as e:
+            raise ProvenanceError(str(e)) from None
+        ckpt = m.checkpoint_sha256 or None
+        return Lineage(str(p), "plan", own, ckpt, tuple(s for s in (ckpt, m.onnx_sha256) if s))
+    if suffix == ".onnx":
+        from runtime.onnx_meta import KEY_SHA, KEY_SOURCE_ONNX, OnnxMetaError, metadata_props
+        try:
+            props = metadata_props(p)
+        except OnnxMetaError as e:
+            raise ProvenanceError(str(e)) from None
+        ckpt = props.get(KEY_SHA) or None
+        return Lineage(str(p), "onnx", own, ckpt, tuple(s for s in (ckpt, props.get(KEY_SOURCE_ONNX)) if s))
+    return Lineage(str(p), "checkpoint", own, own, ())
+
+
+def relation(model: Lineage, reference: Lineage) -> str:
+    """How `reference` relates to `model`: "itself", "source" (one was made from the other, or both
+    from one checkpoint), "unknown" (the model records no source) or "different"."""
+    if model.sha256 == reference.sha256:
+        return "itself"
+    if reference.sha256 in model.sources or model.sha256 in reference.sources:
+        return "source"
+    if model.checkpoint_sha256 is None or reference.checkpoint_sha256 is None:
+        return "unknown"
+    return "source" if model.checkpoint_sha256 == reference.checkpoint_sha256 else "different"
+
+
+def check_reference(engine_path: str, ref_path: str, ref_flag: str, allow_different: bool) -> str:
+    """"source" when `ref_path` is what `engine_path` was exported from (or another export of it),
+    "different model" when it is not and `allow_different` says compare anyway; else ProvenanceError
+    (one line naming `ref_flag`): an exported file as --reference, the model itself, another model."""
+    if ref_flag == "--reference" and Path(ref_path).suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ProvenanceError(f"--reference {ref_path}: takes the PyTorch checkpoint (.pt); give an exported model "
+                              f"as --reference-engine")
+    try:
+        same_file = Path(engine_path).resolve() == Path(ref_path).resolve()
+        mine, theirs = lineage(engine_path), lineage(ref_path)
+    except OSError as e:
+        raise ProvenanceError(f"{e.filename}: cannot read it ({e.strerror or e})") from None
+    rel = "itself" if same_file else relation(mine, theirs)
+    if rel == "itself":
+        raise ProvenanceError(f"{ref_flag} {ref_path}: is the model under test itself (sha256 {mine.sha256[:12]}); "
+                              f"compare it with the checkpoint it was exported from")
+    if rel == "source":
+        return rel
+    why = (f"{engine_path} records no source checkpoint (exported before provenance was recorded; re-export it)"
+           if rel == "unknown" else
+           f"{engine_path} was exported from the checkpoint with sha256 {mine.checkpoint_sha256[:12]}, "
+           f"{ref_path} is (or comes from) {theirs.checkpoint_sha256[:12]}")
+    if not allow_different:
+        raise ProvenanceError(f"{ref_flag} {ref_path}: not the model {engine_path} came from: {why}; give the "
+                              f"checkpoint it was exported from, or --allow-different-model to compare two models")
+    return "different model"

@@ -12,7 +12,10 @@ Two models on Triton's own protocol (KServe v2; /v2/health/ready, Prometheus met
                  error   BYTES (1,)   "" or one line naming what is wrong with that image
 Dynamic batching up to --max-batch (at most the engine's own limit) with --max-queue-delay-us;
 --instances model instances, each with its own backend (runtime.backends.open_backend).
-Ctrl-C or SIGTERM stops it cleanly. Safe by default: listens on 127.0.0.1 only (Triton has no
+Readiness: once both models are loaded it logs "probres-serve: ready: ..."; a load balancer's
+health check is GET /v2/models/probres/ready (200 once the model answers). Triton's own
+/v2/health/ready answers 200 before PyTriton has loaded the models: do not use it.
+A NaN or infinite value in a probres_tensor item is that item's error. Ctrl-C or SIGTERM stops it cleanly. Safe by default: listens on 127.0.0.1 only (Triton has no
 authentication); an image over --max-request-bytes (64 MiB) or whose header claims more than
 runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
 request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles
@@ -106,19 +109,21 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def open_instances(args: argparse.Namespace) -> list[ServeModel]:
-    """One ServeModel (its own backend and input buffer) per --instances; BackendError on a bad model."""
-    threads = args.threads or max(1, _cores() // args.instances)
+def open_instances(engine: str, instances: int = 1, device: str = "auto", threads: int | None = None,
+                   max_batch: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+                   threshold: float | None = None) -> list[ServeModel]:
+    """One ServeModel (its own backend and input buffer) per instance; BackendError on a bad model.
+    threads: per instance (default cores / instances); threshold: one for every label (None: the contract's)."""
+    threads = threads or max(1, _cores() // instances)
+    limit = max_batch
     models: list[ServeModel] = []
     try:
-        for _ in range(args.instances):
-            backend = open_backend(args.engine, device=args.device, threads=threads)
-            max_batch = args.max_batch or DEFAULT_MAX_BATCH
+        for _ in range(instances):
+            backend = open_backend(engine, device=device, threads=threads)
+            max_batch = limit or DEFAULT_MAX_BATCH
             if backend.max_batch:                    # a TensorRT profile's limit
                 max_batch = min(max_batch, backend.max_batch)
-            thresholds = None if args.threshold is None else np.full(backend.contract.labels.num_classes,
-                                                                      args.threshold, np.float64)
-            models.append(ServeModel(backend, max_batch, threads, args.max_request_bytes, thresholds))
+            models.append(ServeModel(backend, max_batch, threads, max_request_bytes, threshold))
     except BaseException:
         for m in models:
             m.close()
@@ -154,7 +159,8 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
     def tensor_fn(model: ServeModel):
         def infer(requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
             items = [r["images"] for r in requests]                  # each (n_r, 3, S, S)
-            return split(model.from_tensors(np.concatenate(items)), items)
+            names = [f"image {j}" for x in items for j in range(len(x))]
+            return split(model.from_tensors(np.concatenate(items), names), items)
         return infer
 
     triton.bind(model_name=BYTES_MODEL, infer_func=[bytes_fn(m) for m in models],
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
               f"environment: run `make serve-env`, then .venv-serve/bin/{PROG}", file=sys.stderr)
         return 2
     try:
-        models = open_instances(args)
+        models = open_instances(args.engine, args.instances, args.device, args.threads, args.max_batch,
+                                args.max_request_bytes, args.threshold)
     except (BackendError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -204,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Triton(config=config) as triton:
             bind_models(triton, models, args.max_queue_delay_us)
+            # PyTriton starts tritonserver first and loads the models into it afterwards, so Triton's own
+            # /v2/health/ready answers 200 seconds before they can answer (issue 24; starting Triton on
+            # a pre-filled model store instead loses PyTriton's stub handshake race under load). bind()
+            # returns once both are loaded: this line, and /v2/models/<name>/ready, mean ready.
+            print(f"{PROG}: ready: models {BYTES_MODEL} and {TENSOR_MODEL} loaded; health check for load "
+                  f"balancers: GET /v2/models/{BYTES_MODEL}/ready (not /v2/health/ready)", file=sys.stderr, flush=True)
             triton.serve()
     except KeyboardInterrupt:
         pass

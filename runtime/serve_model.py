@@ -9,14 +9,17 @@ the request-size cap (`max_bytes`), the decompression-bomb guard on the header
 (runtime.pipeline.check_header) and the checked decode + preprocessing of probres-infer
 (runtime.preprocess), so a served image gets exactly the pixels probres-infer gives it.
 
-A bad image becomes an error for that item, in the `error` output, and its `probs` row is
-zeros; the other items of the batch are unaffected. (PyTriton turns an exception in the
+A bad image, or a preprocessed tensor holding NaN or infinite values, becomes an error for that
+item, in the `error` output, and its `probs` row is zeros; the other items of the batch are
+unaffected. The `labels` output is the "predictions" list of probres-infer's JSONL record for
+the image, written by the same code (runtime.report.Writer), each label with its threshold. (PyTriton turns an exception in the
 callable into one error, with a Python traceback, for every request of the dynamic batch: a
 corrupt image from one client would fail the other clients' images batched with it.)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +31,8 @@ from runtime.backends import Backend
 from runtime.contract import PreprocessSpec
 from runtime.pipeline import check_header
 from runtime.preprocess import ImageDecodeError, preprocess_into
-from runtime.report import select
+from runtime.infer import decision_thresholds
+from runtime.report import Writer
 
 MAX_REQUEST_BYTES = 64 << 20       # per image in a request; --max-request-bytes
 
@@ -58,13 +62,14 @@ class ServeModel:
     """One model instance: a backend, its input buffer for the largest batch, a decode pool."""
 
     def __init__(self, backend: Backend, max_batch: int = 16, threads: int = 1,
-                 max_bytes: int = MAX_REQUEST_BYTES, thresholds: np.ndarray | None = None) -> None:
+                 max_bytes: int = MAX_REQUEST_BYTES, threshold: str | float | None = None) -> None:
+        """threshold: "contract"/None (the contract's per-label thresholds, 0.5 without them) or one
+        probability for every label: probres-infer's --threshold."""
         self.backend, self.max_batch, self.max_bytes = backend, int(max_batch), int(max_bytes)
         self.spec = backend.contract.preprocess
         self.labels = backend.contract.labels
-        # (C,) float64, as probres-infer decides: the contract's thresholds (0.5 without them)
-        self.thresholds = np.asarray(backend.contract.decision_thresholds() if thresholds is None else thresholds,
-                                     dtype=np.float64)
+        # (C,) float64 and the record's "threshold", exactly as probres-infer decides
+        self.thresholds, self.threshold_name = decision_thresholds(backend.contract, threshold, None)
         (self._buf,) = backend.allocate_inputs(self.max_batch, 1)    # (max_batch, 3, S, S) input_dtype
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-serve") if threads > 1 else None
         # Triton runs one batch at a time per instance; the lock keeps the one buffer safe even if not.
@@ -98,18 +103,29 @@ class ServeModel:
             probs[ok] = self.backend.infer(buf[:len(ok)])
         return self._outputs(probs, errors)
 
-    def from_tensors(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Preprocessed (N, 3, S, S) float32/float16 (Triton checked shape and dtype) -> outputs."""
-        probs = self.backend.infer(images)
-        return self._outputs(probs, [None] * len(images))
+    def from_tensors(self, images: np.ndarray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Preprocessed (N, 3, S, S) float32/float16 (Triton checked shape and dtype) -> outputs; an item
+        with a NaN or infinite value is that item's error (a network would turn it into NaN probabilities)."""
+        n = len(images)
+        names = names or [f"image {i}" for i in range(n)]
+        finite = np.isfinite(images.reshape(n, -1)).all(axis=1)
+        errors = [None if ok else f"{name}: the input tensor holds NaN or infinite values"
+                  for name, ok in zip(names, finite)]
+        probs = np.zeros((n, self.labels.num_classes), dtype=np.float32)
+        if finite.all():
+            probs = self.backend.infer(images)
+        elif finite.any():
+            probs[finite] = self.backend.infer(images[finite])
+        return self._outputs(probs, errors)
 
     # ---------------------------------------------------------------------------------- responses
 
     def labels_json(self, probs: np.ndarray) -> bytes:
-        """The labels passing the thresholds, most probable first, as probres-infer's JSONL writes them."""
-        keep = select(probs, self.thresholds)
-        return json.dumps([{"label": self.labels.names[i], "category_id": self.labels.category_ids[i],
-                            "probability": round(float(probs[i]), 6)} for i in keep]).encode()
+        """The labels passing the thresholds, most probable first: the "predictions" of probres-infer's
+        JSONL record for these probabilities (label, category_id, probability, threshold)."""
+        sink = io.StringIO()
+        Writer(sink, "jsonl", self.labels, self.thresholds, threshold_name=self.threshold_name).result("", probs)
+        return json.dumps(json.loads(sink.getvalue())["predictions"]).encode()
 
     def _outputs(self, probs: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
         """probs (N, C) float32; labels and error (N, 1) bytes objects (error b"" when the item is fine)."""

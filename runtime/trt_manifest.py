@@ -38,7 +38,7 @@ AMPERE_PLUS_MIN_CC = (8, 0)
 
 # Keys a manifest may lack (older manifests, written before they existed).
 OPTIONAL = ("hardware_compatible", "version_compatible", "created", "cuda_driver_version", "cuda_python_version",
-            "os", "arch", "val_metrics", "input_dtype")
+            "os", "arch", "val_metrics", "input_dtype", "checkpoint_sha256")
 
 
 def this_platform() -> tuple[str, str]:
@@ -88,6 +88,7 @@ class TrtManifest:
     arch: str = ""                      # normalized machine, "x86_64" | "aarch64" ("" = not recorded)
     val_metrics: dict[str, Any] | None = None   # PyTorch's val metrics of these weights (from the ONNX metadata)
     input_dtype: str = "float32"        # the engine's input tensor: "float16" from export.onnx --fp16's graph
+    checkpoint_sha256: str = ""         # the checkpoint the ONNX came from ("" = not recorded): probres-eval's lineage
 
     def __post_init__(self) -> None:
         if self.input_dtype not in ("float32", "float16"):

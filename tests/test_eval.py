@@ -180,8 +180,9 @@ def test_compare_counts_by_hand():
     assert rep["engine"]["CR_contract"] == 1.0 and rep["engine"]["CR"] == 0.75
 
 
-def _with_thresholds(src: Path, dst: Path, thresholds: list[float]) -> Path:
-    """A copy of the ONNX file whose stored contract carries `thresholds` (as an edit of the file would)."""
+def _with_thresholds(src: Path, dst: Path, thresholds: list[float], exporter: str | None = None) -> Path:
+    """A copy of the ONNX file whose stored contract carries `thresholds` (as an edit of the file would);
+    `exporter` rewrites probres.exporter too (another file of the same model, another sha256)."""
     import onnx
 
     m = onnx.load(str(src))
@@ -190,6 +191,8 @@ def _with_thresholds(src: Path, dst: Path, thresholds: list[float]) -> Path:
             d = json.loads(p.value)
             d["thresholds"] = thresholds
             p.value = json.dumps(d)
+        if p.key == "probres.exporter" and exporter:
+            p.value = exporter
     onnx.save(m, str(dst))
     return dst
 
@@ -197,8 +200,9 @@ def _with_thresholds(src: Path, dst: Path, thresholds: list[float]) -> Path:
 def test_gate_uses_the_contract_thresholds_and_fails_when_they_are_edited(models, toy_root, tmp_path, capsys):
     c = len(models["targets"][0])
     good = _with_thresholds(models["fp32"], tmp_path / "good.onnx", [0.4] * c)
+    twin = _with_thresholds(models["fp32"], tmp_path / "twin.onnx", [0.4] * c, exporter="twin")   # same checkpoint
     edited = _with_thresholds(models["fp32"], tmp_path / "edited.onnx", [0.99] * c)
-    rc, out, _ = run(["--engine", good, "--coco-root", toy_root, "--reference-engine", good,
+    rc, out, _ = run(["--engine", twin, "--coco-root", toy_root, "--reference-engine", good,
                       "--json", tmp_path / "good.json", "--plot", tmp_path / "plots"], capsys)
     rep = json.loads((tmp_path / "good.json").read_text())
     assert rc == 0 and rep["passed"] and rep["threshold"] == "contract"
@@ -232,3 +236,93 @@ def test_unwritable_plot_dir_is_refused_before_any_work(tmp_path, capsys):
     rc, out, err = run(["--engine", tmp_path / "m.onnx", "--coco-root", tmp_path,
                         "--plot", tmp_path / "afile"], capsys)
     assert rc == 2 and "exists and is not a directory" in err, err
+
+
+# ---------------------------------------------------------------- the reference must be the model's source (issue 24)
+
+def test_a_reference_that_is_not_the_source_checkpoint_is_refused(models, toy_root, toy_checkpoint, tmp_path, capsys):
+    """Row 3: the engine exported from the fitted best.pt, checked against another checkpoint
+    (toy_checkpoint: the same arch and labels, other weights) used to pass; now exit 2, or with
+    --allow-different-model a comparison reported as a different model, never PASSED."""
+    rc, out, err = run(["--engine", models["fp32"], "--coco-root", toy_root, "--reference", toy_checkpoint], capsys)
+    assert rc == 2 and "not the model" in err and "--allow-different-model" in err, err
+    assert len(err.strip().splitlines()) == 1 and out == ""
+    rc, out, err = run(["--engine", models["fp32"], "--coco-root", toy_root, "--reference", toy_checkpoint,
+                        "--allow-different-model", "--json", tmp_path / "diff.json"], capsys)
+    rep = json.loads((tmp_path / "diff.json").read_text())
+    assert rc == 1 and not rep["passed"] and "DIFFERENT MODEL" in out and "PASSED" not in out
+    assert rep["reference_model"]["relation"] == "different model"
+
+
+def test_a_model_compared_with_itself_is_refused(models, toy_root, tmp_path, capsys):
+    """Row 4: model.onnx as its own reference (as --reference, as --reference-engine, as a copy)."""
+    import shutil
+
+    shutil.copyfile(models["fp32"], tmp_path / "copy.onnx")
+    cases = [(["--reference", models["fp32"]], "takes the PyTorch checkpoint"),
+             (["--reference-engine", models["fp32"]], "is the model under test itself"),
+             (["--reference-engine", tmp_path / "copy.onnx"], "is the model under test itself"),
+             (["--reference", models["dir"] / "missing.pt"], "no such model file")]
+    for extra, msg in cases:
+        rc, out, err = run(["--engine", models["fp32"], "--coco-root", toy_root, *extra], capsys)
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_another_export_of_the_same_checkpoint_is_a_valid_reference(models, toy_root, capsys):
+    """FP16 against the FP32 file of the same checkpoint: accepted, relation "source"."""
+    rep_path = models["dir"] / "sibling.json"
+    rc, _, _ = run(["--engine", models["fp16"], "--coco-root", toy_root, "--reference-engine", models["fp32"],
+                    "--json", rep_path], capsys)
+    rep = json.loads(rep_path.read_text())
+    assert rc == 0 and rep["reference_model"]["relation"] == "source"
+
+
+def test_an_export_without_a_recorded_source_is_refused(models, toy_root, tmp_path, capsys):
+    import onnx
+
+    m = onnx.load(str(models["fp32"]))
+    keep = [(p.key, p.value) for p in m.metadata_props if p.key != "probres.checkpoint_sha256"]
+    del m.metadata_props[:]
+    for k, v in keep:
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(tmp_path / "old.onnx"))
+    rc, _, err = run(["--engine", tmp_path / "old.onnx", "--coco-root", toy_root, "--reference", models["ckpt"]],
+                     capsys)
+    assert rc == 2 and "records no source checkpoint" in err, err
+
+
+def test_per_image_divergence_fails_the_gate_when_the_metrics_pass(models, toy_root, capsys):
+    """The FP16 file held to FP32's per-image tolerance (max |dprob| 1e-4): mAP, CF1 and ECE pass,
+    the per-image gate fails it; and the share of differing label sets is a gate of its own."""
+    rep_path = models["dir"] / "strict.json"
+    rc, out, _ = run(["--engine", models["fp16"], "--coco-root", toy_root, "--reference", models["ckpt"],
+                      "--max-dprob", "1e-4", "--json", rep_path], capsys)
+    rep = json.loads(rep_path.read_text())
+    g = rep["gates"]
+    assert g["map_drop"]["passed"] and g["cf1_drop"]["passed"] and g["ece_rise"]["passed"]
+    assert not g["max_dprob"]["passed"] and rc == 1 and "FAILED" in out
+    assert g["max_dprob"]["value"] == pytest.approx(rep["max_abs_prob_diff"])
+    assert g["max_dprob"]["tolerance"] == 1e-4
+    # the default tolerances by precision
+    rc, _, _ = run(["--engine", models["fp16"], "--coco-root", toy_root, "--reference", models["ckpt"],
+                    "--json", rep_path], capsys)
+    rep = json.loads(rep_path.read_text())
+    assert rc == 0 and rep["gates"]["max_dprob"]["tolerance"] == 5e-3
+    assert rep["gates"]["label_diff_share"]["tolerance"] == 0.02
+
+
+def test_per_image_gates_by_hand():
+    from runtime.eval import per_image_gates
+
+    rep = {"max_abs_prob_diff": 0.2, "label_set_diffs": 3}
+    g = per_image_gates(rep, 20, max_dprob=0.25, max_share=0.1)
+    assert g["label_diff_share"]["value"] == pytest.approx(0.15) and not g["label_diff_share"]["passed"]
+    assert g["max_dprob"]["passed"]
+    assert per_image_gates(rep, 30, 0.1, 0.1)["label_diff_share"]["passed"]          # 3/30 = 0.1: on the edge
+    assert not per_image_gates(rep, 30, 0.1, 0.1)["max_dprob"]["passed"]
+
+
+def test_without_reference_on_a_subset_is_indicative_not_failed(models, toy_root, capsys):
+    """Row 18: the stored metrics cover the whole split, --limit 3 does not: exit 0, said so."""
+    rc, out, err = run(["--engine", models["fp32"], "--coco-root", toy_root, "--limit", "3"], capsys)
+    assert rc == 0 and "INDICATIVE" in out and "FAILED" not in out and "not gated" in err, (out, err)

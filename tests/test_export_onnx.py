@@ -149,6 +149,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path, toy_checkpoint: Path,
         (["--checkpoint", str(toy_checkpoint), "--output", str(out), "--opset", "9"], "--opset"),
         (["--checkpoint", str(toy_checkpoint), "--output", str(out), "--verify-images", str(tmp_path / "nope")],
          "--verify-images"),
+        (["--checkpoint", str(toy_checkpoint), "--output", str(out), "--fp32-input"], "add --fp16"),   # was ignored
     ]
     for argv, needle in cases:
         assert main(argv) == 2
@@ -323,3 +324,22 @@ def test_fp16_cli_refuses_to_overwrite_its_input(toy_export: Path, tmp_path: Pat
     err = capsys.readouterr().err
     assert "would overwrite the input" in err and len(err.strip().splitlines()) == 1
     assert src.read_bytes() == before
+
+
+def test_printed_eval_hint_names_the_checkpoint_and_runs_as_printed(tmp_path: Path, toy_checkpoint: Path,
+                                                                    toy_root: Path, capsys) -> None:
+    """Issue 24 row 17: the printed probres-eval command has --coco-root and the checkpoint the file came from."""
+    import shlex
+
+    from runtime.eval import main as eval_main
+
+    ckpt = load_checkpoint(toy_checkpoint)
+    ckpt.config = {**ckpt.config, "coco_root": str(toy_root)}
+    save_checkpoint(tmp_path / "best_calibrated.pt", ckpt)
+    out = tmp_path / "model.onnx"
+    assert main(["--checkpoint", str(tmp_path / "best_calibrated.pt"), "--output", str(out),
+                 "--verify-images", str(toy_root / "val2014")]) == 0
+    hints = [ln.split(": ", 1)[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("its accuracy gate")]
+    assert hints == [f"probres-eval --engine {out} --coco-root {toy_root} --reference {tmp_path / 'best_calibrated.pt'}"]
+    argv = shlex.split(hints[0])
+    assert argv[0] == "probres-eval" and eval_main(argv[1:] + ["--limit", "6"]) == 0

@@ -142,10 +142,13 @@ def test_export_triton_plan_takes_names_and_batch_from_the_manifest(tmp_path, ca
 
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"not a real plan: export.triton copies it as is")
-    m = _manifest(input_name="input_0", output_name="output_0", max_batch=32)
+    m = _manifest(input_name="input_0", output_name="output_0", max_batch=32, checkpoint_sha256="c" * 64)
     write_manifest(plan, m)
     write_repository(plan, tmp_path / "repo")
     cfg = (tmp_path / "repo" / "probres_model" / "config.pbtxt").read_text()
+    from runtime.fileio import sha256_file         # issue 24: the repository says which checkpoint it serves
+    assert f'key: "probres.checkpoint_sha256" value {{ string_value: "{"c" * 64}" }}' in cfg
+    assert f'key: "probres.model_sha256" value {{ string_value: "{sha256_file(plan)}" }}' in cfg
     for line in ('platform: "tensorrt_plan"', "max_batch_size: 32", 'name: "input_0" data_type: TYPE_FP32 dims: [ 3, 448, 448 ]',
                  'name: "output_0" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt"', "kind: KIND_GPU"):
         assert line in cfg, line
@@ -167,3 +170,56 @@ def test_export_triton_plan_takes_names_and_batch_from_the_manifest(tmp_path, ca
                      "[text_format.Parse(open(p).read(), mc.ModelConfig()) for p in glob.glob(sys.argv[1] + '/*/config.pbtxt')]",
                      str(tmp_path / "repo"), timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (here: a test's unique temp path)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@needs_serve_env
+def test_triton_local_stops_its_server_and_cleans_up_on_sigterm(model, tmp_path):
+    """Issue 24 row 9: SIGTERM to the wrapper (as timeout, systemd or docker stop send it) used to leave
+    tritonserver and its stubs serving and the temp directory behind."""
+    import signal
+
+    from export.triton import write_repository
+
+    repo = tmp_path / "repo"
+    write_repository(model[0], repo, max_batch=4, preprocess_instances=1)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    http, grpc, metrics = free_ports(3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(temp)}
+    shm_before = shm_names()
+    proc = subprocess.Popen([str(SERVE_PY), "-m", "export.triton_local", "--repo", str(repo), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics)], cwd=ROOT, env=env,
+                            stdout=server_log(tmp_path), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while http_status(f"http://127.0.0.1:{http}/v2/models/probres_preprocess/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, tail(tmp_path / "server.log")
+            time.sleep(0.3)
+        assert _pids_mentioning(str(repo)) and any(temp.iterdir())          # tritonserver runs, its temp dir exists
+        os.kill(proc.pid, signal.SIGTERM)                                     # the wrapper only, not its group
+        assert proc.wait(60) == 143, tail(tmp_path / "server.log")
+        deadline = time.monotonic() + 15
+        while (_pids_mentioning(str(repo)) or http_status(f"http://127.0.0.1:{http}/v2/health/live")) \
+                and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _pids_mentioning(str(repo)) == [] and http_status(f"http://127.0.0.1:{http}/v2/health/live") == 0
+        assert list(temp.iterdir()) == [], list(temp.iterdir())
+        assert "SIGTERM: stopping tritonserver" in tail(tmp_path / "server.log")
+    finally:
+        stop(proc)
+        for pid in _pids_mentioning(str(repo)):          # only what this test started (its unique repo path)
+            os.kill(pid, signal.SIGKILL)
+        reap_shm(shm_before)

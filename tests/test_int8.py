@@ -224,3 +224,32 @@ def test_probres_infer_runs_the_int8_file_on_openvino(files, toy_root, tmp_path,
                        *images]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]     # after the provenance header
     assert [r["image"] for r in rows] == images and "openvino[CPU] int8" in capsys.readouterr().err
+
+
+def test_int8_records_its_sources_and_its_printed_gate_runs_as_printed(toy_checkpoint, toy_root, tmp_path, capsys):
+    """Issue 24 rows 3 and 17: the INT8 file records the FP32 file's and the checkpoint's sha256; the
+    printed probres-eval command has --coco-root, names the file it was quantized from and runs."""
+    import shlex
+
+    from export.onnx import main as export_main
+    from runtime.eval import main as eval_main
+    from runtime.fileio import sha256_file
+    from runtime.provenance import lineage, relation
+
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model_int8.onnx"
+    assert export_main(["--checkpoint", str(toy_checkpoint), "--output", str(fp32),
+                        "--verify-images", str(toy_root / "val2014")]) == 0
+    capsys.readouterr()
+    assert int8_main(["--onnx", str(fp32), "--calib-images", str(toy_root / "train2014"), "--num", "8",
+                      "--output", str(int8)]) == 0
+    out = capsys.readouterr().out
+    made = lineage(int8)
+    assert made.checkpoint_sha256 == sha256_file(toy_checkpoint) and sha256_file(fp32) in made.sources
+    assert relation(made, lineage(toy_checkpoint)) == relation(made, lineage(fp32)) == "source"
+    hint = out.strip().splitlines()[-1].split("its accuracy gate is ", 1)[1]
+    assert hint == f"probres-eval --engine {int8} --coco-root {toy_root} --reference-engine {fp32}"
+    argv = shlex.split(hint)
+    assert eval_main(argv[1:] + ["--limit", "6", "--threads", "1", "--json", str(tmp_path / "r.json")]) in (0, 1)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["reference_model"]["relation"] == "source" and rep["engine_model"]["precision"] == "int8"
+    assert rep["gates"]["max_dprob"]["tolerance"] == 0.15 and rep["gates"]["label_diff_share"]["tolerance"] == 0.08

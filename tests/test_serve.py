@@ -52,6 +52,38 @@ def test_serve_model_per_item_errors_order_and_default_cap(model, images):
                                             if ref[0, i] >= 0.5]
     m.close()
 
+def test_serve_labels_are_probres_infers_predictions_and_a_nan_tensor_is_that_items_error(model, images, tmp_path):
+    """Issue 24 row 10: the labels JSON is the "predictions" of probres-infer's record for the same
+    image (per-label threshold included), with --threshold too; NaN/inf tensors are item errors."""
+    from runtime.backends import open_backend
+    from runtime.infer import main as infer_main
+    from runtime.preprocess import preprocess
+
+    path, contract = model
+    good, _ = images
+    for threshold in (None, 0.3):
+        out = tmp_path / f"ref_{threshold}.jsonl"
+        argv = ["--engine", str(path), "--device", "cpu", str(good[0]), str(good[1]), "--output", str(out)]
+        assert infer_main(argv + ([] if threshold is None else ["--threshold", str(threshold)])) == 0
+        want = [json.loads(line)["predictions"] for line in out.read_text().splitlines()]
+        assert all("threshold" in p for preds in want for p in preds) and any(want)
+        m = ServeModel(open_backend(path, device="cpu"), max_batch=4, threads=1, threshold=threshold)
+        try:
+            got = m.from_bytes([good[0].read_bytes(), good[1].read_bytes()])
+            assert [json.loads(x) for x in got["labels"][:, 0]] == want
+            x = preprocess([str(good[0]), str(good[1]), str(good[2])], spec=contract.preprocess)
+            x[1, 0, 3, 3] = np.nan
+            x[2, 2, 0, 0] = np.inf
+            t = m.from_tensors(x)
+            errs = [e.decode() for e in t["error"][:, 0]]
+            assert errs[0] == "" and errs[1] == "image 1: the input tensor holds NaN or infinite values"
+            assert errs[2] == "image 2: the input tensor holds NaN or infinite values"
+            assert np.isfinite(t["probs"]).all() and not t["probs"][1:].any()
+            assert json.loads(t["labels"][0, 0]) == want[0] and t["labels"][1, 0] == b"[]"
+        finally:
+            m.close()
+
+
 def test_serve_without_pytriton_or_with_bad_flags_exits_2_with_one_line(model, capsys):
     """Checked before anything loads: the host, the ports, then PyTriton's presence (it lives in .venv-serve)."""
     import importlib.util
@@ -141,6 +173,43 @@ def server(model, tmp_path_factory):
     yield proc, http, grpc, metrics
     stop(proc)
     reap_shm(shm_before)
+
+
+def _wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_bytes().decode(errors="replace"):
+        assert proc.poll() is None and time.monotonic() < deadline, tail(log)
+        time.sleep(0.05)
+
+
+@needs_serve_env
+def test_ready_line_and_model_ready_mean_both_models_answer(model, images, tmp_path):
+    """Issue 24 row 8: Triton's /v2/health/ready answers 200 seconds before PyTriton has loaded the models
+    (documented in runtime/serve.py and docs/serving-readiness.md: not a health check). What probres-serve
+    offers instead, its "ready" line and /v2/models/probres/ready, holds: at that moment both models answer."""
+    http, grpc, metrics = free_ports(3)
+    shm_before = shm_names()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(tmp_path),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_log(log, "probres-serve: ready: models probres and probres_tensor loaded", proc)
+        states = {m: http_status(f"http://127.0.0.1:{http}/v2/models/{m}/ready") for m in ("probres", "probres_tensor")}
+        assert states == {"probres": 200, "probres_tensor": 200}, states
+        code = ("import sys, numpy as np, tritonclient.http as h; "
+                f"c = h.InferenceServerClient('127.0.0.1:{http}'); "
+                "i = h.InferInput('image', [1, 1], 'BYTES'); "
+                "i.set_data_from_numpy(np.array([[open(sys.argv[1], 'rb').read()]], dtype=object)); "
+                "t = h.InferInput('images', [1, 3, int(sys.argv[2]), int(sys.argv[2])], 'FP32'); "
+                "t.set_data_from_numpy(np.zeros((1, 3, int(sys.argv[2]), int(sys.argv[2])), np.float32)); "
+                "print(c.infer('probres', [i]).as_numpy('error')[0, 0], c.infer('probres_tensor', [t]).as_numpy('error')[0, 0])")
+        r = serve_py("-c", code, str(images[0][0]), str(S), timeout=60)
+        assert r.returncode == 0 and r.stdout.split() == ["b''", "b''"], r.stderr[-2000:]
+    finally:
+        stop(proc)
+        reap_shm(shm_before)
 
 
 def run_load(tmp_path: Path, grpc: int, files: list[Path], clients: int, timeout: float = 20):

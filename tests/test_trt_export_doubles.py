@@ -154,3 +154,20 @@ def test_no_usable_gpu_exits_2(monkeypatch, tmp_path, capsys, cudart, needle):
         export(monkeypatch, tmp_path, "10.3", [], cudart=cudart)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and needle in err and "\n" not in err
+
+
+def test_the_manifest_records_the_checkpoint_the_onnx_came_from(monkeypatch, tmp_path):
+    """Issue 24: the plan's lineage reaches the checkpoint (probres-eval checks a reference against it)."""
+    import onnx
+
+    from runtime.provenance import lineage, relation
+
+    src = tiny_onnx(tmp_path / "model.onnx", val_metrics=METRICS)
+    m = onnx.load(str(src))
+    m.metadata_props.add(key="probres.checkpoint_sha256", value="c" * 64)
+    onnx.save(m, str(src))
+    rc, _, plan = export(monkeypatch, tmp_path, "10.13.3", [], onnx=src)
+    assert rc == 0 and read_manifest(plan).checkpoint_sha256 == "c" * 64
+    made = lineage(plan)
+    assert made.kind == "plan" and made.checkpoint_sha256 == "c" * 64 and sha256_file(src) in made.sources
+    assert relation(made, lineage(src)) == "source"

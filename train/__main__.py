@@ -116,6 +116,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     run_dir = Path(args.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: exists and is not a directory (--out names the run directory)")
     last = run_dir / "last.pt"
     given = {k: getattr(args, k) for k in RECIPE_DEFAULTS if getattr(args, k) is not None}
     if args.resume:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.coco import load_coco_split
+from runtime.coco import CocoDataError, load_coco_split
 from runtime.contract import ModelContract, PreprocessSpec
 from runtime.fileio import atomic_write_text
 from train import distributed as D
@@ -153,7 +153,13 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     amp_dtype = resolve_amp(cfg["amp"], device)
 
     # Data: one image-set policy for training's val and the runtime's probres-eval.
-    train_split = load_coco_split(cfg["coco_root"], "train2014", keep_empty=cfg["keep_empty"])
+    # --skip-bad-images covers training images listed but missing on disk too: dropped, counted, logged.
+    try:
+        train_split = load_coco_split(cfg["coco_root"], "train2014", keep_empty=cfg["keep_empty"],
+                                      missing="drop" if cfg.get("skip_bad_images") else "error")
+    except CocoDataError as e:
+        hint = " (pass --skip-bad-images to skip and count such files)" if "image file not found" in str(e) else ""
+        raise CocoDataError(f"{e}{hint}") from None
     val_split = load_coco_split(cfg["coco_root"], "val2014", keep_empty=cfg["keep_empty"], labels=train_split.labels)
     # The held-out part of train2014 (train/holdout.py) never reaches the training loader.
     train_split, held_split = split_train(train_split, cfg.get("holdout_frac", 0.0), cfg["seed"])
@@ -231,6 +237,10 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
         f"{ema.decay:.6f} per step, warmed up over the first {ema.horizon / WARMUP_FRACTION:.0f})")
     log(train_split.describe())
     log(held_split.describe() + " (kept out of training for calibration and thresholds: holdout.json)")
+    if train_split.missing:
+        gone = train_split.missing
+        log(f"skipped {len(gone)} training images listed in the annotations but not on disk (--skip-bad-images), "
+            f"e.g. {gone[0]}")
     log(val_split.describe())
     log(SELECTION_NOTE)
     resolved = {**cfg, "workers": workers, "world_size": info.world_size, "amp_dtype": amp_name,
