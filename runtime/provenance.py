@@ -92,7 +92,8 @@ def parse_header(line: str | bytes) -> dict | None:
 def describe(head: dict) -> str:
     h = head[KEY]
     sha = str(h.get("sha256"))[:12]
-    return f"{h.get('model')} (sha256 {sha}...), threshold {h.get('threshold')}, top-k {h.get('top_k')}"
+    show = lambda v: "none" if v is None else v          # noqa: E731  (JSON null, as the user would say it)
+    return f"{h.get('model')} (sha256 {sha}...), threshold {show(h.get('threshold'))}, top-k {show(h.get('top_k'))}"
 
 
 def same_run(old: dict, new: dict) -> bool:
