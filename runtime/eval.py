@@ -1,6 +1,7 @@
 """probres-eval: does the exported model score on COCO what the PyTorch checkpoint scores?
 
     probres-eval --engine model_fp16.onnx --coco-root data/coco --reference runs/r101/best.pt --json parity.json
+    probres-eval --engine model.onnx --csv val.csv --images DIR --reference runs/mine/best.pt   # labels as a CSV
 
 Runs MODEL and the reference over the same images of ROOT/<split>, decoding and preprocessing
 each image once (runtime.pipeline, the contract's spec) and feeding the same float32 batch to
@@ -28,6 +29,7 @@ import numpy as np
 
 from runtime.backends import DEVICES, Backend, BackendError, add_backend_args, backend_options, open_backend
 from runtime.contract import ModelContract
+from runtime.csv_labels import add_eval_args, eval_data, load_eval_split
 from runtime.infer import decision_thresholds, default_threads, positive_int, threshold_arg
 from runtime.metrics import multilabel_metrics
 from runtime.outputs import OutputError, check_outputs, model_inputs
@@ -53,7 +55,8 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="COCO accuracy of an exported model against its reference.")
     ap.add_argument("--engine", required=True, metavar="MODEL", help="the model under test (.plan/.engine, .onnx, .pt)")
-    ap.add_argument("--coco-root", required=True, metavar="DIR", help="COCO tree: DIR/<split>/, DIR/annotations/")
+    ap.add_argument("--coco-root", metavar="DIR", help="COCO tree: DIR/<split>/, DIR/annotations/")
+    add_eval_args(ap)                             # or --csv FILE --images DIR (runtime/csv_labels.py)
     ap.add_argument("--split", default="val2014", help="split to evaluate on (default val2014)")
     ref = ap.add_mutually_exclusive_group()
     ref.add_argument("--reference", metavar="CHECKPOINT", help="the PyTorch checkpoint (RUN_DIR/best.pt)")
@@ -163,7 +166,7 @@ def format_table(rep: dict[str, Any], engine_name: str, reference_name: str) -> 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """Everything but the exit code: (report, table). UsageError/BackendError for exit 2."""
-    from runtime.coco import CocoDataError, load_coco_split
+    from runtime.coco import CocoDataError
 
     engine = open_backend(args.engine, device=args.device, threads=args.threads, **backend_options(args))
     reference, ref_path = None, args.reference or args.reference_engine
@@ -177,7 +180,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             raise UsageError(f"{args.engine}: carries no PyTorch val metrics; give --reference best.pt "
                              f"or --reference-engine OTHER_MODEL")
         try:
-            split = load_coco_split(args.coco_root, args.split, keep_empty=args.keep_empty, labels=engine.contract.labels)
+            split = load_eval_split(args, engine.contract.labels)
         except CocoDataError as e:
             raise UsageError(str(e)) from None
         n = len(split) if args.limit is None else min(args.limit, len(split))
@@ -245,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and not 0 <= value < 1:
             print(f"{PROG}: error: --{flag.replace('_', '-')} is a fraction in [0, 1), got {value}", file=sys.stderr)
             return 2
-    from runtime.coco import annotation_path
+    data_error, data_inputs = eval_data(args)
+    if data_error:
+        print(f"{PROG}: error: {data_error}", file=sys.stderr)
+        return 2
     if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
         print(f"{PROG}: error: --plot {args.plot}: exists and is not a directory", file=sys.stderr)
         return 2
@@ -254,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs([("--json", args.json), ("--plot", plot_png)],
                       [*model_inputs("--engine", args.engine), *model_inputs("--reference", args.reference),
                        *model_inputs("--reference-engine", args.reference_engine),
-                       ("annotations", annotation_path(args.coco_root, args.split)),
-                       ("images", f"{args.coco_root}/{args.split}")], reads=is_image_name)
+                       *data_inputs], reads=is_image_name)
     except OutputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
