@@ -65,7 +65,10 @@ def test_usage_errors_are_one_line_exit_2(toy_root: Path, tmp_path: Path, capsys
 
 
 def test_bad_flag_and_missing_coco_root_exit_2(capsys) -> None:
-    for argv, needle in ((["--out", "x"], "--coco-root"), (["--coco-root", "x", "--arch", "resnet7"], "resnet7"),
+    assert main(["--out", "x"]) == 2           # no data: neither --coco-root nor --train-csv (checked after parsing)
+    err = capsys.readouterr().err.strip()
+    assert "--coco-root" in err and "--train-csv" in err and len(err.splitlines()) == 1
+    for argv, needle in ((["--coco-root", "x", "--arch", "resnet7"], "resnet7"),
                          (["--coco-root", "x", "--epochs", "two"], "--epochs")):
         with pytest.raises(SystemExit) as e:
             main(argv)
