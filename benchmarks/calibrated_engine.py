@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = ok and sh("-m", "train", "--coco-root", str(toy), "--out", str(run), "--arch", "resnet18", "--image-size", "64",
                    "--epochs", str(args.epochs), "--batch-size", "8", "--lr", "2e-3", "--augment", "light",
                    "--holdout-frac", "0.25", "--workers", "1", "--device", args.device, "--no-progress") == 0
-    ckpt = run / "best_calibrated.pt"
+    ckpt = run / "best.pt"          # the calibrated model (train.calibrate: best_raw.pt is the uncalibrated one)
     onnx32, onnx16, plan = work / "model.onnx", work / "model_fp16.onnx", work / "model.plan"
     ok = ok and sh("-m", "export.onnx", "--checkpoint", str(ckpt), "--output", str(onnx32), "--fp16",
                    "--verify-images", str(toy / "val2014")) == 0

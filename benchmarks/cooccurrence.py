@@ -3,7 +3,7 @@
     python -m benchmarks.cooccurrence --checkpoint runs/toy_co/best.pt --coco-root data/toy_coco_co [--json table.json]
 
 Runs train.calibrate twice on the same frozen backbone and held-out split: without the layer
-(RUN/best_calibrated.pt) and with it (RUN/best_label_dependency.pt), then prints a markdown
+(RUN/best_calibrated.pt, from RUN/best_raw.pt when the run calibrated best.pt) and with it (RUN/best_label_dependency.pt), then prints a markdown
 table of their val2014 figures, with the uncalibrated checkpoint as the first row: mAP, CF1
 and OF1 at 0.5 and at the contract's thresholds, ECE, Brier, and the seed's failure mode,
 the mean probability of absent labels that usually co-occur (P(j | i) >= 0.5 on the
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.holdout import HoldoutError
 
     ckpt = Path(args.checkpoint)
+    if ckpt.with_name(ckpt.stem + "_raw.pt").is_file():   # probres-train's best.pt is calibrated: start from the raw one
+        ckpt = ckpt.with_name(ckpt.stem + "_raw.pt")
     try:
         base = calibrate(ckpt, args.coco_root, ckpt.with_name("best_calibrated.pt"), device=args.device)
         dep = calibrate(ckpt, args.coco_root, ckpt.with_name("best_label_dependency.pt"), label_dependency=True,

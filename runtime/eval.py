@@ -1,6 +1,7 @@
 """probres-eval: does the exported model score on COCO what the PyTorch checkpoint scores?
 
-    probres-eval --engine model_fp16.onnx --coco-root data/coco --reference runs/r101/best_calibrated.pt --json parity.json
+    probres-eval --engine model_fp16.onnx --coco-root data/coco --reference runs/r101/best.pt --json parity.json
+    probres-eval --engine model.onnx --csv val.csv --images DIR --reference runs/mine/best.pt   # labels as a CSV
 
 Runs MODEL and the reference over the same images of ROOT/<split>, decoding and preprocessing
 each image once (runtime.pipeline, the contract's spec) and feeding the same float32 batch to
@@ -40,6 +41,7 @@ import numpy as np
 
 from runtime.backends import DEVICES, Backend, BackendError, add_backend_args, backend_options, open_backend
 from runtime.contract import ModelContract
+from runtime.csv_labels import add_eval_args, eval_data, load_eval_split
 from runtime.infer import decision_thresholds, default_threads, positive_int, threshold_arg
 from runtime.metrics import multilabel_metrics
 from runtime.outputs import OutputError, check_outputs, model_inputs
@@ -73,11 +75,12 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="COCO accuracy of an exported model against its reference.")
     ap.add_argument("--engine", required=True, metavar="MODEL", help="the model under test (.plan/.engine, .onnx, .pt)")
-    ap.add_argument("--coco-root", required=True, metavar="DIR", help="COCO tree: DIR/<split>/, DIR/annotations/")
+    ap.add_argument("--coco-root", metavar="DIR", help="COCO tree: DIR/<split>/, DIR/annotations/")
+    add_eval_args(ap)                             # or --csv FILE --images DIR (runtime/csv_labels.py)
     ap.add_argument("--split", default="val2014", help="split to evaluate on (default val2014)")
     ref = ap.add_mutually_exclusive_group()
     ref.add_argument("--reference", metavar="CHECKPOINT",
-                     help="the PyTorch checkpoint MODEL was exported from (make demo: run/best_calibrated.pt)")
+                     help="the PyTorch checkpoint MODEL was exported from (make demo: run/best.pt)")
     ref.add_argument("--reference-engine", metavar="OTHER_MODEL",
                      help="another export of that checkpoint (for INT8: the FP32 .onnx it was quantized from)")
     ap.add_argument("--max-map-drop", type=float, default=None, metavar="FRAC",
@@ -199,7 +202,9 @@ class EvalConfig:
     """What one probres-eval run compares, on what, and how strictly (the CLI's flags, typed)."""
 
     engine: str
-    coco_root: str
+    coco_root: str | None = None               # COCO tree, or:
+    csv: str | None = None                     # reference labels as a CSV (runtime/csv_labels.py) ...
+    images: str | None = None                  # ... with image names relative to this directory
     split: str = "val2014"
     reference: str | None = None               # the PyTorch checkpoint the engine was exported from
     reference_engine: str | None = None        # or another export of it
@@ -221,7 +226,7 @@ class EvalConfig:
 
 def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
     """Everything but the exit code: (report, table). UsageError/BackendError for exit 2."""
-    from runtime.coco import CocoDataError, load_coco_split
+    from runtime.coco import CocoDataError
 
     ref_path = cfg.reference or cfg.reference_engine
     relation = None
@@ -250,12 +255,13 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
             raise UsageError(f"{cfg.engine}: carries no PyTorch val metrics; give --reference CHECKPOINT (the one it "
                              f"was exported from) or --reference-engine OTHER_MODEL")
         try:
-            split = load_coco_split(cfg.coco_root, cfg.split, keep_empty=cfg.keep_empty, labels=engine.contract.labels)
+            split = load_eval_split(engine.contract.labels, csv=cfg.csv, images=cfg.images, coco_root=cfg.coco_root,
+                                    split=cfg.split, keep_empty=cfg.keep_empty)
         except CocoDataError as e:
             raise UsageError(str(e)) from None
         n = len(split) if cfg.limit is None else min(cfg.limit, len(split))
         if n == 0:
-            raise UsageError(f"{cfg.coco_root}: no images to evaluate in {split.describe()}")
+            raise UsageError(f"{cfg.csv or cfg.coco_root}: no images to evaluate in {split.describe()}")
         policy = split.describe() + (f"; first {n} by image id (--limit)" if n < len(split) else "")
         print(f"{PROG}: {policy}", file=sys.stderr)
         pe, pr, failed = run_pair(split.image_paths[:n], engine, reference,
@@ -345,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and not 0 <= value < 1:
             print(f"{PROG}: error: --{flag.replace('_', '-')} is a fraction in [0, 1), got {value}", file=sys.stderr)
             return 2
-    from runtime.coco import annotation_path
+    data_error, data_inputs = eval_data(args.csv, args.images, args.coco_root, args.split)
+    if data_error:
+        print(f"{PROG}: error: {data_error}", file=sys.stderr)
+        return 2
     if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
         print(f"{PROG}: error: --plot {args.plot}: exists and is not a directory", file=sys.stderr)
         return 2
@@ -354,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs([("--json", args.json), ("--plot", plot_png)],
                       [*model_inputs("--engine", args.engine), *model_inputs("--reference", args.reference),
                        *model_inputs("--reference-engine", args.reference_engine),
-                       ("annotations", annotation_path(args.coco_root, args.split)),
-                       ("images", f"{args.coco_root}/{args.split}")], reads=is_image_name)
+                       *data_inputs], reads=is_image_name)
     except OutputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         rep, table = evaluate(EvalConfig(
-            engine=args.engine, coco_root=args.coco_root, split=args.split, reference=args.reference,
+            engine=args.engine, coco_root=args.coco_root, csv=args.csv, images=args.images, split=args.split, reference=args.reference,
             reference_engine=args.reference_engine, allow_different_model=args.allow_different_model,
             max_map_drop=args.max_map_drop, max_cf1_drop=args.max_cf1_drop, max_ece_rise=args.max_ece_rise,
             max_dprob=args.max_dprob, max_label_diff_share=args.max_label_diff_share, plot=args.plot,

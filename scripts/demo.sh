@@ -30,12 +30,12 @@ mkdir -p "$OUT"
 step "1/5 toy COCO-2014 ($TRAIN_IMAGES train / $VAL_IMAGES val images) -> $OUT/toy_coco"
 "$BIN/python" -m train.toy_coco --out "$OUT/toy_coco" --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" --seed 0
 
-step "2/5 training resnet18 @ ${SIZE}px for $EPOCHS epochs on the CPU, then calibration -> $OUT/run/best_calibrated.pt"
+step "2/5 training resnet18 @ ${SIZE}px for $EPOCHS epochs on the CPU, then calibration -> $OUT/run/best.pt (calibrated; best_raw.pt: uncalibrated)"
 "$BIN/probres-train" --coco-root "$OUT/toy_coco" --out "$OUT/run" --arch resnet18 --image-size "$SIZE" \
     --epochs "$EPOCHS" --batch-size 8 --lr 2e-3 --augment light --workers 1 --device cpu --no-progress
 
 step "3/5 export the calibrated model to ONNX FP32 + FP16, each verified against PyTorch -> $OUT/model.onnx, $OUT/model_fp16.onnx"
-"$BIN/python" -m export.onnx --checkpoint "$OUT/run/best_calibrated.pt" --output "$OUT/model.onnx" --fp16 \
+"$BIN/python" -m export.onnx --checkpoint "$OUT/run/best.pt" --output "$OUT/model.onnx" --fp16 \
     --verify-images "$OUT/toy_coco/val2014"
 
 step "4/5 probres-infer on $OUT/toy_coco/val2014 -> $OUT/predictions.jsonl (first 3 images as tables)"
@@ -47,7 +47,7 @@ step "5/5 probres-eval: ONNX Runtime vs the PyTorch checkpoint on val2014"
 rc=0
 for m in model model_fp16; do
     echo "-- $m.onnx"
-    "$BIN/probres-eval" --engine "$OUT/$m.onnx" --coco-root "$OUT/toy_coco" --reference "$OUT/run/best_calibrated.pt" \
+    "$BIN/probres-eval" --engine "$OUT/$m.onnx" --coco-root "$OUT/toy_coco" --reference "$OUT/run/best.pt" \
         --json "$OUT/parity_$m.json" > "$OUT/parity_$m.txt" || rc=$?
     tail -n 2 "$OUT/parity_$m.txt"
 done
@@ -68,7 +68,7 @@ if "$BIN/python" -c "import nncf, openvino" 2>/dev/null; then
     for b in onnxruntime openvino; do
         echo "-- model_int8.onnx on $b"
         "$BIN/probres-eval" --engine "$OUT/model_int8.onnx" --backend $b --coco-root "$OUT/toy_coco" \
-            --reference "$OUT/run/best_calibrated.pt" --json "$OUT/parity_model_int8_$b.json" > "$OUT/parity_model_int8_$b.txt" || rc=$?
+            --reference "$OUT/run/best.pt" --json "$OUT/parity_model_int8_$b.json" > "$OUT/parity_model_int8_$b.txt" || rc=$?
         tail -n 1 "$OUT/parity_model_int8_$b.txt"
     done
 else
@@ -78,8 +78,8 @@ fi
 step "done in $(( $(date +%s) - T0 )) s. Artifacts in $OUT/:"
 cat <<INFO
   toy_coco/                 the toy COCO-2014 tree (train2014/, val2014/, annotations/)
-  run/best.pt               the trained checkpoint; run/ also holds logs and holdout.json
-  run/best_calibrated.pt    calibrated head + the contract's thresholds (the PyTorch reference)
+  run/best.pt               the model to ship: calibrated head + the contract's thresholds (the PyTorch reference)
+  run/best_raw.pt           the uncalibrated checkpoint; run/ also holds logs and holdout.json
   run/*.png                 reliability diagram, thresholds, co-occurrence heatmap
   model.onnx, model_fp16.onnx   the exported models (contract + val metrics in their metadata)
   model_int8.onnx           the INT8 Q/DQ model (export.int8), when the int8 extra is installed
@@ -91,7 +91,7 @@ INFO
 import json, sys
 out = sys.argv[1]
 r32, r16 = (json.load(open(f"{out}/parity_{m}.json")) for m in ("model", "model_fp16"))
-cal = json.load(open(f"{out}/run/best_calibrated.calibration.json"))
+cal = json.load(open(f"{out}/run/best.calibration.json"))
 b, a = cal["val_before"], cal["val_after"]
 print(f"\nCalibration (fitted on {cal['heldout_images']} held-out train images; val2014 only reported):")
 print(f"  val mAP {b['mAP']:.4f} -> {a['mAP']:.4f}, ECE {b['ECE']:.4f} -> {a['ECE']:.4f}, Brier {b['Brier']:.4f} -> {a['Brier']:.4f}")

@@ -271,26 +271,34 @@ def test_calibrate_cli_writes_the_calibrated_checkpoint_and_its_pictures(tmp_pat
     assert main(args) == 2 and "holdout.json: no such file" in capsys.readouterr().err
     _, held = split_train(load_coco_split(toy_root, "train2014"), 0.3, seed=0)
     write_holdout(run, held, 0.3, 0)
+    raw_bytes = (run / "best.pt").read_bytes()
     assert main(args) == 0
-    ck = load_checkpoint(run / "best_calibrated.pt")
+    # One checkpoint to ship: best.pt is now the calibrated model, best_raw.pt the file it was.
+    ck = load_checkpoint(run / "best.pt")
     rec = ck.extra["calibration"]
+    assert (run / "best_raw.pt").read_bytes() == raw_bytes and ck.extra["calibrated_from"] == str(run / "best_raw.pt")
 
     def refuse(token):
         raise ValueError(f"not JSON: {token}")
     # Strict JSON (no NaN/Infinity: jq and JavaScript refuse them), with the checkpoint's record.
-    saved = json.loads((run / "best_calibrated.calibration.json").read_text(), parse_constant=refuse)
+    saved = json.loads((run / "best.calibration.json").read_text(), parse_constant=refuse)
     assert saved["thresholds"] == rec["thresholds"] and saved["a"] == rec["a"] and saved["val_after"]["mAP"] == rec["val_after"]["mAP"]
     assert json.loads(strict_json({"p": float("nan"), "q": [1.5, float("inf")]}), parse_constant=refuse) == {"p": None, "q": [1.5, None]}
     assert ck.contract.thresholds is not None and list(ck.contract.thresholds) == rec["thresholds"]
     assert rec["fold_max_abs_dprob_heldout"] <= 1e-6 and min(rec["a"]) > 0
     assert abs(rec["val_after"]["mAP"] - rec["val_before"]["mAP"]) <= 1e-4       # a_k > 0: ranking kept
     assert ck.val_metrics["CF1_contract"] == rec["val_after"]["CF1_contract"]
-    for name in ("best_calibrated_reliability.png", "best_calibrated_thresholds.png", "cooccurrence.png"):
+    for name in ("best_reliability.png", "best_thresholds.png", "cooccurrence.png"):
         assert matplotlib.image.imread(str(run / name)).ndim == 3
     cond = np.array(json.loads((run / "cooccurrence.json").read_text())["P_j_given_i"])
     assert cond.shape == (8, 8) and np.allclose(np.diag(cond)[np.diag(cond) > 0], 1.0)
+    # Calibrating best.pt again starts from best_raw.pt (the same fit); --out leaves the input alone.
+    assert main(args) == 0 and (run / "best_raw.pt").read_bytes() == raw_bytes
+    assert load_checkpoint(run / "best.pt").extra["calibration"]["a"] == rec["a"]
     # The layer: its head is in the checkpoint; calibrating a calibrated checkpoint is refused.
-    assert main(args + ["--label-dependency", "--out", str(run / "ld.pt")]) == 0
+    assert main(["--checkpoint", str(run / "best_raw.pt"), "--coco-root", str(toy_root),
+                 "--label-dependency", "--out", str(run / "ld.pt")]) == 0
+    assert (run / "best_raw.pt").read_bytes() == raw_bytes
     assert LD.has_label_dependency(load_checkpoint(run / "ld.pt").state_dict)
     capsys.readouterr()
     assert main(["--checkpoint", str(run / "ld.pt"), "--coco-root", str(toy_root)]) == 2
@@ -348,4 +356,119 @@ def test_calibrate_refuses_an_unreadable_image_instead_of_scoring_zeros(tmp_path
     assert main(["--checkpoint", str(run / "best.pt"), "--coco-root", str(root)]) == 2
     err = capsys.readouterr().err
     assert Path(bad).name in err and len(err.strip().splitlines()) == 1
-    assert not (run / "best_calibrated.pt").exists()
+    assert (run / "best.pt").read_bytes() == Path(toy_checkpoint).read_bytes() and not (run / "best_raw.pt").exists()
+
+
+# ------------------------------------------------------------- a calibration that cannot do harm (issue 23/24)
+
+def _served_ap(z: np.ndarray, y: np.ndarray):
+    """val_ap(a, c) as a float32 head computes it: a*z + c and the sigmoid in float32, then sklearn's AP."""
+    from sklearn.metrics import average_precision_score
+
+    z32 = np.asarray(z, dtype=np.float32)
+
+    def val_ap(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):          # exp overflow is sigmoid's saturation to 0, as in float32 heads
+            p = (1 / (1 + np.exp(-(z32 * np.float32(a) + np.float32(c))))).astype(np.float32)
+        return np.array([average_precision_score(y[:, k], p[:, k]) for k in range(y.shape[1])])
+    return val_ap
+
+
+def test_a_fit_without_signal_collapses_to_ties_and_the_guard_refuses_it():
+    """Held-out logits that carry no signal drive the tied slope to ~0 (the issue's 2e-8); folded, the
+    ranking collapses into float32 ties. The guard refuses it: identity, val mAP exactly unchanged."""
+    from train.calibration_guard import MIN_SLOPE, guard
+
+    rng = np.random.default_rng(3)
+    zh = rng.normal(0, 2, (12, 4))
+    yh = (zh < -1).astype(np.uint8)                 # anti-correlated: the best a > 0 is a -> 0
+    platt = fit_platt(zh, yh)
+    assert platt["tied"][0] < 1e-3 and not platt["per_class"].any()
+    zv = rng.normal(0, 3, (300, 4))
+    yv = (zv + rng.normal(0, 2, zv.shape) > 1).astype(np.uint8)
+    val_ap = _served_ap(zv, yv)
+    before = val_ap(np.ones(4), np.zeros(4)).mean()
+    a0, c0 = platt["tied"]
+    assert abs(val_ap(np.full(4, a0), np.full(4, c0)).mean() - before) > 1e-3     # unguarded: mAP moves
+    g = guard(platt, val_ap)
+    assert g["source"] == ["identity"] * 4 and f"< {MIN_SLOPE}" in g["tied_refused"]
+    assert np.array_equal(g["a"], np.ones(4)) and np.array_equal(g["c"], np.zeros(4))
+    assert abs(val_ap(g["a"], g["c"]).mean() - before) <= 1e-4
+
+
+def test_a_fit_that_moves_a_class_ranking_falls_back_to_tied_then_identity():
+    """Class 0: a degenerate own fit -> tied. Class 1: an own fit that saturates float32 probabilities
+    moves its AP -> tied, which moves it too -> identity. Class 2: a sound own fit is kept."""
+    from train.calibration_guard import MAX_AP_CHANGE, guard
+
+    rng = np.random.default_rng(4)
+    zv = rng.normal(0, 1, (400, 3)) * np.array([1.0, 12.0, 1.0])    # class 1's logits reach float32 saturation
+    yv = (zv / np.array([1.0, 12.0, 1.0]) + rng.normal(0, 1, zv.shape) > 0.5).astype(np.uint8)
+    platt = {"a": np.array([1e-9, 6.0, 0.8]), "c": np.array([0.0, 0.0, -0.2]), "per_class": np.array([True] * 3),
+             "tied": (3.0, 0.0), "temperature": 1 / 3.0}
+    val_ap = _served_ap(zv, yv)
+    g = guard(platt, val_ap)
+    assert g["source"] == ["tied", "identity", "own"]
+    assert "own fit: slope" in g["refused"][0] and g["refused"][1].count("moves val AP") == 2 and 2 not in g["refused"]
+    change = np.abs(val_ap(g["a"], g["c"]) - val_ap(np.ones(3), np.zeros(3)))
+    assert change.max() <= MAX_AP_CHANGE and g["a"][2] == 0.8
+
+
+def _run_with_holdout(tmp_path: Path, toy_root: Path, toy_checkpoint: Path, n_held: int) -> Path:
+    import shutil
+
+    from runtime.coco import load_coco_split
+    from train.holdout import subset, write_holdout
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(toy_checkpoint, run / "best.pt")
+    train = load_coco_split(toy_root, "train2014")
+    write_holdout(run, subset(train, np.arange(n_held), "held"), n_held / len(train), 0)
+    return run
+
+
+def test_a_near_zero_slope_on_a_few_held_out_images_leaves_val_map_unchanged(tmp_path: Path, toy_root: Path,
+                                                                            toy_checkpoint: Path, monkeypatch, capsys):
+    """calibrate() end to end with a tied slope of 1e-9 (what 9 held-out images gave after one epoch): refused,
+    best.pt's head is the raw head, val mAP unchanged; the same fit folded unguarded would have moved it."""
+    import train.calibrate as C
+
+    run = _run_with_holdout(tmp_path, toy_root, toy_checkpoint, 10)
+    real_fit = C.fit_platt
+
+    def degenerate(z, y):
+        f = real_fit(z, y)
+        return f | {"tied": (1e-9, f["tied"][1]), "a": np.full_like(f["a"], 1e-9)}
+    monkeypatch.setattr(C, "fit_platt", degenerate)
+    assert C.main(["--checkpoint", str(run / "best.pt"), "--coco-root", str(toy_root)]) == 0
+    log = capsys.readouterr().out
+    rec = json.loads((run / "best.calibration.json").read_text())
+    assert rec["method"] == "identity" and set(rec["fit_source"]) == {"identity"} and "slope" in rec["tied_refused"]
+    assert "WARNING: tied fit refused" in log and "held-out positives: tied fit" in log
+    assert rec["heldout_images"] == 10 and rec["heldout_positives_tied"] == sum(rec["heldout_positives"]) >= 10
+    assert abs(rec["val_after"]["mAP"] - rec["val_before"]["mAP"]) <= 1e-4
+    cal, raw = load_checkpoint(run / "best.pt"), load_checkpoint(run / "best_raw.pt")
+    assert all(torch.equal(cal.state_dict[k], raw.state_dict[k]) for k in ("fc.weight", "fc.bias"))
+    assert cal.contract.thresholds is None               # nothing calibrated: F*/2 would not apply; 0.5
+    # Control: the refused fit, folded into the head, does move val mAP (so this test can fail).
+    from runtime.coco import load_coco_split
+    val = load_coco_split(toy_root, "val2014", labels=raw.contract.labels)
+    model = fold(raw.build(), np.full(8, 1e-9), np.full(8, degenerate(np.zeros((2, 8)), np.eye(2, 8))["tied"][1]), None)
+    z, _ = C.logits(model, val, raw.contract.preprocess, torch.device("cpu"), 32)
+    assert abs(multilabel_metrics(1 / (1 + np.exp(-z)), val.targets)["mAP"] - rec["val_before"]["mAP"]) > 1e-3
+
+
+def test_two_held_out_images_give_the_identity_and_a_warning(tmp_path: Path, toy_root: Path, toy_checkpoint: Path,
+                                                             capsys):
+    """Issue 24 row 7: 2 held-out images once gave a = 9.4e-10 and 0.666666 for every label. Now: identity."""
+    from train.calibrate import main
+
+    run = _run_with_holdout(tmp_path, toy_root, toy_checkpoint, 2)
+    assert main(["--checkpoint", str(run / "best.pt"), "--coco-root", str(toy_root)]) == 0
+    log = capsys.readouterr().out
+    assert "WARNING: the held-out set is too small to fit on (2 images" in log
+    rec = load_checkpoint(run / "best.pt").extra["calibration"]
+    assert rec["method"] == "identity" and rec["a"] == [1.0] * 8 and rec["c"] == [0.0] * 8
+    assert rec["val_after"]["mAP"] == rec["val_before"]["mAP"] and rec["thresholds"] is None
+    assert load_checkpoint(run / "best.pt").contract.thresholds is None

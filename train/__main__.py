@@ -3,6 +3,7 @@
     probres-train --coco-root data/coco --out runs/r101 --batch-size 128 --pretrained R101.pth   # one GPU
     torchrun --nproc_per_node=8 -m train --coco-root data/coco --out runs/r101 --batch-size 16 --pretrained R101.pth
     probres-train --coco-root data/coco --out runs/r101 --resume              # continue RUN_DIR/last.pt
+    probres-train --train-csv train.csv --val-csv val.csv --images DIR --out runs/mine ...   # docs/datasets-csv.md
 
 Defaults are ASL's / ML-Decoder's ResNet-101 COCO recipe (resnet101 @ 448, 40 epochs, Adam
 lr 1e-4 for a global batch of 128, coupled weight decay 1e-4 off biases/BN on the recipe's
@@ -43,8 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="probres-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--coco-root", required=True, metavar="DIR",
+    p.add_argument("--coco-root", metavar="DIR",
                    help="COCO-2014 root: train2014/, val2014/, annotations/instances_{train,val}2014.json")
+    p.add_argument("--train-csv", metavar="FILE", help="instead of --coco-root: training labels as a CSV "
+                   "(image,labels or one 0/1 column per label; docs/datasets-csv.md); needs --images")
+    p.add_argument("--val-csv", metavar="FILE", help="with --train-csv: the val labels (same form and labels)")
+    p.add_argument("--val-frac", type=float, metavar="F", help="with --train-csv, instead of --val-csv: this part "
+                   "of the training CSV is the val set (the same images for every --seed; written to RUN_DIR/val.csv)")
+    p.add_argument("--images", metavar="DIR", help="with --train-csv: the directory the CSVs' image names are relative to")
     p.add_argument("--out", default="runs/train", metavar="RUN_DIR", help="run directory (default runs/train)")
     p.add_argument("--arch", choices=ARCHS, default=None, help="torchvision ResNet (default resnet101)")
     p.add_argument("--image-size", type=int, default=None, help="train/eval input size (default 448)")
@@ -103,12 +110,40 @@ def _check_values(cfg: dict) -> None:
             raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {cfg[key]}")
 
 
+def _data_source(args: argparse.Namespace) -> dict:
+    """The run's data flags, checked: a COCO root, or a training CSV with --val-csv or --val-frac and --images."""
+    from train.trainer import UsageError
+    csv_flags = {"--train-csv": args.train_csv, "--val-csv": args.val_csv, "--val-frac": args.val_frac,
+                 "--images": args.images}
+    given = [f for f, v in csv_flags.items() if v is not None]
+    if args.coco_root is not None:
+        if given:
+            raise UsageError(f"--coco-root and {given[0]}: give either a COCO root or CSV labels, not both")
+        if not Path(args.coco_root).is_dir():
+            raise UsageError(f"--coco-root {args.coco_root}: no such directory")
+        return {"coco_root": args.coco_root}
+    if args.train_csv is None:
+        raise UsageError(f"{given[0]} needs --train-csv" if given else
+                         "give --coco-root DIR, or --train-csv FILE with --images DIR and --val-csv FILE or --val-frac F")
+    if args.images is None:
+        raise UsageError("--train-csv needs --images DIR (the directory its image names are relative to)")
+    if (args.val_csv is None) == (args.val_frac is None):
+        raise UsageError("--train-csv needs exactly one of --val-csv FILE and --val-frac F")
+    if args.val_frac is not None and not 0 < args.val_frac <= 0.5:
+        raise UsageError(f"--val-frac must be in (0, 0.5], got {args.val_frac}")
+    for flag, path in (("--train-csv", args.train_csv), ("--val-csv", args.val_csv)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    if not Path(args.images).is_dir():
+        raise UsageError(f"--images {args.images}: no such directory")
+    return {"coco_root": None, "train_csv": args.train_csv, "val_csv": args.val_csv, "val_frac": args.val_frac,
+            "images": args.images}
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     """The run's config dict and, with --resume, the last.pt to continue from."""
     from train.trainer import UsageError
-    root = Path(args.coco_root)
-    if not root.is_dir():
-        raise UsageError(f"--coco-root {root}: no such directory")
+    data = _data_source(args)
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.save_every < 0:
@@ -140,7 +175,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     if cfg["augment"] == "full":     # the crop recipe's name before --augment asl
         cfg["augment"] = "crop"
     cfg.pop("ema_decay", None)   # (a run from before --ema-epochs: its per-step decay is not carried over)
-    cfg.update(coco_root=str(root), out=str(run_dir), device=args.device, workers=args.workers,
+    cfg.update(**data, out=str(run_dir), device=args.device, workers=args.workers,
                save_every=args.save_every, progress=not args.no_progress, augment_on=args.augment_on,
                compile=args.compile, skip_bad_images=args.skip_bad_images, calibrate=not args.no_calibrate,
                label_dependency=args.label_dependency)

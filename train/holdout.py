@@ -32,10 +32,11 @@ class HoldoutError(ValueError):
     """A bad --holdout-frac or a holdout.json that does not match this run; the message names it."""
 
 
-def holdout_rows(targets: np.ndarray, frac: float, seed: int) -> np.ndarray:
+def holdout_rows(targets: np.ndarray, frac: float, seed: int, stream: int = 20140) -> np.ndarray:
     """Sorted row indices of the held-out images of (N, C) multi-hot `targets`.
 
     frac 0 -> none. Every class with >= MIN_TRAIN_POSITIVES positives has >= 1 held-out positive.
+    stream: another value draws an independent split (train.coco's --val-frac uses one).
     """
     if not 0.0 <= frac <= MAX_FRAC:
         raise HoldoutError(f"--holdout-frac must be in [0, {MAX_FRAC}], got {frac}")
@@ -44,7 +45,7 @@ def holdout_rows(targets: np.ndarray, frac: float, seed: int) -> np.ndarray:
     if want == 0:
         return np.zeros(0, dtype=np.int64)
     pos = np.asarray(targets) > 0                     # (N, C)
-    order = np.random.default_rng([seed, 20140]).permutation(n)
+    order = np.random.default_rng([seed, stream]).permutation(n)
     chosen = np.zeros(n, dtype=bool)
     counts = pos.sum(axis=0)
     for k in np.argsort(counts, kind="stable"):       # rarest first: a rare class's image also covers others

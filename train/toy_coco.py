@@ -17,6 +17,12 @@ of images hold no object and get no annotation. The colour cue alone makes it le
 from scratch on a CPU in minutes; scale, occlusion, noise and crops keep it from being
 trivial. Same seed -> byte-identical files (on the same OpenCV build).
 
+--csv also writes the set as label CSVs (docs/datasets-csv.md): ROOT/train.csv and
+ROOT/val.csv, one 0/1 column per label in the COCO-id order (NVIDIA TAO's form), image names
+relative to ROOT, listing the images COCO's default policy keeps (those with an object), so
+`probres-train --train-csv ROOT/train.csv --val-csv ROOT/val.csv --images ROOT` trains on
+exactly the images, labels and label order that `--coco-root ROOT` does.
+
 --cooccur gives the labels a dependency structure, as COCO's "dining table" and "fork"
 have: each class of a COOCCUR_PAIRS pair brings its partner along with probability
 P_PARTNER (so each appears mostly with the other), and the classes of an EXCLUSIVE_PAIRS
@@ -241,10 +247,11 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, image
 
 
 def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0, cooccur: bool = False,
-                  **split_options: Any) -> Path:
+                  csv: bool = False, **split_options: Any) -> Path:
     """Write the toy set under `root` (created if needed) and return `root` as a Path.
 
-    cooccur: the --cooccur label dependencies (module docstring). split_options (render,
+    cooccur: the --cooccur label dependencies (module docstring). csv: also the --csv label
+    files ROOT/train.csv, ROOT/val.csv (module docstring). split_options (render,
     categories, description) go to _write_split: other generators (train.photo_coco) reuse the
     layout, ids and annotation writing with their own images.
     """
@@ -264,7 +271,19 @@ def make_toy_coco(root: str | Path, n_train: int = 400, n_val: int = 100, seed: 
             opts["render"] = lambda r, co_rng=co_rng: _render(r, co_rng)
             opts.setdefault("description", "probres toy COCO with co-occurring labels (synthetic)")
         ann = _write_split(root, split, n, np.random.default_rng([seed, k]), split_ids, ann, **opts)
+    if csv:
+        write_toy_csv(root)
     return root
+
+
+def write_toy_csv(root: str | Path) -> tuple[Path, Path]:
+    """ROOT/train.csv and ROOT/val.csv: the COCO-layout set's default image sets as 0/1 label columns."""
+    from runtime.coco import load_coco_split
+    from runtime.csv_labels import write_csv
+
+    root = Path(root)
+    return tuple(write_csv(root / f"{name}.csv", load_coco_split(root, split), root, form="columns")
+                 for name, split in (("train", "train2014"), ("val", "val2014")))
 
 
 def set_main(argv: list[str] | None, prog: str, description: str, make: Any, what: str, num_classes: int,
@@ -300,7 +319,9 @@ def set_main(argv: list[str] | None, prog: str, description: str, make: Any, wha
 def main(argv: list[str] | None = None) -> int:
     return set_main(argv, "python -m train.toy_coco", __doc__.split("\n\n")[0], make_toy_coco, "toy COCO",
                     len(TOY_CLASSES), switches={"cooccur": "label dependencies: pairs that mostly appear "
-                                                           "together, and a pair that never does"})
+                                                           "together, and a pair that never does",
+                                                "csv": "also ROOT/train.csv and ROOT/val.csv (one 0/1 column per "
+                                                       "label) for --train-csv/--val-csv --images ROOT"})
 
 
 if __name__ == "__main__":

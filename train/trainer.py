@@ -3,8 +3,9 @@
     probres-train --coco-root data/toy_coco --out runs/toy ...   (train/__main__.py resolves the config)
 
 RUN_DIR gets last.pt (every epoch, and every --save-every steps), best.pt (the raw or EMA
-weights with the best val mAP so far), metrics.json (one entry per epoch, rewritten
-atomically), train.log and tb/ (TensorBoard). Only rank 0 writes. Checkpoints go through
+weights with the best val mAP so far; at the end, when calibration runs, it becomes the
+calibrated model to ship and best_raw.pt keeps the uncalibrated one: train.calibrate),
+metrics.json (one entry per epoch, rewritten atomically), train.log and tb/ (TensorBoard). Only rank 0 writes. Checkpoints go through
 train.checkpoint.save_checkpoint (temp file + rename): a kill -9 at any moment leaves the
 previous complete file.
 """
@@ -21,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.coco import CocoDataError, load_coco_split
+from runtime.coco import CocoDataError
+from runtime.csv_labels import write_csv
 from runtime.contract import ModelContract, PreprocessSpec
 from runtime.fileio import atomic_write_text
 from train import distributed as D
 from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from train.coco import CocoDataset
+from train.coco import CocoDataset, data_name, load_splits
 from train.ema import WARMUP_FRACTION, ModelEma
 from train.holdout import split_train, write_holdout
 from train.engine import (EpochProgress, StepContext, build_optimizer, build_scheduler, epoch_loss, evaluate,
@@ -155,12 +157,12 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     # Data: one image-set policy for training's val and the runtime's probres-eval.
     # --skip-bad-images covers training images listed but missing on disk too: dropped, counted, logged.
     try:
-        train_split = load_coco_split(cfg["coco_root"], "train2014", keep_empty=cfg["keep_empty"],
-                                      missing="drop" if cfg.get("skip_bad_images") else "error")
+        train_split, val_split = load_splits(cfg)     # COCO-2014 or label CSVs (train/coco.py)
     except CocoDataError as e:
         hint = " (pass --skip-bad-images to skip and count such files)" if "image file not found" in str(e) else ""
         raise CocoDataError(f"{e}{hint}") from None
-    val_split = load_coco_split(cfg["coco_root"], "val2014", keep_empty=cfg["keep_empty"], labels=train_split.labels)
+    if info.is_main and cfg.get("val_frac"):       # the val part as a file probres-eval --csv can take
+        write_csv(run_dir / "val.csv", val_split, cfg["images"])
     # The held-out part of train2014 (train/holdout.py) never reaches the training loader.
     train_split, held_split = split_train(train_split, cfg.get("holdout_frac", 0.0), cfg["seed"])
     if info.is_main and len(held_split):
@@ -168,7 +170,7 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
     contract = ModelContract(train_split.labels, PreprocessSpec(size=cfg["image_size"]))
     ckpt = load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None and ckpt.contract.labels != contract.labels:
-        raise UsageError(f"--resume: {resume_from} was trained on other labels than {cfg['coco_root']} has")
+        raise UsageError(f"--resume: {resume_from} was trained on other labels than {data_name(cfg)} has")
     augment_on = resolve_augment_on(cfg.get("augment_on", "auto"), device)
     train_ds = CocoDataset(train_split, contract.preprocess, True, cfg["augment"], augment_on)
     val_ds = CocoDataset(val_split, contract.preprocess, False)
@@ -316,11 +318,7 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
         writer.close()
     D.barrier()
     if info.is_main and cfg.get("calibrate", False) and len(held_split) and (run_dir / "best.pt").is_file():
-        from train.calibrate import calibrate
-        try:
-            calibrate(run_dir / "best.pt", cfg["coco_root"], label_dependency=cfg.get("label_dependency", False),
-                      device=device, batch_size=cfg["batch_size"], log=log)
-        except (ValueError, OSError) as e:     # e.g. an unreadable held-out image: the trained run stays whole
-            log(f"calibrate: failed ({str(e).splitlines()[0][:300]}); best.pt is complete: fix it and run "
-                f"python -m train.calibrate --checkpoint {run_dir / 'best.pt'} --coco-root {cfg['coco_root']}")
+        from train.calibrate import calibrate_run     # best.pt becomes the calibrated model, best_raw.pt the raw one
+        calibrate_run(run_dir, label_dependency=cfg.get("label_dependency", False), device=device,
+                      batch_size=cfg["batch_size"], log=log)
     return doc
