@@ -1,7 +1,7 @@
 """probres-train: the ResNet + BCE multi-label trainer for COCO-2014 (also `python -m train`).
 
-    probres-train --coco-root data/coco --out runs/r101 --batch-size 128 --pretrained R101.pth   # one GPU
-    torchrun --nproc_per_node=8 -m train --coco-root data/coco --out runs/r101 --batch-size 16 --pretrained R101.pth
+    probres-train --coco-root data/coco --out runs/r101 --batch-size 128 --pretrained imagenet   # one GPU
+    torchrun --nproc_per_node=8 -m train --coco-root data/coco --out runs/r101 --batch-size 16 --pretrained imagenet
     probres-train --coco-root data/coco --out runs/r101 --resume              # continue RUN_DIR/last.pt
 
 Defaults are ASL's / ML-Decoder's ResNet-101 COCO recipe (resnet101 @ 448, 40 epochs, Adam
@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--keep-empty", action="store_const", const=True, default=None,
                    help="keep images without annotations as all-negative (default: drop them, as published numbers do)")
-    p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="local torchvision ImageNet state_dict, e.g. resnet101-cbd1c6e8.pth (never downloaded)")
+    p.add_argument("--pretrained", default=None, metavar="imagenet|PATH",
+                   help="imagenet: torchvision's best ImageNet-1k weights for --arch, downloaded once into torch's "
+                        "hub cache (sha256 checked); PATH: a local torchvision state_dict")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers per process (default: CUDA min(12, cores per GPU - 1), CPU 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
@@ -131,10 +132,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     else:
         if last.exists():
             raise UsageError(f"--out {run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
-        if args.pretrained is not None and not Path(args.pretrained).is_file():
-            from train.model import PRETRAINED_HINT
-            raise UsageError(f"--pretrained {args.pretrained}: no such file; {PRETRAINED_HINT}")
         cfg = {**RECIPE_DEFAULTS, **given}
+        if cfg["pretrained"] is not None:   # imagenet: fetched (or found in the hub cache) now, before any work
+            from train.pretrained import resolve_pretrained
+            file, note = resolve_pretrained(cfg["pretrained"], cfg["arch"])
+            cfg.update(pretrained_file=str(file), pretrained_note=note)
     if cfg["augment"] == "full":     # the crop recipe's name before --augment asl
         cfg["augment"] = "crop"
     cfg.pop("ema_decay", None)   # (a run from before --ema-epochs: its per-step decay is not carried over)
