@@ -133,10 +133,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
         if last.exists():
             raise UsageError(f"--out {run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
         cfg = {**RECIPE_DEFAULTS, **given}
-        if cfg["pretrained"] is not None:   # imagenet: fetched (or found in the hub cache) now, before any work
-            from train.pretrained import resolve_pretrained
-            file, note = resolve_pretrained(cfg["pretrained"], cfg["arch"])
-            cfg.update(pretrained_file=str(file), pretrained_note=note)
     if cfg["augment"] == "full":     # the crop recipe's name before --augment asl
         cfg["augment"] = "crop"
     cfg.pop("ema_decay", None)   # (a run from before --ema-epochs: its per-step decay is not carried over)
@@ -145,6 +141,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
                compile=args.compile, skip_bad_images=args.skip_bad_images, calibrate=not args.no_calibrate,
                label_dependency=args.label_dependency)
     _check_values(cfg)
+    if not args.resume and cfg["pretrained"] is not None:   # imagenet: fetched (or found in the hub cache) before any work
+        from train.pretrained import resolve_pretrained
+        file, note = resolve_pretrained(cfg["pretrained"], cfg["arch"])
+        cfg.update(pretrained_file=str(file), pretrained_note=note)
     return cfg, (last if args.resume else None)
 
 
