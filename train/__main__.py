@@ -1,7 +1,7 @@
 """probres-train: the ResNet + BCE multi-label trainer for COCO-2014 (also `python -m train`).
 
-    probres-train --coco-root data/coco --out runs/r101 --batch-size 128 --pretrained R101.pth   # one GPU
-    torchrun --nproc_per_node=8 -m train --coco-root data/coco --out runs/r101 --batch-size 16 --pretrained R101.pth
+    probres-train --coco-root data/coco --out runs/r101 --batch-size 128 --pretrained imagenet   # one GPU
+    torchrun --nproc_per_node=8 -m train --coco-root data/coco --out runs/r101 --batch-size 16 --pretrained imagenet
     probres-train --coco-root data/coco --out runs/r101 --resume              # continue RUN_DIR/last.pt
     probres-train --train-csv train.csv --val-csv val.csv --images DIR --out runs/mine ...   # docs/datasets-csv.md
 
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--keep-empty", action="store_const", const=True, default=None,
                    help="keep images without annotations as all-negative (default: drop them, as published numbers do)")
-    p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="local torchvision ImageNet state_dict, e.g. resnet101-cbd1c6e8.pth (never downloaded)")
+    p.add_argument("--pretrained", default=None, metavar="imagenet|PATH",
+                   help="imagenet: torchvision's best ImageNet-1k weights for --arch, downloaded once into torch's "
+                        "hub cache (sha256 checked); PATH: a local torchvision state_dict")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers per process (default: CUDA min(12, cores per GPU - 1), CPU 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
@@ -168,9 +169,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     else:
         if last.exists():
             raise UsageError(f"--out {run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
-        if args.pretrained is not None and not Path(args.pretrained).is_file():
-            from train.model import PRETRAINED_HINT
-            raise UsageError(f"--pretrained {args.pretrained}: no such file; {PRETRAINED_HINT}")
         cfg = {**RECIPE_DEFAULTS, **given}
     if cfg["augment"] == "full":     # the crop recipe's name before --augment asl
         cfg["augment"] = "crop"
@@ -180,6 +178,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
                compile=args.compile, skip_bad_images=args.skip_bad_images, calibrate=not args.no_calibrate,
                label_dependency=args.label_dependency)
     _check_values(cfg)
+    if not args.resume and cfg["pretrained"] is not None:   # imagenet: fetched (or found in the hub cache) before any work
+        from train.pretrained import resolve_pretrained
+        file, note = resolve_pretrained(cfg["pretrained"], cfg["arch"])
+        cfg.update(pretrained_file=str(file), pretrained_note=note)
     return cfg, (last if args.resume else None)
 
 

@@ -4,7 +4,8 @@
 
 The network outputs logits (N, C); one sigmoid per label turns them into independent
 Bernoulli probabilities. Training applies BCE-with-logits; export appends the sigmoid.
-Nothing here ever downloads weights: ImageNet initialisation comes from a local file.
+Nothing here downloads: ImageNet initialisation comes from a local file (train/pretrained.py
+puts torchvision's into torch's hub cache for --pretrained imagenet).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from runtime.checkpoint import ARCHS, build_network
 
 __all__ = ["ARCHS", "PretrainedWeightsError", "WithSigmoid", "build_model"]
 
-# Where torchvision's own ImageNet weights come from (IMAGENET1K_V1 / V2 file names).
+# Where torchvision's own ImageNet weights come from (train/pretrained.py fetches them for --pretrained imagenet).
 PRETRAINED_HINT = (
-    "download torchvision's ImageNet weights on a machine with internet, e.g. "
-    "https://download.pytorch.org/models/resnet101-cbd1c6e8.pth (V1) or resnet101-63fe2227.pth (V2), "
-    "and pass the local file with --pretrained"
+    "use --pretrained imagenet (torchvision's weights, downloaded once into torch's hub cache), or pass a local "
+    "torchvision state_dict such as https://download.pytorch.org/models/resnet101-cd907fc2.pth (IMAGENET1K_V2)"
 )
 
 

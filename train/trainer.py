@@ -75,7 +75,7 @@ def init_note(arch: str, image_size: int, pretrained: str | None, resumed: bool)
     note = "weights: random initialisation (no --pretrained: training from scratch)"
     if arch in DEEP_ARCHS and image_size >= 224:
         return note, (f"WARNING: {arch} @ {image_size} from scratch: the published COCO recipes all start from "
-                      f"ImageNet weights and expect ~0.8 mAP only with them; pass --pretrained PATH")
+                      f"ImageNet weights and expect ~0.8 mAP only with them; pass --pretrained imagenet")
     return note, None
 
 
@@ -181,8 +181,8 @@ def _fit(cfg: dict, resume_from: Path | None, info: D.DistInfo, device: torch.de
         raise UsageError(f"--batch-size {cfg['batch_size']} x {info.world_size} processes exceeds the "
                          f"{len(train_ds)} training images (no full batch)")
 
-    init, init_warning = init_note(cfg["arch"], cfg["image_size"], cfg["pretrained"], ckpt is not None)
-    model = build_model(cfg["arch"], contract.labels.num_classes, None if ckpt else cfg["pretrained"])
+    init, init_warning = init_note(cfg["arch"], cfg["image_size"], cfg.get("pretrained_note", cfg["pretrained"]), ckpt is not None)
+    model = build_model(cfg["arch"], contract.labels.num_classes, None if ckpt else cfg.get("pretrained_file", cfg["pretrained"]))
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = ModelEma.from_epochs(model, cfg["ema_epochs"], steps_per_epoch)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
