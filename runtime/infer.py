@@ -2,6 +2,7 @@
 
     probres-infer --engine model.onnx photos/ extra.jpg --format jsonl --output results.jsonl
     probres-infer --engine model.plan --from-list paths.txt --shard 0/4 --output part0.jsonl --resume
+    probres-infer --engine model.onnx clip.mp4 --every 10      (videos, cameras, streams: runtime.video)
 
 MODEL by extension: .plan/.engine (TensorRT, with its .json sidecar), .onnx (ONNX Runtime),
 .pt (PyTorch checkpoint; needs the training extra). Directories are walked recursively in
@@ -34,6 +35,7 @@ from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
 from runtime.pipeline import classify, is_image_name
 from runtime.report import FORMATS, Writer
+from runtime.video import add_video_args, run_video, wants_video
 
 PROG = "probres-infer"
 
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads for decoding and for CPU inference (default: all cores, decoding at most 8)")
     ap.add_argument("--device", choices=DEVICES, default="auto", help="auto (GPU if the backend has one), cpu or cuda")
     add_backend_args(ap)
+    add_video_args(ap)                            # video files, cameras and streams: runtime.video
     return ap
 
 
@@ -158,6 +161,8 @@ def check_args(args: argparse.Namespace) -> tuple[Iterator[str], DoneSet | None]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if wants_video(args):                         # a video, stream or camera in the run (docs/video.md)
+        return run_video(args, PROG)
     try:
         paths, done = check_args(args)
     except (InputError, OutputError) as e:
