@@ -1,21 +1,18 @@
-"""Classify video files, cameras and network streams frame by frame: probres-infer's video route.
+"""probres-infer's video route: video files, cameras and network streams classified frame by frame.
 
     probres-infer --engine model.onnx clip.mp4 --every 10
     probres-infer --engine model.onnx --camera 0 --smooth 5 --format table
     probres-infer --engine model.onnx rtsp://192.168.1.10/stream --reconnect 5 -o live.jsonl
 
-Frames go through the image path's preprocessing (runtime.preprocess.preprocess_array_into on
-the decoded BGR array, straight into the backend's own buffers), so a frame's probabilities are
-those of the same pixels classified as an image. Two policies (runtime.video_sources):
-files give every selected frame in order, in batches, decode (one thread) overlapping
-preprocessing (a pool) and inference (batch k+1 submitted before k is waited for); live
-sources give the newest frame, one at a time, so a record is about one decode plus one
-inference behind the camera. Memory is fixed by --batch-size x 4 buffers, whatever the length.
-Records carry "frame" and "time_s"; --smooth K reports an exponential moving average of each
-label's probability over about K frames (alpha 2/(K+1)), and decides on it.
-probres-infer sends a run here when it names a video, a stream or --camera, sets a video flag,
-or names a directory holding a video (found by extension); images in the run are classified
-as usual, in order with the videos.
+probres-infer sends a run here when it names a video file (by extension), a stream URL, a
+/dev/videoN device, a GStreamer pipeline or --camera, sets a video flag, or names a directory
+holding a video (its names are scanned up to the first one). Directories are walked for
+images and videos alike; the images of the run are classified as usual (runtime.pipeline),
+in order with the videos, in the same buffers. Sources: runtime.video_sources; frames through
+the engine: runtime.video_frames. Records carry "frame" and "time_s" (JSONL, CSV, table);
+a video that cannot be read gets one error record and the run goes on; a live source ends
+with one stderr line (why, frames classified, skipped, reconnects). Ctrl-C keeps the records
+written (exit 130). Guide: docs/video.md.
 """
 
 from __future__ import annotations
@@ -23,235 +20,24 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import queue
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
-
-import numpy as np
+from typing import Iterator
 
 from runtime.backends import BackendError, backend_options, open_backend
 from runtime.inputs import InputError, peek
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
-from runtime.pipeline import classify, is_image_name, iter_image_paths
-from runtime.preprocess import STREAM_BYTES, preprocess_array_into
+from runtime.pipeline import is_image_name, iter_image_paths
 from runtime.report import Writer
-from runtime.video_sources import (Frame, LiveSource, Selector, VideoError, is_live, is_video_name,
-                                   iter_file_frames)
-
-if TYPE_CHECKING:
-    from runtime.backends.base import Backend
+from runtime.video_frames import FrameClassifier, LiveStats, stream_batches
+from runtime.video_sources import Selector, VideoError, describe_error, is_live, is_video_name
 
 FIELDS = ("frame", "time_s")
-BUFFERS = 4                    # one filling, one ready, two with the engine (submit k+1 before wait k)
-_END = object()
 
 
 def is_media_name(name: str) -> bool:
     return is_image_name(name) or is_video_name(name)
-
-
-# ---------------------------------------------------------------------------------------------- smoothing
-
-class Smoother:
-    """Exponential moving average of each label's probability over about `k` frames (alpha = 2 / (k + 1))."""
-
-    def __init__(self, k: float) -> None:
-        if k < 1:
-            raise ValueError("--smooth K needs K >= 1")
-        self.alpha, self.state = 2.0 / (k + 1.0), None
-
-    def __call__(self, probs: np.ndarray) -> np.ndarray:
-        """(C,) probabilities of the next frame -> (C,) smoothed, float32."""
-        p = np.asarray(probs, dtype=np.float64)
-        self.state = p.copy() if self.state is None else self.state + self.alpha * (p - self.state)
-        return self.state.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------- classifying frames
-
-@dataclass
-class LiveStats:
-    """What a live source did: frames read, skipped (replaced before inference took them), reconnects, why it ended."""
-
-    read: int = 0
-    skipped: int = 0
-    reconnects: int = 0
-    end_reason: str | None = None
-
-
-class FrameClassifier:
-    """Classifies frames (and images) with one backend, in input buffers (the backend's own) allocated
-    once per run and reused by every source, so memory does not grow with the number of sources."""
-
-    def __init__(self, backend: "Backend", batch_size: int = 16, threads: int = 2) -> None:
-        self.backend, self.batch_size, self.spec = backend, batch_size, backend.contract.preprocess
-        self._bufs: list[np.ndarray] = []
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-frames")
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def buffers(self, count: int) -> list[np.ndarray]:
-        """The first `count` (batch_size, 3, S, S) input buffers, allocated on first need."""
-        if len(self._bufs) < count:
-            self._bufs += self.backend.allocate_inputs(self.batch_size, count - len(self._bufs))
-        return self._bufs[:count]
-
-    def allocate(self, rows: int, count: int) -> list[np.ndarray]:
-        """runtime.pipeline's allocate(rows, count) for images, as views of the same buffers."""
-        return [b[:rows] for b in self.buffers(count)]
-
-    def images(self, paths: Iterable[str], threads: int) -> Iterator:
-        """runtime.pipeline.classify over image paths, in these buffers."""
-        return classify(self.backend, paths, self.batch_size, threads, allocate=self.allocate)
-
-    def files(self, frames: Iterable[Frame]) -> Iterator[tuple[list[Frame], np.ndarray]]:
-        """(frames, probs (n, C)) batches, every frame in order; the frames' error (VideoError...) is raised
-        after the batches decoded before it."""
-        ready: queue.Queue = queue.Queue(maxsize=1)
-        stop = threading.Event()
-        free: queue.Queue = queue.Queue()
-        for b in self.buffers(BUFFERS):
-            free.put(b)
-
-        def take_buffer() -> np.ndarray | None:
-            while not stop.is_set():
-                try:
-                    return free.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-            return None
-
-        def put(item: object) -> None:
-            while not stop.is_set():
-                try:
-                    return ready.put(item, timeout=0.1)
-                except queue.Full:
-                    continue
-
-        def produce() -> None:
-            batch: list[Frame] = []
-            futs: list = []
-            buf = None
-
-            def finish() -> None:
-                nonlocal batch, futs, buf
-                for f in futs:
-                    f.result()
-                for f in batch:
-                    f.image = None                  # its pixels are in buf now
-                put((batch, buf))
-                batch, futs, buf = [], [], None
-
-            try:
-                try:
-                    for fr in frames:
-                        if buf is None and (buf := take_buffer()) is None:
-                            return
-                        stream = buf.nbytes >= STREAM_BYTES
-                        futs.append(self._pool.submit(preprocess_array_into, fr.image, buf[len(batch)], self.spec,
-                                                      stream))
-                        batch.append(fr)
-                        if len(batch) == self.batch_size:
-                            finish()
-                        if stop.is_set():
-                            return
-                except BaseException as e:
-                    if batch:
-                        finish()
-                    put(e)
-                    return
-                if batch:
-                    finish()
-                put(_END)
-            except BaseException as e:              # a preprocessing failure: still this source's error
-                put(e)
-            finally:
-                getattr(frames, "close", lambda: None)()
-
-        producer = threading.Thread(target=produce, name="probres-video", daemon=True)
-        producer.start()
-        prev = None
-
-        def done(p: tuple) -> tuple[list[Frame], np.ndarray]:
-            batch, buf, pending = p
-            try:
-                return batch, pending.wait()
-            finally:
-                free.put(buf)
-
-        try:
-            while True:
-                item = ready.get()
-                if item is _END or isinstance(item, BaseException):
-                    break
-                batch, buf = item
-                pending = self.backend.submit(buf[:len(batch)])
-                if prev is not None:
-                    p, prev = prev, None
-                    yield done(p)
-                prev = (batch, buf, pending)
-                if ready.empty():                   # the next batch is not decoded yet: do not hold this one
-                    p, prev = prev, None
-                    yield done(p)
-            if prev is not None:
-                p, prev = prev, None
-                yield done(p)
-            if isinstance(item, BaseException):
-                raise item
-        finally:
-            stop.set()
-            producer.join()
-
-    def live(self, source: LiveSource, fps: float | None = None) -> Iterator[tuple[list[Frame], np.ndarray]]:
-        """([frame], probs (1, C)) for the newest frame each time the engine is free (at most `fps` a second)."""
-        buf = self.buffers(1)[0]
-        next_t = 0.0
-        while True:
-            if fps:
-                time.sleep(max(0.0, next_t - time.perf_counter()))
-            frame = source.take()
-            if frame is None:
-                return
-            next_t = time.perf_counter() + 1.0 / fps if fps else 0.0
-            preprocess_array_into(frame.image, buf[0], self.spec)
-            frame.image = None
-            yield [frame], self.backend.infer(buf[:1])
-
-
-def stream_batches(fc: FrameClassifier, source: str | int, select: Selector | None = None, reconnect: int = 0,
-                   smooth: float | None = None, stats: LiveStats | None = None,
-                   name: str | None = None) -> Iterator[tuple[list[Frame], np.ndarray]]:
-    """One source's (frames, probs) batches: a file's selected frames in order, or a live source's newest frames
-    (a camera index, /dev/videoN, URL or GStreamer pipeline; `stats` is filled as it runs). --smooth applies."""
-    select = select or Selector()
-    smoother = Smoother(smooth) if smooth else None
-    if isinstance(source, int) or is_live(source):
-        live = LiveSource(source, name, every=select.every, reconnect=reconnect)
-        batches = fc.live(live, select.fps)
-    else:
-        live, batches = None, fc.files(iter_file_frames(source, select))
-    try:
-        if live is not None:
-            live.__enter__()
-        for frames, probs in batches:
-            if smoother is not None:
-                probs = np.stack([smoother(p) for p in probs])
-            if live is not None and stats is not None:
-                stats.read, stats.skipped, stats.reconnects = live.read, live.skipped, live.reconnects
-            yield frames, probs
-    finally:
-        batches.close()
-        if live is not None:
-            live.close()
-            if stats is not None:
-                stats.read, stats.skipped, stats.reconnects = live.read, live.skipped, live.reconnects
-                stats.end_reason = live.end_reason
 
 
 # ---------------------------------------------------------------------------------------------- probres-infer
@@ -391,7 +177,7 @@ def run_video(args: argparse.Namespace, prog: str = "probres-infer") -> int:
         except (BackendError, KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:                     # VideoError, or OpenCV failing on a frame: this source's record
-            msg = str(e) if isinstance(e, VideoError) else f"{name}: {e.__class__.__name__}: {e}".strip()
+            msg = str(e) if isinstance(e, VideoError) else f"{name}: {describe_error(e)}"
             writer.error(name, msg)
             out.end_batch(1)
             print(f"{prog}: {msg}", file=sys.stderr)

@@ -47,6 +47,12 @@ class Frame:
     captured: float                # time.perf_counter() when decoded (live latency is measured from it)
 
 
+def describe_error(e: BaseException) -> str:
+    """An exception in one line: its class and the last line of its message (OpenCV's are multi-line)."""
+    lines = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {lines[-1] if lines else 'failed'}"
+
+
 def is_video_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
@@ -210,14 +216,14 @@ class LiveSource:
                     break
                 if failures >= self.reconnect:
                     if self.reconnect:
-                        why += f"; {self.reconnect} reconnect attempt{'s' * (self.reconnect > 1)} failed"
+                        why += f"; gave up after {failures} failed reconnect{'s' * (failures > 1)} in a row " \
+                               f"(--reconnect {self.reconnect})"
                     break
                 failures += 1
                 self.reconnects += 1
                 self._stop.wait(min(self.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
         except Exception as e:                        # an OpenCV error: still this source's end, worded
-            lines = str(e).strip().splitlines()
-            why = f"{e.__class__.__name__}: {lines[-1] if lines else 'failed'}"
+            why = describe_error(e)
         with self._cond:
             self.end_reason = why
             self._cond.notify_all()
