@@ -337,6 +337,16 @@ def test_smoother_is_the_exponential_moving_average_over_k_frames():
     np.testing.assert_allclose(got, pd.DataFrame(p).ewm(span=4, adjust=False).mean().to_numpy(), atol=1e-6)
 
 
+def test_smooth_flag_reports_the_moving_average_of_the_frame_probabilities(model, tmp_path, capsys):
+    import pandas as pd
+    clip = write_clip(tmp_path / "clip.mp4", 12)
+    ref = reference_probs(model, opencv_frames(clip))
+    rc, recs, err = run_cli(["--engine", model, clip, "--smooth", 3, "--top-k", "all", "--batch-size", 5], capsys)
+    assert rc == 0, err
+    want = pd.DataFrame(ref.astype(np.float64)).ewm(span=3, adjust=False).mean().to_numpy()
+    assert np.abs(np.stack([probs_of(r) for r in recs]) - want).max() <= 1e-6
+
+
 class FakeCapture:
     """A generated 'video' of n frames (one 32x24 array) behind cv2.VideoCapture's interface."""
 
