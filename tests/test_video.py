@@ -406,3 +406,16 @@ def test_memory_flat_over_100000_frames(tmp_path):
 def test_selector_is_a_frame_test_not_a_clock():
     s = Selector(fps=3)            # 10 fps source, ticks every 1/3 s
     assert [i for i in range(20) if s(i, i / 10)] == [0, 4, 7, 10, 14, 17]
+
+
+def test_video_benchmark_smoke_writes_its_json(model, tmp_path, capsys):
+    from benchmarks import video as bvideo
+    out = tmp_path / "video.json"
+    assert bvideo.main(["--engine", str(model), "--frames", "8", "--sizes", "64x48", "--batch-size", "4", "--rounds", "1",
+                        "--live-seconds", "20", "--work", str(tmp_path), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["video"]
+    assert row["size"] == "64x48" and row["ratio"] > 0 and row["live"]["classified"] >= 1
+    assert row["live"]["classified"] + row["live"]["skipped"] == row["live"]["read"] == 8   # the clip ended first
+    assert [r["smooth"] for r in res["smoothing"]] == ["off", 3, 5, 10]
+    assert res["smoothing"][0]["flips_per_100"] > res["smoothing"][-1]["flips_per_100"]
