@@ -121,8 +121,10 @@ def check_args(args: argparse.Namespace) -> Iterator[str | int]:
                         ("--resume", args.resume)):
         if given:
             raise InputError(f"{flag} is for image runs; name videos, streams and --camera on the command line")
-    if args.start is not None and args.end is not None and args.end <= args.start:
-        raise InputError(f"--end {args.end:g} must be after --start {args.start:g}")
+    if args.end is not None and args.end <= (args.start or 0.0):
+        raise InputError(f"--end {args.end:g} must be after --start {args.start or 0.0:g}")
+    if args.camera is not None and not (args.camera.isdigit() or is_live(args.camera)):
+        raise InputError(f"--camera {args.camera}: expected a camera index (0, 1, ...) or /dev/videoN")
     if not args.paths and args.camera is None:
         raise InputError("give video or image files, directories, stream URLs, or --camera")
     files = [("PATH", p) for p in args.paths if not is_live(p)]
