@@ -80,7 +80,15 @@ def open_capture(source: str | int) -> cv2.VideoCapture:
         return cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
     if source.startswith("/dev/video"):
         return cv2.VideoCapture(source)
-    return cv2.VideoCapture(source, cv2.CAP_FFMPEG)
+    # OpenCV's own warning on a file FFmpeg cannot open repeats what our error record says (FFmpeg's
+    # line about the file, which says why, still shows).
+    log = cv2.utils.logging
+    level = log.getLogLevel()
+    log.setLogLevel(min(level, log.LOG_LEVEL_ERROR))
+    try:
+        return cv2.VideoCapture(source, cv2.CAP_FFMPEG)
+    finally:
+        log.setLogLevel(level)
 
 
 class Selector:

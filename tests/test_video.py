@@ -164,6 +164,19 @@ def test_corrupt_video_among_images_gets_one_error_record(model, tmp_path, capsy
     assert np.abs(probs_of(recs[0]) - ref[0]).max() <= 1e-6 and np.abs(probs_of(recs[8]) - ref[1]).max() <= 1e-6
 
 
+def test_video_cut_short_keeps_its_frames_then_one_error_record(model, tmp_path, capsys):
+    whole = write_clip(tmp_path / "whole.avi", 25, "MJPG")
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) * 7 // 10])     # AVI: still opens, header says 25
+    n = len(opencv_frames(cut))
+    assert 5 < n < 24
+    rc, recs, err = run_cli(["--engine", model, cut, whole, "--every", 1], capsys)
+    assert rc == 1
+    assert [r.get("frame") for r in recs[:n]] == list(range(n)) and all("error" not in r for r in recs[:n])
+    assert recs[n] == {"image": str(cut), "error": f"{cut}: truncated or corrupt: decoding stopped at frame {n} of 25"}
+    assert [r["frame"] for r in recs[n + 1:]] == list(range(25))                  # the run went on
+
+
 def test_bad_flags_are_one_line_errors_before_work(model, tmp_path, capsys):
     clip = write_clip(tmp_path / "clip.mp4", 3)
     assert main(["--engine", str(model), str(clip), "--start", "2", "--end", "1"]) == 2
