@@ -30,6 +30,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", "
                               ".m2ts", ".wmv", ".flv", ".3gp", ".ogv"})
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "srt://")
 BACKOFF_S, MAX_BACKOFF_S = 0.5, 8.0
+OPEN_TIMEOUT_S, STALL_S = 10.0, 10.0    # a network source that sends nothing this long has dropped
 
 
 class VideoError(ValueError):
@@ -73,7 +74,8 @@ def is_live(text: str) -> bool:
 
 def open_capture(source: str | int) -> cv2.VideoCapture:
     """cv2.VideoCapture with the backend each kind needs: GStreamer for a pipeline string, the
-    platform's camera API for an index or /dev/videoN, FFmpeg for files and URLs."""
+    platform's camera API for an index or /dev/videoN, FFmpeg for files and URLs (a URL that sends
+    nothing for STALL_S seconds reads as ended, so LiveSource reconnects instead of waiting for ever)."""
     if isinstance(source, int):
         return cv2.VideoCapture(source)
     if is_gstreamer(source):
@@ -85,8 +87,10 @@ def open_capture(source: str | int) -> cv2.VideoCapture:
     log = cv2.utils.logging
     level = log.getLogLevel()
     log.setLogLevel(min(level, log.LOG_LEVEL_ERROR))
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(OPEN_TIMEOUT_S * 1000),
+              cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(STALL_S * 1000)] if is_url(source) else []
     try:
-        return cv2.VideoCapture(source, cv2.CAP_FFMPEG)
+        return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
     finally:
         log.setLogLevel(level)
 

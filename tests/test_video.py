@@ -200,11 +200,13 @@ class MJPEGCamera:
     """A loopback network camera: multipart/x-mixed-replace JPEG frames over HTTP, as IP cameras send.
 
     Each connection sends `per_connection` frames (None: until stopped) every `interval_s`, then
-    drops the connection; after `connections` connections it answers 503.
+    drops the connection (or, with stall, goes silent); after `connections` connections it answers 503.
     """
 
-    def __init__(self, per_connection: int | None, interval_s: float, connections: int = 1000) -> None:
+    def __init__(self, per_connection: int | None, interval_s: float, connections: int = 1000,
+                 stall: bool = False) -> None:
         self.per_connection, self.interval_s, self.connections = per_connection, interval_s, connections
+        self.stall = stall                    # after per_connection frames, hold the connection silently
         self.opened, self.stop = 0, threading.Event()
         self.jpegs = [cv2.imencode(".jpg", np.full((H, W, 3), v, np.uint8))[1].tobytes() for v in LEVELS]
         cam = self
@@ -226,6 +228,8 @@ class MJPEGCamera:
                                          % len(jpg) + jpg + b"\r\n")
                         k += 1
                         cam.stop.wait(cam.interval_s)
+                    if cam.stall:
+                        cam.stop.wait(30)
                 except OSError:
                     pass                      # the client went away
 
@@ -276,6 +280,20 @@ def test_stream_survives_a_drop_then_ends_with_one_clear_line(model, camera, cap
     end = [line for line in err.splitlines() if cam.url in line]
     assert len(end) == 1 and "gave up after 2 failed reconnects in a row (--reconnect 2)" in end[0]
     assert f"{len(recs)} frames classified" in end[0] and "skipped" in end[0]
+
+
+def test_a_silent_stream_counts_as_dropped(camera, monkeypatch):
+    from runtime import video_sources
+    monkeypatch.setattr(video_sources, "STALL_S", 1.0)
+    cam = camera(per_connection=5, interval_s=0.01, connections=2, stall=True)
+    t0 = time.monotonic()
+    with LiveSource(cam.url, reconnect=1, backoff_s=0.1) as src:
+        got = []
+        while (f := src.take(timeout=20)) is not None:
+            got.append(f.index)
+    assert src.read == 10 and got[-1] == 9 and cam.opened == 3
+    assert "gave up after 1 failed reconnect in a row" in src.end_reason
+    assert time.monotonic() - t0 < 15
 
 
 class SlowBackend(Backend):
