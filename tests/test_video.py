@@ -461,3 +461,22 @@ def test_video_benchmark_smoke_writes_its_json(model, tmp_path, capsys):
     assert row["live"]["classified"] + row["live"]["skipped"] == row["live"]["read"] == 8   # the clip ended first
     assert [r["smooth"] for r in res["smoothing"]] == ["off", 3, 5, 10]
     assert res["smoothing"][0]["flips_per_100"] > res["smoothing"][-1]["flips_per_100"]
+
+
+def test_sources_are_told_apart(tmp_path):
+    from runtime.video_sources import is_gstreamer, is_live, is_video_name
+    assert all(is_live(s) for s in ("rtsp://cam/1", "HTTP://cam/v.mjpg", "https://x/live.m3u8", "/dev/video0",
+                                    "videotestsrc ! videoconvert ! appsink"))
+    assert not any(is_live(s) for s in ("clip.mp4", "/dev/video", "photos/a.jpg", "rtsp.mp4"))
+    odd = tmp_path / "a ! b.mp4"                  # an existing file is a file, whatever its name
+    odd.write_bytes(b"")
+    assert not is_gstreamer(str(odd)) and is_video_name(str(odd))
+    assert is_video_name("X.MKV") and not is_video_name("x.jpg")
+
+
+def test_a_pipeline_opencv_cannot_open_is_one_error_record(model, capsys):
+    # This OpenCV may lack GStreamer (then nothing opens it); an unknown element fails either way.
+    pipe = "nosuchelement_probres ! appsink"
+    rc, recs, err = run_cli(["--engine", model, pipe, "--reconnect", 0], capsys)
+    assert rc == 1
+    assert recs == [{"image": pipe, "error": f"{pipe}: no frame classified (cannot open it)"}]
