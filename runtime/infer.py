@@ -2,6 +2,7 @@
 
     probres-infer --engine model.onnx photos/ extra.jpg --format jsonl --output results.jsonl
     probres-infer --engine model.plan --from-list paths.txt --shard 0/4 --output part0.jsonl --resume
+    probres-infer --engine model.onnx clip.mp4 --every 10      (videos, cameras, streams: runtime.video)
 
 MODEL by extension: .plan/.engine (TensorRT, with its .json sidecar), .onnx (ONNX Runtime),
 .pt (PyTorch checkpoint; needs the training extra). Directories are walked recursively in
@@ -44,6 +45,7 @@ from runtime.outputs import (OutputError, ResultFile, check_outputs, exit_code, 
 from runtime.pipeline import classify, is_image_name
 from runtime.provenance import describe, header, header_line, same_run
 from runtime.report import FORMATS, Writer, decision_thresholds
+from runtime.video import add_video_args, run_video, wants_video
 
 PROG = "probres-infer"
 
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads for decoding and for CPU inference (default: all cores, decoding at most 8)")
     ap.add_argument("--device", choices=DEVICES, default="auto", help="auto (GPU if the backend has one), cpu or cuda")
     add_backend_args(ap)
+    add_video_args(ap)                            # video files, cameras and streams: runtime.video
     return ap
 
 
@@ -140,6 +143,9 @@ def check_args(args: argparse.Namespace, hold: contextlib.ExitStack
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with stop_on_signals(), contextlib.ExitStack() as hold:     # SIGTERM, SIGHUP: as Ctrl-C
+        if wants_video(args):                     # a video, stream or camera in the run (docs/video.md)
+            args.output = None if args.output == "-" else args.output
+            return run_video(args, PROG)
         return run(args, hold)
 
 

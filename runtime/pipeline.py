@@ -55,8 +55,8 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(directory: str) -> Iterator[str]:
-    """Image paths under `directory`, depth first, entries in sorted name order.
+def _walk(directory: str, keep: Callable[[str], bool] = is_image_name) -> Iterator[str]:
+    """Image paths (names `keep` accepts) under `directory`, depth first, entries in sorted name order.
 
     An entry with an image extension is yielded whatever it is (a directory or FIFO named
     x.jpg then gets an error record rather than vanishing); other directories are descended,
@@ -68,19 +68,20 @@ def _walk(directory: str) -> Iterator[str]:
         yield f"{directory}\0{e.strerror or e}"     # reported as an error by load_into
         return
     for e in entries:
-        if is_image_name(e.name):
+        if keep(e.name):
             yield e.path
         elif e.is_dir(follow_symlinks=False):
-            yield from _walk(e.path)
+            yield from _walk(e.path, keep)
 
 
-def iter_image_paths(paths: Iterable[str]) -> Iterator[str]:
+def iter_image_paths(paths: Iterable[str], keep: Callable[[str], bool] = is_image_name) -> Iterator[str]:
     """Expand the command line: directories are walked recursively in sorted order (image
-    extensions only); anything else named explicitly is yielded as is, whatever its extension."""
+    extensions only, or the names `keep` accepts: runtime.video adds videos); anything else
+    named explicitly is yielded as is, whatever its extension."""
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):
-            yield from _walk(p)
+            yield from _walk(p, keep)
         else:
             yield p
 
@@ -343,8 +344,8 @@ def iter_batches(paths: Iterable[str], spec: PreprocessSpec, batch_size: int = 1
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def classify(backend: "Backend", paths: Iterable[str], batch_size: int = 16, threads: int = 4
-             ) -> Iterator[tuple[Batch, np.ndarray | None]]:
+def classify(backend: "Backend", paths: Iterable[str], batch_size: int = 16, threads: int = 4,
+             allocate: Allocate | None = None) -> Iterator[tuple[Batch, np.ndarray | None]]:
     """probres-infer's loop: (batch, probs float32 (len(batch.ok), C) or None if no image decoded), in order.
 
     Images are preprocessed straight into the backend's own buffers (allocate_inputs: its input
@@ -352,14 +353,15 @@ def classify(backend: "Backend", paths: Iterable[str], batch_size: int = 16, thr
     an asynchronous backend transfers k+1 while it computes k. No batch is copied on the host.
     When batch k+1 is not decoded yet (decode is the bound, or inputs stream in slowly on stdin),
     batch k is finished at once instead of held: the engine would idle anyway, and no result
-    waits on inputs that have not arrived.
+    waits on inputs that have not arrived. allocate: where the buffers come from (default
+    backend.allocate_inputs; runtime.video passes views of buffers it reuses across sources).
     """
     def done(b: Batch, p: Pending | None) -> tuple[Batch, np.ndarray | None]:
         return b, (p.wait() if p is not None else None)
 
     prev: tuple[Batch, Pending | None] | None = None
     batches = iter_batches(paths, backend.contract.preprocess, batch_size, threads,
-                           allocate=backend.allocate_inputs, hold=2)
+                           allocate=allocate or backend.allocate_inputs, hold=2)
     try:
         while True:
             try:

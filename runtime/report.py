@@ -3,7 +3,9 @@
     probres-infer --engine model.onnx photos/ --format table --top-k 5
 
 Every writer streams: one record per input, written as soon as its batch is done, in input
-order. Predictions are sorted by probability, descending (ties by label index).
+order. Predictions are sorted by probability, descending (ties by label index). A video
+frame's record also carries "frame" and "time_s" (runtime.video; Writer's `extra` fields),
+after "image" in JSONL and CSV, beside the path in a table.
   jsonl  {"image": PATH, "threshold": "contract" | T | null,
           "predictions": [{"label", "category_id", "probability", "threshold"}, ...]}
          {"image": PATH, "error": MESSAGE}
@@ -70,16 +72,18 @@ def prediction_rows(probs: np.ndarray, idx: list[int], labels: LabelSet, thresho
 
 
 def record(image: str, probs: np.ndarray, labels: LabelSet, thresholds: np.ndarray | None = None,
-           top_k: int | None = None, threshold_name: str | float | None = None, idx: list[int] | None = None) -> dict:
-    """The JSONL record of one classified image (idx: select's answer when the caller has it)."""
+           top_k: int | None = None, threshold_name: str | float | None = None, idx: list[int] | None = None,
+           fields: dict | None = None) -> dict:
+    """The JSONL record of one classified image (idx: select's answer when the caller has it; fields:
+    extra keys after "image", as a video frame's "frame" and "time_s")."""
     idx = select(probs, thresholds, top_k) if idx is None else idx
-    return {**image_fields(image), "threshold": None if thresholds is None else threshold_name,
+    return {**image_fields(image), **(fields or {}), "threshold": None if thresholds is None else threshold_name,
             "predictions": prediction_rows(probs, idx, labels, thresholds)}
 
 
-def error_record(image: str, message: str) -> dict:
+def error_record(image: str, message: str, fields: dict | None = None) -> dict:
     """The JSONL record of an input that could not be classified."""
-    return {**image_fields(image), "error": printable(message)}
+    return {**image_fields(image), **(fields or {}), "error": printable(message)}
 
 
 def printable(text: str) -> str:
@@ -104,48 +108,58 @@ class Writer:
     """Formats results and errors onto a text stream."""
 
     def __init__(self, f: IO[str], fmt: str, labels: LabelSet, thresholds: np.ndarray | None = None,
-                 top_k: int | None = None, threshold_name: str | float | None = None) -> None:
+                 top_k: int | None = None, threshold_name: str | float | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         """thresholds: (C,) per-label decision thresholds or None (top_k alone); threshold_name: what
-        the records say decided ("contract" or the number given), None with no thresholds."""
+        the records say decided ("contract" or the number given), None with no thresholds;
+        extra: field names a record may carry after the image (CSV columns; empty when absent)."""
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}")
-        self.f, self.fmt, self.labels, self.top_k = f, fmt, labels, top_k
+        self.f, self.fmt, self.labels, self.top_k, self.extra = f, fmt, labels, top_k, tuple(extra)
         self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
         self.threshold_name = None if thresholds is None else threshold_name
         self._csv = csv.writer(f, lineterminator="\n") if fmt == "csv" else None
         if self._csv:
-            self._csv.writerow(["image", "rank", "label", "category_id", "probability", "threshold", "error"])
+            self._csv.writerow(["image", *self.extra, "rank", "label", "category_id", "probability", "threshold",
+                                "error"])
         self._width = max(len("class"), *(len(n) for n in labels.names))
 
-    def result(self, image: str, probs: np.ndarray) -> None:
-        """One classified image; probs (C,) float32."""
+    def _extra(self, fields: dict | None) -> list:
+        return ["" if (fields or {}).get(k) is None else fields[k] for k in self.extra]
+
+    def _title(self, image: str, fields: dict | None) -> str:
+        return " ".join([image, *(f"{k}={v}" for k, v in (fields or {}).items())])
+
+    def result(self, image: str, probs: np.ndarray, fields: dict | None = None) -> None:
+        """One classified image; probs (C,) float32; fields: extra record fields (a frame's "frame", "time_s")."""
         if self.fmt != "jsonl":
             image = printable(image)
-        rec = record(image, probs, self.labels, self.thresholds, self.top_k, self.threshold_name)
+        rec = record(image, probs, self.labels, self.thresholds, self.top_k, self.threshold_name, fields=fields)
         preds = [(p["label"], p["category_id"], p["probability"], p["threshold"]) for p in rec["predictions"]]
         if self.fmt == "jsonl":
             self.f.write(json.dumps(rec) + "\n")
         elif self.fmt == "csv":
-            rows = [[image, r + 1, n, c, f"{p:.6f}", "" if t is None else f"{t:.6f}", ""]
+            more = self._extra(fields)
+            rows = [[image, *more, r + 1, n, c, f"{p:.6f}", "" if t is None else f"{t:.6f}", ""]
                     for r, (n, c, p, t) in enumerate(preds)]
-            for row in rows or [[image, "", "", "", "", "", ""]]:
+            for row in rows or [[image, *more, "", "", "", "", "", ""]]:
                 self._csv.writerow(row)
         else:
             w = self._width
-            lines = [image, f"  {'class':<{w}}  probability"]
+            lines = [self._title(image, fields), f"  {'class':<{w}}  probability"]
             lines += [f"  {n:<{w}}  {p:.4f}" for n, _, p, _ in preds]
             if not preds:
                 what = "its contract threshold" if self.threshold_name == "contract" else f"{self.threshold_name:g}"
                 lines.append(f"  (no label with probability >= {what})")
             self.f.write("\n".join(lines) + "\n\n")
 
-    def error(self, image: str, message: str) -> None:
+    def error(self, image: str, message: str, fields: dict | None = None) -> None:
         """One input that could not be classified."""
         if self.fmt != "jsonl":
             image, message = printable(image), printable(message)
         if self.fmt == "jsonl":
-            self.f.write(json.dumps(error_record(image, message)) + "\n")
+            self.f.write(json.dumps(error_record(image, message, fields)) + "\n")
         elif self.fmt == "csv":
-            self._csv.writerow([image, "", "", "", "", "", message])
+            self._csv.writerow([image, *self._extra(fields), "", "", "", "", "", message])
         else:
-            self.f.write(f"{image}\n  error: {message}\n\n")
+            self.f.write(f"{self._title(image, fields)}\n  error: {message}\n\n")

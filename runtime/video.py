@@ -1,0 +1,241 @@
+"""probres-infer's video route: video files, cameras and network streams classified frame by frame.
+
+    probres-infer --engine model.onnx clip.mp4 --every 10
+    probres-infer --engine model.onnx --camera 0 --smooth 5 --format table
+    probres-infer --engine model.onnx rtsp://192.168.1.10/stream --reconnect 5 -o live.jsonl
+
+probres-infer sends a run here when it names a video file (by extension), a stream URL, a
+/dev/videoN device, a GStreamer pipeline or --camera, sets a video flag, or names a directory
+holding a video (its names are scanned up to the first one). Directories are walked for
+images and videos alike; the images of the run are classified as usual (runtime.pipeline),
+in order with the videos, in the same buffers. Sources: runtime.video_sources; frames through
+the engine: runtime.video_frames. Records carry "frame" and "time_s" (JSONL, CSV, table);
+a video that cannot be read gets one error record and the run goes on; a live source ends
+with one stderr line (why, frames classified, skipped, reconnects). Ctrl-C keeps the records
+written (exit 130). Guide: docs/video.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from contextlib import closing
+from typing import Iterator
+
+from runtime.backends import BackendError, backend_options, open_backend
+from runtime.inputs import InputError, peek
+from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
+from runtime.pipeline import is_image_name, iter_image_paths
+from runtime.report import Writer
+from runtime.video_frames import FrameClassifier, LiveStats, stream_batches
+from runtime.video_sources import Selector, VideoError, describe_error, is_live, is_video_name
+
+FIELDS = ("frame", "time_s")
+
+
+def is_media_name(name: str) -> bool:
+    return is_image_name(name) or is_video_name(name)
+
+
+# ---------------------------------------------------------------------------------------------- probres-infer
+
+def add_video_args(ap: argparse.ArgumentParser) -> None:
+    """probres-infer's video flags (all default to None: any of them sends the run to the video route)."""
+    g = ap.add_argument_group("video (files, cameras, streams)")
+    g.add_argument("--camera", metavar="INDEX|DEVICE", help="classify a camera live: its index (0) or /dev/videoN")
+    sel = g.add_mutually_exclusive_group()
+    sel.add_argument("--every", type=_positive_int, metavar="N", help="classify every N-th frame")
+    sel.add_argument("--fps", type=_positive_float, metavar="F", help="classify F frames a second (by timestamp)")
+    g.add_argument("--start", type=_seconds, metavar="S", help="video files: begin at S seconds")
+    g.add_argument("--end", type=_seconds, metavar="S", help="video files: stop before S seconds")
+    g.add_argument("--smooth", type=_positive_float, metavar="K",
+                   help="decide on each label's probability averaged (EMA) over about K frames; off by default")
+    g.add_argument("--reconnect", type=_count, metavar="N",
+                   help="live sources: reopen a dropped stream up to N times in a row, with backoff (default 3)")
+    g.add_argument("--verbose", action="store_true", help="live sources: frames classified and skipped each second")
+
+
+def _positive_int(text: str) -> int:
+    v = _count(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _seconds(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def wants_video(args: argparse.Namespace) -> bool:
+    """True when the run has video in it: --camera, a video flag, a video file, URL, device or pipeline
+    named, or a directory with a video in it (its names are scanned up to the first video)."""
+    flags = (args.camera, args.every, args.fps, args.start, args.end, args.smooth, args.reconnect)
+    if any(v is not None for v in flags) or args.verbose:
+        return True
+    if any(is_live(p) or (is_video_name(p) and not os.path.isdir(p)) for p in args.paths):
+        return True
+    dirs = [p for p in args.paths if os.path.isdir(p)]
+    return any(is_video_name(p) for p in iter_image_paths(dirs, keep=is_media_name))
+
+
+def _kind(item: str | int) -> str:
+    if isinstance(item, int) or is_live(item):
+        return "live"
+    return "video" if is_video_name(item) and not os.path.isdir(item) else "image"
+
+
+def camera_source(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
+
+
+def check_args(args: argparse.Namespace) -> Iterator[str | int]:
+    """The run's sources in order (--camera, then PATHs, directories walked for images and videos);
+    InputError/OutputError (one line, exit 2) for what cannot work, before the model loads."""
+    for flag, given in (("--from-list", args.from_list is not None), ("--shard", args.shard != "0/1"),
+                        ("--resume", args.resume)):
+        if given:
+            raise InputError(f"{flag} is for image runs; name videos, streams and --camera on the command line")
+    if args.end is not None and args.end <= (args.start or 0.0):
+        raise InputError(f"--end {args.end:g} must be after --start {args.start or 0.0:g}")
+    if args.camera is not None and not (args.camera.isdigit() or is_live(args.camera)):
+        raise InputError(f"--camera {args.camera}: expected a camera index (0, 1, ...) or /dev/videoN")
+    if not args.paths and args.camera is None:
+        raise InputError("give video or image files, directories, stream URLs, or --camera")
+    files = [("PATH", p) for p in args.paths if not is_live(p)]
+    check_outputs([("--output", args.output)], [*model_inputs("--engine", args.engine), *files], reads=is_media_name)
+    camera = [] if args.camera is None else [camera_source(args.camera)]
+    sources = peek(itertools.chain(camera, iter_image_paths(args.paths, keep=is_media_name)))
+    if sources is None:
+        raise InputError(f"no images or videos found in {' '.join(args.paths)}")
+    return sources
+
+
+def run_video(args: argparse.Namespace, prog: str = "probres-infer") -> int:
+    """probres-infer's main for a run with video in it: same output, exit codes and Ctrl-C behaviour."""
+    from runtime.infer import decision_thresholds, default_threads   # here: runtime.infer imports this module
+    try:
+        sources = check_args(args)
+    except (InputError, OutputError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        backend = open_backend(args.engine, device=args.device, threads=args.threads, **backend_options(args))
+    except BackendError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted while loading {args.engine}", file=sys.stderr)
+        return 130
+    top_k = backend.contract.labels.num_classes if args.top_k == "all" else args.top_k
+    threads = args.threads or default_threads()
+    select = dict(every=args.every or 1, fps=args.fps, start=args.start or 0.0, end=args.end)
+    reconnect = 3 if args.reconnect is None else args.reconnect
+    fc = FrameClassifier(backend, args.batch_size, threads)
+    n = {"ok": 0, "bad": 0, "frames": 0}
+    out: ResultFile | None = None
+    t0 = time.perf_counter()
+
+    def one(src: str | int, writer: Writer) -> None:
+        name = f"camera:{src}" if isinstance(src, int) else src
+        live, stats, last, done = _kind(src) == "live", LiveStats(), (time.perf_counter(), 0, 0), 0
+        try:
+            with closing(stream_batches(fc, src, Selector(**select), reconnect, args.smooth, stats, name)) as it:
+                for frames, probs in it:
+                    for f, p in zip(frames, probs):
+                        writer.result(name, p, {"frame": f.index, "time_s": round(f.time_s, 6)})
+                    out.end_batch(len(frames))
+                    done += len(frames)
+                    if live and args.verbose and time.perf_counter() - last[0] >= 1.0:
+                        dt = time.perf_counter() - last[0]
+                        print(f"{prog}: {name}: {(done - last[1]) / dt:.1f} frames/s classified, "
+                              f"{(stats.skipped - last[2]) / dt:.1f}/s skipped", file=sys.stderr)
+                        last = (time.perf_counter(), done, stats.skipped)
+        except (BackendError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:                     # VideoError, or OpenCV failing on a frame: this source's record
+            msg = str(e) if isinstance(e, VideoError) else f"{name}: {describe_error(e)}"
+            writer.error(name, msg)
+            out.end_batch(1)
+            print(f"{prog}: {msg}", file=sys.stderr)
+            n["bad"] += 1
+            n["frames"] += done
+            return
+        n["frames"] += done
+        if live:
+            print(f"{prog}: {name}: {stats.end_reason}; {done} frames classified, {stats.skipped} skipped "
+                  f"(of {stats.read} read), {stats.reconnects} reconnects", file=sys.stderr)
+            if not done:
+                writer.error(name, f"{name}: no frame classified ({stats.end_reason})")
+                out.end_batch(1)
+                n["bad"] += 1
+                return
+        n["ok"] += 1
+
+    try:
+        with ResultFile(args.output) as out:
+            thresholds, decided_by = decision_thresholds(backend.contract, args.threshold, top_k)
+            writer = Writer(out, args.format, backend.contract.labels, thresholds, top_k, decided_by, extra=FIELDS)
+            out.end_batch()                       # the csv header
+            for kind, group in itertools.groupby(sources, key=_kind):
+                if kind != "image":
+                    for src in group:
+                        one(src, writer)
+                    continue
+                for batch, probs in fc.images(group, threads):
+                    row = 0
+                    for path, err in zip(batch.paths, batch.errors):
+                        if err is None:
+                            writer.result(path, probs[row])
+                            row += 1
+                            n["ok"] += 1
+                        else:
+                            writer.error(path.partition("\0")[0], err)
+                            print(f"{prog}: {err}", file=sys.stderr)
+                            n["bad"] += 1
+                    out.end_batch(len(batch.paths))
+    except (BackendError, MemoryError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        kept = f"; {out.kept} records kept in {args.output}" if out is not None and args.output else ""
+        print(f"{prog}: interrupted after {n['ok'] + n['bad']} inputs ({n['frames']} frames){kept}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        print(f"{prog}: error: cannot write {args.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        fc.close()
+        backend.close()
+    dt = time.perf_counter() - t0
+    print(f"{prog}: {n['ok'] + n['bad']} inputs ({n['frames']} video frames), {n['ok']} classified, {n['bad']} failed "
+          f"in {dt:.1f} s with {backend.describe()}", file=sys.stderr)
+    return 1 if n["bad"] else 0
