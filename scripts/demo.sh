@@ -6,8 +6,9 @@
 # toy COCO -> short CPU training (then calibration and thresholds on its held-out split,
 # train.calibrate) -> ONNX FP32 + FP16 export of the calibrated model -> probres-infer on the val
 # images (a few results as tables) -> probres-eval of both ONNX files against the checkpoint they
-# were exported from (run/best_calibrated.pt, checked by sha256: docs/parity-gate.md), and a check
-# that the gate refuses run/best.pt, which they were not exported from; ending with the parity table. Every step is the real command-line tool, so this
+# were exported from (run/best.pt, the calibrated model, checked by sha256: docs/parity-gate.md),
+# and a check that the gate refuses run/best_raw.pt (the uncalibrated weights), which they were
+# not exported from; ending with the parity table. Every step is the real command-line tool, so this
 # script is also the CPU walkthrough of README's GPU commands. Exit status: non-zero when a
 # step fails or an exported model does not match PyTorch within tolerance.
 set -euo pipefail
@@ -51,10 +52,10 @@ for m in model model_fp16; do
         --json "$OUT/parity_$m.json" > "$OUT/parity_$m.txt" || rc=$?
     tail -n 2 "$OUT/parity_$m.txt"
 done
-# The gate cannot be fooled (issue 24): run/best.pt is not what model.onnx came from: refused, exit 2.
-echo "-- model.onnx against run/best.pt (not its source): must be refused"
+# The gate cannot be fooled (issue 24): run/best_raw.pt is not what model.onnx came from: refused, exit 2.
+echo "-- model.onnx against run/best_raw.pt (not its source): must be refused"
 set +e
-"$BIN/probres-eval" --engine "$OUT/model.onnx" --coco-root "$OUT/toy_coco" --reference "$OUT/run/best.pt" \
+"$BIN/probres-eval" --engine "$OUT/model.onnx" --coco-root "$OUT/toy_coco" --reference "$OUT/run/best_raw.pt" \
     > /dev/null 2> "$OUT/refused.txt"
 refused=$?
 set -e

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-frac", type=float, default=None, metavar="FRAC",
                    help="part of train2014 kept out of training for calibration and thresholds (default 0.05)")
     p.add_argument("--no-calibrate", action="store_true",
-                   help="skip train.calibrate at the end (best_calibrated.pt, thresholds, plots)")
+                   help="skip train.calibrate at the end (best.pt stays the raw model: no thresholds, no plots)")
     p.add_argument("--label-dependency", action="store_true",
                    help="calibration also fits the label-dependency layer (train/label_dependency.py)")
     return p
