@@ -59,9 +59,10 @@ GATES = (("mAP", "map_drop", "max_map_drop", -1), ("CF1_contract", "cf1_drop", "
 # sets): FP32 max |dprob| 2.1e-7 / 2.4e-7 and no label set differing; FP16 4.9e-4 / 1.8e-4, none
 # differing; INT8 0.034-0.059 and 1-3 of 87-88 images differing (<= 3.4%). A different model
 # (issue 24: model_int8.onnx against best.pt instead of best_calibrated.pt) gave 0.453 and 163 of
-# 725 (22%). FP32 / FP16 take export.onnx's own verification bounds (1e-4, 5e-3); INT8 about 2.5x
+# 725 (22%); make demo (epoch-1 model, contract thresholds, 725 images): INT8 0.081-0.083 and 8.6-9.5%
+# differing. FP32 / FP16 take export.onnx's own verification bounds (1e-4, 5e-3); INT8 about 2x
 # its worst measured figures.
-PER_IMAGE = {"fp32": (1e-4, 0.01), "fp16": (5e-3, 0.02), "int8": (0.15, 0.08)}
+PER_IMAGE = {"fp32": (1e-4, 0.01), "fp16": (5e-3, 0.02), "int8": (0.15, 0.15)}
 
 
 def row_name(key: str) -> str:

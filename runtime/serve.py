@@ -3,7 +3,7 @@
     make serve ENGINE=model.onnx          # builds .venv-serve once, then runs:
     .venv-serve/bin/probres-serve --engine model.onnx [--http-port 8000] [--instances 2]
 
-Two models on Triton's own protocol (KServe v2; /v2/health/ready, Prometheus metrics on
+Two models on Triton's own protocol (KServe v2; /v2/models/probres/ready, Prometheus metrics on
 --metrics-port):
   probres         input  image   BYTES (1,)          encoded JPEG/PNG/BMP/WebP/TIFF, decoded here
   probres_tensor  input  images  FP32/FP16 (3, S, S) already preprocessed (runtime.preprocess)
