@@ -63,7 +63,8 @@ def iter_glob(pattern: str) -> Iterator[str]:
     """Files matching `pattern`, in sorted walk order, streamed (glob.iglob's order is the file system's)."""
     parts = pattern.split(os.sep)
     fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
-    root = os.sep.join(parts[:fixed]) or ("/" if pattern.startswith(os.sep) else ".")
+    prefix = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else "")
+    root = prefix or "."
     want = parts[fixed:]
     deep = "**" in want
 
@@ -78,7 +79,7 @@ def iter_glob(pattern: str) -> Iterator[str]:
                 if deep or len(sub) < len(want):
                     yield from walk(e.path, sub)
             elif _match_parts(sub, want):
-                yield os.path.join(*parts[:fixed], *sub) if fixed else os.path.join(*sub)
+                yield os.path.join(prefix, *sub)
 
     yield from walk(root, [])
 
