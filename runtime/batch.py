@@ -132,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
            "device": "cuda" if args.gpus_per_actor else "cpu"}
     t0 = time.perf_counter()
     n = bad = 0
+    first: list[float] = []                  # when the first file of this run was written (startup cost)
     if pending:
         import ray
 
         from runtime import batch_ray
         try:
             batch_ray.connect(args.address)
-            n, bad = batch_ray.run(job, plan, pending, args.actors, args.gpus_per_actor)
+            n, bad = batch_ray.run(job, plan, pending, args.actors, args.gpus_per_actor,
+                                   progress=lambda row: first or first.append(time.perf_counter() - t0))
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; finish with the same command plus --resume", file=sys.stderr)
             return 130
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     dt = time.perf_counter() - t0
     skipped = len(plan) - len(pending)
     print(f"{PROG}: {total} inputs in {len(plan)} files in {out} ({skipped} already there); this run: "
-          f"{n} labelled, {bad} failed, in {dt:.1f} s ({n / max(dt, 1e-9):.1f} img/s)", file=sys.stderr)
+          f"{n} labelled, {bad} failed, in {dt:.1f} s ({n / max(dt, 1e-9):.1f} img/s"
+          + (f"; first file after {first[0]:.1f} s" if first else "") + ")", file=sys.stderr)
     return 0
 
 
