@@ -98,12 +98,15 @@ def plan_job(args: argparse.Namespace) -> tuple[batch_plan.Plan, dict]:
 
 def ray_error(e: BaseException) -> str:
     """One line for a Ray failure: the BackendError an actor raised loading the model, else the last line."""
-    seen = e
-    while seen is not None:
-        cause = getattr(seen, "cause", None)
-        if isinstance(seen, BackendError) or isinstance(cause, BackendError):
-            return str(seen if isinstance(seen, BackendError) else cause)
-        seen = seen.__cause__ or (cause if isinstance(cause, BaseException) and cause is not seen else None)
+    todo, seen = [e], set()
+    while todo:                        # Ray wraps a worker's exception (RayTaskError.cause, __cause__)
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, BackendError):
+            return str(x)
+        todo += [c for c in (getattr(x, "cause", None), x.__cause__, x.__context__) if isinstance(c, BaseException)]
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return f"Ray: {type(e).__name__}: {lines[-1] if lines else ''}"
 

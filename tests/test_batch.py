@@ -31,10 +31,10 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from runtime import batch_plan  # noqa: E402
 from runtime.batch import main as batch_main  # noqa: E402
-from runtime.batch_ray import cpus_per_actor  # noqa: E402
+from runtime.batch_ray import ChunkLabeler, cpus_per_actor  # noqa: E402
 from runtime.contract import LabelSet, ModelContract, PreprocessSpec  # noqa: E402
 from runtime.infer import main as infer_main  # noqa: E402
-from test_infer import S, tiny_onnx  # noqa: E402
+from test_infer import S, expected_probs, tiny_onnx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 120
@@ -92,11 +92,16 @@ def ray_address():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, toy_root):
+def weighed_model(tmp_path_factory, toy_root) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The tests' tiny ONNX model (channel means -> linear -> sigmoid) and its weights W, b."""
     cats = json.loads((toy_root / "annotations" / "instances_val2014.json").read_text())["categories"]
     path = tmp_path_factory.mktemp("batch_model") / "tiny.onnx"
-    tiny_onnx(path, ModelContract(LabelSet.from_categories(cats), PreprocessSpec(size=S)))
-    return path
+    return path, *tiny_onnx(path, ModelContract(LabelSet.from_categories(cats), PreprocessSpec(size=S)))
+
+
+@pytest.fixture(scope="module")
+def model(weighed_model) -> Path:
+    return weighed_model[0]
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +236,7 @@ def test_records_equal_probres_infer_and_bad_images_are_error_records(ray_addres
     assert first == [w["image"] for w in want[5:10]]
 
 
-def test_actor_sigkill_mid_run_every_input_once(ray_address, model, slow_images, tmp_path, toy_root):
+def test_actor_sigkill_mid_run_every_input_once(ray_address, model, weighed_model, slow_images, tmp_path):
     import psutil
     out = tmp_path / "out"
     proc = start_job(_cmd(model, slow_images, out, ray_address, "--chunk-size", 4, "--batch-size", 4,
@@ -250,11 +255,14 @@ def test_actor_sigkill_mid_run_every_input_once(ray_address, model, slow_images,
     assert rc == 0, err[-3000:]
     records = read_records(out, "parquet")
     assert_exactly_once(records, [str(p) for p in slow_images.glob("*.jpg")])
-    n_labels = len(json.loads((toy_root / "annotations" / "instances_val2014.json").read_text())["categories"])
-    assert all(r["error"] is None and len(r["probs"]) == n_labels for r in records)
+    assert all(r["error"] is None and r["threshold"] == "0.5" for r in records)   # no contract thresholds: 0.5
+    some = sorted(records, key=lambda r: r["image"])[::12]     # --all-probs against numpy's forward pass
+    want = expected_probs([r["image"] for r in some], PreprocessSpec(size=S), *weighed_model[1:])
+    np.testing.assert_allclose([r["probs"] for r in some], want, atol=2e-6)
 
 
-def test_clean_stop_then_driver_sigkill_then_resume_every_input_once(ray_address, model, slow_images, tmp_path):
+def test_clean_stop_then_driver_sigkill_then_resume_every_input_once(ray_address, model, slow_images, tmp_path,
+                                                                  capsys):
     out = tmp_path / "out"
     cmd = _cmd(model, slow_images, out, ray_address, "--chunk-size", 4, "--batch-size", 4, "--format", "jsonl")
     inputs = [str(p) for p in slow_images.glob("*.jpg")]
@@ -268,7 +276,7 @@ def test_clean_stop_then_driver_sigkill_then_resume_every_input_once(ray_address
         _kill_session(proc.pid)
     assert rc == 130 and "--resume" in err and "Traceback" not in err, err[-3000:]
     assert not (out / batch_plan.SUCCESS).exists()
-    assert run_job(cmd).returncode == 2                      # not empty: refused without --resume
+    assert batch_main(cmd[3:]) == 2 and "is not empty" in capsys.readouterr().err   # refused without --resume
     kept = len(list(out.glob("part-*")))
     proc = start_job(cmd + ["--resume"])                     # 2. resumed, then the driver SIGKILLed mid-run
     try:
@@ -285,8 +293,8 @@ def test_clean_stop_then_driver_sigkill_then_resume_every_input_once(ray_address
     assert f"({kept} already there)" in r.stderr
     assert_exactly_once(read_records(out, "jsonl"), inputs)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    r = run_job(cmd + ["--resume"])                          # 4. a finished job is left as it is
-    assert r.returncode == 0 and "already complete" in r.stderr
+    assert batch_main(cmd[3:] + ["--resume"]) == 0           # 4. a finished job is left as it is
+    assert "already complete" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
@@ -315,6 +323,25 @@ def test_an_output_dir_of_another_job_is_refused(model, images, tmp_path, capsys
     err = capsys.readouterr().err
     assert "another job's files: model_sha256" in err and err.count("\n") == 1
     assert sorted(p.name for p in out.iterdir()) == [batch_plan.MANIFEST]
+
+
+def test_an_actor_labels_chunk_after_chunk_in_the_same_buffers(model, images, tmp_path):
+    # classify() allocates per run and a backend keeps what it allocated until close(): one run per
+    # chunk must not add buffers (190 MB a chunk at 448 px, for the whole job).
+    out = tmp_path / "out"
+    out.mkdir()
+    batch_plan.write_plan(batch_plan.iter_input(str(images)), str(out))
+    plan = batch_plan.scan_plan(str(out / batch_plan.PLAN), 4)
+    job = {"model": str(model), "cwd": os.getcwd(), "plan": plan.path, "out_dir": str(out), "format": "jsonl",
+           "all_probs": False, "batch_size": 2, "threads": 1, "device": "cpu"}
+    labeler = ChunkLabeler(job)
+    owned = []
+    for i in range(4):
+        rows = labeler({"chunk": np.array([i]), "offset": np.array([plan.offsets[i]]),
+                        "count": np.array([plan.counts[i]]), "hash": np.array([plan.hashes[i]])})
+        assert list(rows["records"]) == [4] and (out / rows["file"][0]).is_file()
+        owned.append(len(labeler.backend._backend._owned_inputs))
+    assert owned == [owned[0]] * 4
 
 
 def test_plan_chunks_and_glob_order(tmp_path):
