@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= train,export,cpu,openvino,int8,dev
+EXTRAS ?= train,export,cpu,openvino,int8,ray,dev
 DEMO_DIR ?= demo_out
 
 .PHONY: venv test demo clean test-aarch64 serve-env serve

@@ -51,8 +51,9 @@ class Chunks:
                         self._cond.wait()
                     if self._closed:
                         return
-                    self._ready.append(self._partial)
-                    self._partial = []
+                    if self._partial:     # next() may have taken it while we waited (a "pause"): no empty chunk
+                        self._ready.append(self._partial)
+                        self._partial = []
                     self._cond.notify_all()
         except BaseException as e:  # a failing path iterator: raised by next() after the paths before it
             with self._cond:

@@ -55,3 +55,24 @@ def test_the_reader_stays_a_fixed_number_of_chunks_ahead():
     assert stopped.next(stop=lambda: True, linger=60) is None              # stop() ends a blocked wait
     c.close()
     stopped.close()
+
+
+def test_a_full_chunk_taken_while_the_reader_waits_is_not_followed_by_an_empty_one():
+    # The reader holds a full chunk while READ_AHEAD others wait; the consumer takes those and then,
+    # before the reader wakes, the held one (the input "paused" past linger). The reader once queued
+    # its emptied list as a chunk, and iter_batches read [] as the end: a loaded machine silently
+    # lost the rest of the input (probres-batch found a 1024-path chunk labelled 208 records).
+    paths = [f"p{i}" for i in range(12)]
+    c = Chunks(paths, 2, linger=0.01)
+    deadline = time.monotonic() + 10
+    while not (len(c._ready) == READ_AHEAD and len(c._partial) == 2) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    got = []
+    with c._cond:                      # re-entrant: next() runs, the reader cannot return from wait()
+        for _ in range(READ_AHEAD):
+            got.append(c.next())
+        time.sleep(0.05)               # past linger: the held full chunk is taken as a "pause"
+        got.append(c.next())
+    while (chunk := c.next()) is not None:
+        got.append(chunk)
+    assert [] not in got and list(itertools.chain(*got)) == paths
