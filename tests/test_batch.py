@@ -34,6 +34,7 @@ from runtime.batch import main as batch_main  # noqa: E402
 from runtime.batch_ray import ChunkLabeler, cpus_per_actor  # noqa: E402
 from runtime.contract import LabelSet, ModelContract, PreprocessSpec  # noqa: E402
 from runtime.infer import main as infer_main  # noqa: E402
+from runtime.provenance import records  # noqa: E402
 from test_infer import S, expected_probs, tiny_onnx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +201,7 @@ def assert_exactly_once(records: list[dict], inputs: list[str]) -> None:
 def infer_records(model, inputs: list[str], tmp_path: Path) -> list[dict]:
     out = tmp_path / "infer.jsonl"
     infer_main(["--engine", str(model), *inputs, "--output", str(out), "--threads", "1"])
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return list(records(out.read_text().splitlines()))          # its provenance header skipped
 
 
 def same_record(a: dict, b: dict) -> bool:

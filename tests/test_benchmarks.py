@@ -106,7 +106,7 @@ def test_rows_are_probres_infer_command_lines(tmp_path, toy_checkpoint, capsys):
         cmd = latency.command_line(r["path"], r["device"], r.get("backend"), r["options"], 1, 4)
         assert cmd == f"probres-infer --engine {model} --device cpu {flag} --threads 1 --batch-size 4 IMAGES..."
         assert infer.main(cmd.split()[1:-1] + [str(img), "--top-k", "all"]) == 0       # the row's command runs
-        out = json.loads(capsys.readouterr().out)
+        out = json.loads(capsys.readouterr().out.splitlines()[-1])           # after the provenance header
         np.testing.assert_allclose([q["probability"] for q in out["predictions"]], sorted(want, reverse=True),
                                    rtol=1e-5)
 
