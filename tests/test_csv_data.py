@@ -15,6 +15,7 @@ import pytest
 
 from runtime.coco import CocoDataError, load_coco_split
 from runtime.csv_labels import CsvDataError, load_csv_split
+from runtime.provenance import records
 
 
 def _write(path: Path, rows: list[list[str]]) -> Path:
@@ -136,7 +137,7 @@ def test_a_csv_dataset_trains_exports_and_evaluates_end_to_end(toy_root: Path, t
     assert infer_main(["--engine", str(tmp_path / "m.onnx"), "--from-list", str(paths), "--top-k", "all",
                        "--output", str(tmp_path / "p.jsonl")]) == 0
     recs = {r["image"]: {q["label"]: q["probability"] for q in r["predictions"]}
-            for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+            for r in records((tmp_path / "p.jsonl").read_text().splitlines())}      # header skipped
     probs = np.array([[recs[str(p)][n] for n in best.contract.labels.names] for p in val.image_paths])
     capsys.readouterr()
     assert eval_main(["--engine", str(tmp_path / "m.onnx"), "--csv", str(run / "val.csv"), "--images", str(toy_root),

@@ -20,6 +20,7 @@ import pytest
 
 from runtime.contract import ModelContract
 from runtime.serve_model import MAX_REQUEST_BYTES, ServeModel
+from runtime.provenance import records
 from serve_env import (CAP, ROOT, SERVE_PY, free_ports, http_status, images, model, needs_serve_env,  # noqa: F401
                        reap_shm, serve_py, server_log, shm_names, stop, tail)
 from test_infer import S
@@ -65,7 +66,7 @@ def test_serve_labels_are_probres_infers_predictions_and_a_nan_tensor_is_that_it
         out = tmp_path / f"ref_{threshold}.jsonl"
         argv = ["--engine", str(path), "--device", "cpu", str(good[0]), str(good[1]), "--output", str(out)]
         assert infer_main(argv + ([] if threshold is None else ["--threshold", str(threshold)])) == 0
-        want = [json.loads(line)["predictions"] for line in out.read_text().splitlines()]
+        want = [r["predictions"] for r in records(out.read_text().splitlines())]       # header skipped
         assert all("threshold" in p for preds in want for p in preds) and any(want)
         m = ServeModel(open_backend(path, device="cpu"), max_batch=4, threads=1, threshold=threshold)
         try:
