@@ -107,10 +107,13 @@ def test_a_fifo_is_written_in_place_and_its_reader_gets_every_record(data, tmp_p
     try:
         rc = infer.main(["--engine", str(model), *paths[:5], "--output", str(fifo), "--batch-size", "2"])
     finally:
-        if reader.is_alive():                 # never leave the reader blocked: open the write end once
-            with open(fifo, "wb"):
+        reader.join(timeout=30)               # infer closed its write end: the reader has its EOF
+        if reader.is_alive():                 # never leave the reader blocked (infer never opened the FIFO):
+            try:                              # open the write end once, without blocking if it has no reader
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
                 pass
-        reader.join(timeout=30)
+            reader.join(timeout=30)
     assert rc == 0, capsys.readouterr().err
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     recs = [json.loads(ln) for ln in got[0].decode().splitlines()]
