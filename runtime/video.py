@@ -26,6 +26,7 @@ from contextlib import closing
 from typing import Iterator
 
 from runtime.backends import BackendError, backend_options, open_backend
+from runtime.cli import positive_int
 from runtime.inputs import InputError, peek
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
 from runtime.pipeline import is_image_name, iter_image_paths
@@ -47,7 +48,7 @@ def add_video_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("video (files, cameras, streams)")
     g.add_argument("--camera", metavar="INDEX|DEVICE", help="classify a camera live: its index (0) or /dev/videoN")
     sel = g.add_mutually_exclusive_group()
-    sel.add_argument("--every", type=_positive_int, metavar="N", help="classify every N-th frame")
+    sel.add_argument("--every", type=positive_int, metavar="N", help="classify every N-th frame")
     sel.add_argument("--fps", type=_positive_float, metavar="F", help="classify F frames a second (by timestamp)")
     g.add_argument("--start", type=_seconds, metavar="S", help="video files: begin at S seconds")
     g.add_argument("--end", type=_seconds, metavar="S", help="video files: stop before S seconds")
@@ -56,13 +57,6 @@ def add_video_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--reconnect", type=_count, metavar="N",
                    help="live sources: reopen a dropped stream up to N times in a row, with backoff (default 3)")
     g.add_argument("--verbose", action="store_true", help="live sources: frames classified and skipped each second")
-
-
-def _positive_int(text: str) -> int:
-    v = _count(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def _count(text: str) -> int:
