@@ -145,6 +145,23 @@ def test_csv_and_table_carry_frame_and_time(model, tmp_path, capsys):
     assert f"{clip} frame=5 time_s=0.5" in capsys.readouterr().out
 
 
+def test_video_outputs_start_with_the_provenance_header(model, tmp_path, capsys):
+    """As an image run: the first line names the model (file name, sha256 computed here) and the rule."""
+    import hashlib
+    from runtime.provenance import KEY, parse_header
+    clip = write_clip(tmp_path / "clip.avi", 6, "MJPG")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    out = tmp_path / "frames.jsonl"
+    assert main(["--engine", str(model), str(clip), "--every", "2", "--threshold", "0.3", "-o", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert parse_header(lines[0]) == {KEY: {"model": model.name, "sha256": sha, "threshold": 0.3, "top_k": None}}
+    assert [r["frame"] for r in records(lines)] == [0, 2, 4] and len(lines) == 4
+    assert main(["--engine", str(model), str(clip), "--every", "3", "--format", "csv", "--top-k", "2"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert parse_header(text[0]) == {KEY: {"model": model.name, "sha256": sha, "threshold": None, "top_k": 2}}
+    assert text[1].startswith("image,frame,time_s,")
+
+
 def test_corrupt_video_among_images_gets_one_error_record(model, tmp_path, capsys):
     d = tmp_path / "mixed"
     d.mkdir()
