@@ -34,8 +34,9 @@ from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
 from runtime.pipeline import is_image_name, iter_image_paths
 from runtime.provenance import header, header_line
 from runtime.report import Writer
-from runtime.video_frames import FrameClassifier, LiveStats, frame_fields, source_name, stream_batches
-from runtime.video_sources import Selector, VideoError, describe_error, is_live, is_video_name
+from runtime.video_frames import (FrameClassifier, LiveStats, frame_fields, no_frame_error, source_error, source_name,
+                                  stream_batches)
+from runtime.video_sources import Selector, is_live, is_video_name
 
 if TYPE_CHECKING:
     from runtime.infer import InferJob
@@ -206,7 +207,7 @@ def run_video(job: "InferJob", prog: str = "probres-infer") -> int:
         except (BackendError, KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:                     # VideoError, or OpenCV failing on a frame: this source's record
-            msg = str(e) if isinstance(e, VideoError) else f"{name}: {describe_error(e)}"
+            msg = source_error(name, e)
             writer.error(name, msg)
             out.end_batch(1)
             print(f"{prog}: {msg}", file=sys.stderr)
@@ -218,7 +219,7 @@ def run_video(job: "InferJob", prog: str = "probres-infer") -> int:
             print(f"{prog}: {name}: {stats.end_reason}; {done} frames classified, {stats.skipped} skipped "
                   f"(of {stats.read} read), {stats.reconnects} reconnects", file=sys.stderr)
             if not done:
-                writer.error(name, f"{name}: no frame classified ({stats.end_reason})")
+                writer.error(name, no_frame_error(name, stats))
                 out.end_batch(1)
                 n["bad"] += 1
                 return
