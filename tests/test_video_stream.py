@@ -11,6 +11,9 @@ mp4v .mp4 (cv2.VideoWriter); the live case reads test_video's loopback MJPEG cam
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -93,3 +96,18 @@ def test_stream_on_a_live_camera_yields_its_frames_and_counts(model):
     assert all(level_of(p.probabilities, model) == p.frame for p in preds)      # each is the frame it names
     assert stats.end_reason and 0 < stats.read <= 15
     assert stats.skipped == stats.read - len(preds)          # every frame read was classified or counted skipped
+
+
+def test_breaking_out_of_a_live_stream_stops_its_capture(model):
+    cam = MJPEGCamera(per_connection=None, interval_s=0.02)          # never ends by itself
+    try:
+        with Classifier.open(model, device="cpu") as clf:
+            for i, p in enumerate(clf.stream(cam.url)):
+                if i == 2:
+                    break
+            deadline = time.monotonic() + 15
+            while any(t.name == "probres-capture" for t in threading.enumerate()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not any(t.name == "probres-capture" for t in threading.enumerate())
+    finally:
+        cam.close()
