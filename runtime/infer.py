@@ -20,6 +20,8 @@ device or FIFO is written in place, never replaced. With --resume (JSONL only) F
 to and recorded images are skipped, so a killed run loses at most the batch in flight; a file
 made by another model or decision rule is refused. FILE is locked while the run writes it: a
 second run on the same file is refused.
+Library use: main parses the flags into an InferJob (a frozen dataclass) and run(job) takes it;
+nothing below main sees argparse. For Python, runtime.Classifier (docs/python.md) is simpler.
 Exit status: 0 all classified, 1 some inputs failed, 2 usage, model or output error (one line,
 no traceback), 128+signal when interrupted after keeping what was done: 130 Ctrl-C (SIGINT),
 143 SIGTERM, 129 SIGHUP.
