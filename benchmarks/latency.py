@@ -237,7 +237,7 @@ class Schedule:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-def run_rows(rows: list[dict], args: Schedule, photos: list[Path]) -> list[dict]:
+def run_rows(rows: list[dict], sched: Schedule, photos: list[Path]) -> list[dict]:
     """Measure each planned row (one open backend at a time); a row that fails says why and the others go on."""
     ref_probs: dict[str, tuple[Any, np.ndarray]] = {}     # family -> (contract, FP32 probs)
     results = []
@@ -249,11 +249,11 @@ def run_rows(rows: list[dict], args: Schedule, photos: list[Path]) -> list[dict]
             results.append(res)
             continue
         cpu = r["device"] == "cpu"                       # CPU rows may get a lighter schedule on a GPU machine
-        batches, iters = (args.cpu_batch_sizes, args.cpu_iters) if cpu else (args.batch_sizes, args.iters)
-        e2e_count = args.cpu_e2e_count if cpu else args.e2e_count
-        res["command"] = command_line(r["path"], r["device"], r.get("backend"), r["options"], args.threads, max(batches))
+        batches, iters = (sched.cpu_batch_sizes, sched.cpu_iters) if cpu else (sched.batch_sizes, sched.iters)
+        e2e_count = sched.cpu_e2e_count if cpu else sched.e2e_count
+        res["command"] = command_line(r["path"], r["device"], r.get("backend"), r["options"], sched.threads, max(batches))
         try:
-            backend = open_backend(r["path"], device=r["device"], threads=args.threads, backend=r.get("backend"),
+            backend = open_backend(r["path"], device=r["device"], threads=sched.threads, backend=r.get("backend"),
                                    **r["options"])
         except BackendError as e:
             res["status"] = f"unavailable: {e}"
@@ -283,17 +283,17 @@ def run_rows(rows: list[dict], args: Schedule, photos: list[Path]) -> list[dict]
             if fam != "pytorch" and r["precision"] == "fp32" and same("pytorch"):
                 n = min(len(probs), len(ref_probs["pytorch"][1]))
                 res["prob_diff_vs_pytorch_fp32"] = float(np.abs(probs[:n] - ref_probs["pytorch"][1][:n]).max())
-            per = [time_engine(backend, bufs, n, iters, args.warmup) for n in batches]
+            per = [time_engine(backend, bufs, n, iters, sched.warmup) for n in batches]
             res["latency"] = per
             best = max(per, key=lambda q: q["images_per_s"])
             res.update(batch=best["batch"], ms_per_image=best["p50_ms"] / best["batch"], images_per_s=best["images_per_s"])
             if e2e_count > max(batches):
                 paths = [photos[i % len(photos)] for i in range(e2e_count)]   # re-read and re-decoded each time
-                res.update(e2e_vs_engine(backend, bufs, paths, max(batches), args.threads or default_threads(),
-                                         iters, args.e2e_rounds))
-            if args.coco_root:
-                res["mAP"] = coco_map(backend, args.coco_root, args.coco_limit, max(batches),
-                                      args.threads or default_threads())
+                res.update(e2e_vs_engine(backend, bufs, paths, max(batches), sched.threads or default_threads(),
+                                         iters, sched.e2e_rounds))
+            if sched.coco_root:
+                res["mAP"] = coco_map(backend, sched.coco_root, sched.coco_limit, max(batches),
+                                      sched.threads or default_threads())
             res["status"] = "ok"
         except Exception as e:  # noqa: BLE001
             res["status"] = _error(e)

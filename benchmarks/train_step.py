@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -59,38 +60,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _context(args, device: torch.device, num_classes: int, total_steps: int, fused: bool | None = None,
+@dataclass(frozen=True)
+class StepBench:
+    """What is timed: the model, the batch, how many steps, and the loader's workers and augmentation."""
+
+    arch: str = "resnet101"
+    image_size: int = 448
+    batch_size: int = 64
+    amp: str = "auto"                   # auto, bf16, fp16, off
+    steps: int = 20
+    warmup: int = 5
+    workers: int = 1
+    augment: str = "asl"
+    augment_on: str = "worker"          # worker or device (main resolves "auto")
+
+
+def _context(cfg: StepBench, device: torch.device, num_classes: int, total_steps: int, fused: bool | None = None,
              channels_last: bool = True, compile_: bool = False) -> StepContext:
-    model = build_model(args.arch, num_classes).to(device).train()
+    model = build_model(cfg.arch, num_classes).to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEma.from_epochs(model, 5.2, 100)
     net = torch.compile(model) if compile_ else model
-    amp = resolve_amp(args.amp, device)
-    opt = build_optimizer(model, "adam", 1e-4, 1e-4, args.batch_size, fused=fused)
+    amp = resolve_amp(cfg.amp, device)
+    opt = build_optimizer(model, "adam", 1e-4, 1e-4, cfg.batch_size, fused=fused)
     sched = build_scheduler(opt, 1e-4, 1, total_steps)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     return StepContext(net, build_loss("bce"), opt, sched, scaler, ema, device, amp)
 
 
-def bench_synthetic(args, device: torch.device, c: int, **variant) -> dict:
-    ctx = _context(args, device, c, args.warmup + args.steps + 1, **variant)
+def bench_synthetic(cfg: StepBench, device: torch.device, c: int, **variant) -> dict:
+    """images/s and ms per step of train_step on one in-memory batch (variant: _context's fused, channels_last,
+    compile_)."""
+    ctx = _context(cfg, device, c, cfg.warmup + cfg.steps + 1, **variant)
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
-    targets = (torch.rand(args.batch_size, c, generator=g) > 0.95).float()
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
+    targets = (torch.rand(cfg.batch_size, c, generator=g) > 0.95).float()
     images, targets = to_device(images, targets, device)
     if not variant.get("channels_last", True):
         images = images.contiguous()
-    for _ in range(max(args.warmup, 3 if variant.get("compile_") else 0)):
+    for _ in range(max(cfg.warmup, 3 if variant.get("compile_") else 0)):
         train_step(ctx, images, targets)
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(cfg.steps):
         loss = train_step(ctx, images, targets)
     _sync(device)
     dt = time.perf_counter() - t0
     assert torch.isfinite(loss)
-    return {"images_per_s": args.steps * args.batch_size / dt, "step_ms": 1000 * dt / args.steps}
+    return {"images_per_s": cfg.steps * cfg.batch_size / dt, "step_ms": 1000 * dt / cfg.steps}
 
 
 def _batches(loader, n: int):
@@ -112,35 +130,37 @@ def _batches(loader, n: int):
         epoch += 1
 
 
-def bench_loader(args, device: torch.device, root: Path) -> tuple[dict, dict]:
+def bench_loader(cfg: StepBench, device: torch.device, root: Path) -> tuple[dict, dict]:
+    """The real loader on the toy set at `root`: train steps fed by it (with the share of time waiting for data),
+    and the loader alone."""
     split = load_coco_split(root, "train2014")
-    ds = CocoDataset(split, PreprocessSpec(size=args.image_size), True, args.augment, args.augment_on)
-    aug = ds.augment if args.augment_on == "device" else None
-    loader = make_loader(ds, args.batch_size, args.workers, device, DistInfo(), seed=0)
+    ds = CocoDataset(split, PreprocessSpec(size=cfg.image_size), True, cfg.augment, cfg.augment_on)
+    aug = ds.augment if cfg.augment_on == "device" else None
+    loader = make_loader(ds, cfg.batch_size, cfg.workers, device, DistInfo(), seed=0)
     if len(loader) == 0:
-        raise SystemExit(f"error: the toy set has {len(ds)} images, fewer than --batch-size {args.batch_size}")
-    for _, (x, y, _) in _batches(loader, min(args.warmup, 2) or 1):      # workers started, kernels warm
+        raise SystemExit(f"error: the toy set has {len(ds)} images, fewer than --batch-size {cfg.batch_size}")
+    for _, (x, y, _) in _batches(loader, min(cfg.warmup, 2) or 1):      # workers started, kernels warm
         to_device(x, y, device, aug)
     t0 = time.perf_counter()
-    for _, (x, y, _) in _batches(loader, args.steps):
+    for _, (x, y, _) in _batches(loader, cfg.steps):
         to_device(x, y, device, aug)
     _sync(device)
-    only = {"images_per_s": args.steps * args.batch_size / (time.perf_counter() - t0)}
-    ctx = _context(args, device, split.targets.shape[1], args.warmup + args.steps + 1)
+    only = {"images_per_s": cfg.steps * cfg.batch_size / (time.perf_counter() - t0)}
+    ctx = _context(cfg, device, split.targets.shape[1], cfg.warmup + cfg.steps + 1)
     wait, n = 0.0, 0
-    for i, (w, (x, y, _)) in enumerate(_batches(loader, args.warmup + args.steps)):
-        if i == args.warmup:
+    for i, (w, (x, y, _)) in enumerate(_batches(loader, cfg.warmup + cfg.steps)):
+        if i == cfg.warmup:
             _sync(device)
             t0, wait = time.perf_counter(), 0.0
         x, y = to_device(x, y, device, aug)
         train_step(ctx, x, y)
-        if i >= args.warmup:
+        if i >= cfg.warmup:
             wait += w
             n += 1
     _sync(device)
     dt = time.perf_counter() - t0
-    return ({"images_per_s": n * args.batch_size / dt, "data_wait_frac": wait / dt, "workers": args.workers,
-             "train_images": len(ds), "augment": args.augment, "augment_on": args.augment_on}, only)
+    return ({"images_per_s": n * cfg.batch_size / dt, "data_wait_frac": wait / dt, "workers": cfg.workers,
+             "train_images": len(ds), "augment": cfg.augment, "augment_on": cfg.augment_on}, only)
 
 
 def main_branch_worker_transform(spec: PreprocessSpec) -> v2.Compose:
@@ -223,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = max(1, min(12, (os.cpu_count() or 2) - 1))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    cfg = StepBench(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, amp=args.amp,
+                    steps=args.steps, warmup=args.warmup, workers=args.workers, augment=args.augment,
+                    augment_on=args.augment_on)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     amp = resolve_amp(args.amp, device)
     result = {"device": name, "torch": str(torch.__version__), "arch": args.arch, "image_size": args.image_size,
@@ -236,14 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_cpu_only:
         args.worker_images = args.worker_images or 32
     else:
-        result["synthetic"] = bench_synthetic(args, device, 80)
+        result["synthetic"] = bench_synthetic(cfg, device, 80)
         save()
         print(f"{name}: {args.arch} @ {args.image_size}, batch {args.batch_size}, {result['amp']}: "
               f"synthetic {result['synthetic']['images_per_s']:.1f} images/s", flush=True)
         if not args.skip_loader:
             with tempfile.TemporaryDirectory() as tmp:
                 root = Path(args.toy_root) if args.toy_root else make_toy_coco(tmp, n_train=args.toy_images, n_val=1)
-                result["loader"], result["loader_only"] = bench_loader(args, device, root)
+                result["loader"], result["loader_only"] = bench_loader(cfg, device, root)
             result["loader_only_vs_loader"] = result["loader_only"]["images_per_s"] / result["loader"]["images_per_s"]
             save()
             print(f"  real loader ({args.workers} workers, {args.augment} augmentation on the {args.augment_on}): "
@@ -256,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 variants["torch.compile"] = {"compile_": True}
             for label, kw in variants.items():
-                result["ablations"][label] = bench_synthetic(args, device, 80, **kw)
+                result["ablations"][label] = bench_synthetic(cfg, device, 80, **kw)
                 save()
                 print(f"  synthetic, {label}: {result['ablations'][label]['images_per_s']:.1f} images/s", flush=True)
     if args.worker_images:

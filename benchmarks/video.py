@@ -137,33 +137,37 @@ def live_latency(fc: FrameClassifier, clip: Path, seconds: float) -> dict[str, A
             "classified": len(lat), "skipped": src.skipped, "read": src.read}
 
 
-def video_rows(args: argparse.Namespace, engine: str) -> list[dict[str, Any]]:
+def video_rows(engine: str, work: Path, sizes: str = "640x480,1920x1080", frames: int = 300, batch_size: int = 16,
+               threads: int | None = None, device: str = "auto", rounds: int = 3,
+               live_seconds: float = 1.0) -> list[dict[str, Any]]:
+    """One row per size WxH in `sizes`: frames/s of decode, decode + preprocess, engine and end to end (medians
+    of `rounds`) on a generated clip of `frames` frames kept in `work`, and live latency over `live_seconds`."""
     from benchmarks.latency import overlapped_rate
-    backend = open_backend(engine, device=args.device, threads=args.threads)
-    threads = args.threads or min(8, len(os.sched_getaffinity(0)))
+    backend = open_backend(engine, device=device, threads=threads)
+    threads = threads or min(8, len(os.sched_getaffinity(0)))
     rows = []
-    for size in args.sizes.split(","):
+    for size in sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
-        clip = args.work / f"clip_{w}x{h}_{args.frames}.mp4"
+        clip = Path(work) / f"clip_{w}x{h}_{frames}.mp4"
         if not clip.exists():
-            make_clip(clip, w, h, args.frames)
-        fc, null = FrameClassifier(backend, args.batch_size, threads), FrameClassifier(NullEngine(backend),
-                                                                                   args.batch_size, threads)
+            make_clip(clip, w, h, frames)
+        fc, null = FrameClassifier(backend, batch_size, threads), FrameClassifier(NullEngine(backend),
+                                                                                   batch_size, threads)
         bufs = fc.buffers(2)
         bufs[0][:] = bufs[1][:] = 0
-        iters = max(2, args.frames // args.batch_size)
+        iters = max(2, frames // batch_size)
         files_rate(fc, clip)                                # warm-up: codec, engine, pool
         r: dict[str, list[float]] = {"decode": [], "decode_preprocess": [], "engine": [], "end_to_end": []}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             r["decode"].append(rate(lambda: sum(1 for _ in iter_file_frames(str(clip)))))
             r["decode_preprocess"].append(files_rate(null, clip))
             r["engine"].append(overlapped_rate(backend, bufs[0], bufs[1], iters))
             r["end_to_end"].append(files_rate(fc, clip))
         med = {k: statistics.median(v) for k, v in r.items()}
-        live = live_latency(fc, clip, args.live_seconds) if args.live_seconds > 0 else None
+        live = live_latency(fc, clip, live_seconds) if live_seconds > 0 else None
         fc.close()
         null.close()
-        rows.append({"size": f"{w}x{h}", "frames": args.frames, **{f"{k}_fps": round(v, 1) for k, v in med.items()},
+        rows.append({"size": f"{w}x{h}", "frames": frames, **{f"{k}_fps": round(v, 1) for k, v in med.items()},
                      "ratio": round(med["end_to_end"] / min(med["decode"], med["engine"]), 3), "rounds": r,
                      "live": live})
         print(json.dumps(rows[-1]), file=sys.stderr)
@@ -240,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"cpu": cpu_name(), "command": command, "smoothing": smoothing_table()}
     if not args.smooth_only:
         with tempfile.TemporaryDirectory() as tmp:
-            args.work = args.work or Path(tmp)
-            args.work.mkdir(parents=True, exist_ok=True)
-            engine = args.engine or str(toy_engine(args.work, args.model_size))
+            work = args.work or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            engine = args.engine or str(toy_engine(work, args.model_size))
             result["engine"] = engine
-            result["video"] = video_rows(args, engine)
+            result["video"] = video_rows(engine, work, args.sizes, args.frames, args.batch_size, args.threads,
+                                         args.device, args.rounds, args.live_seconds)
     text = json.dumps(result, indent=1)
     if args.json:
         from runtime.fileio import atomic_write_text

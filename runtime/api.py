@@ -22,17 +22,21 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from runtime.backends import Backend, open_backend
+from runtime.backends import Backend, BackendError, open_backend
 from runtime.contract import LabelSet, ModelContract
 from runtime.errors import ImageError, UsageError
 from runtime.pipeline import classify, iter_image_paths
 from runtime.preprocess import ImageDecodeError
 from runtime.report import decision_thresholds, error_record, prediction_rows, record, select
+from runtime.video_frames import (FrameClassifier, LiveStats, Smoother, frame_fields, no_frame_error, source_error,
+                                  source_name, stream_batches)
+from runtime.video_sources import Selector
 
 DEFAULT_BATCH_SIZE = 16         # probres-infer's --batch-size default
 
@@ -55,17 +59,20 @@ class Prediction:
     decided_by: str | float | None = None       # the record's "threshold": "contract", a number, or None
     _label_set: LabelSet | None = field(default=None, repr=False)
     _index: tuple[int, ...] = field(default=(), repr=False)
+    frame: int | None = None                    # a video frame's index in its source (stream); None for an image
+    time_s: float | None = None                 # its time in the source, seconds (to the microsecond)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        """probres-infer's JSONL record for this input, as a dict."""
+        """probres-infer's JSONL record for this input (a video frame's with "frame" and "time_s"), as a dict."""
+        fields = None if self.frame is None else {"frame": self.frame, "time_s": self.time_s}
         if self.error is not None:
-            return error_record(self.source, self.error)
+            return error_record(self.source, self.error, fields)
         return record(self.source, self.probabilities, self._label_set, self.thresholds,
-                      threshold_name=self.decided_by, idx=list(self._index))
+                      threshold_name=self.decided_by, idx=list(self._index), fields=fields)
 
     def to_json(self) -> str:
         """probres-infer's JSONL line for this input (without the newline)."""
@@ -181,21 +188,9 @@ class Classifier:
             raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
         if color not in ("rgb", "bgr"):
             raise UsageError(f"color must be 'rgb' or 'bgr', got {color!r}")
-        c = len(self.labels)
-        if top_k == "all":
-            top_k = c
-        elif top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise UsageError(f"top_k must be a positive integer or 'all', got {top_k!r}")
-        if threshold is None and top_k is None:
-            thresholds, decided_by = self.thresholds, self._decided_by
-        else:
-            if threshold is not None and not (threshold == "contract" or isinstance(threshold, (int, float))
-                                              and 0 <= threshold <= 1):
-                raise UsageError(f"threshold must be 'contract' or a probability in [0, 1], got {threshold!r}")
-            thresholds, decided_by = decision_thresholds(self.contract, threshold, top_k)
+        top_k, thresholds, decided_by = self._decision(top_k, threshold)
         names: deque[tuple[str, bool]] = deque()   # (source name, in memory) of each item the pipeline reads
         sources = self._sources(_as_items(inputs), names, color)
-        label_set = self.contract.labels
         for batch, probs in classify(self.backend, sources, batch_size, self._threads):
             row = 0
             for item, err in zip(batch.paths, batch.errors):
@@ -207,12 +202,84 @@ class Classifier:
                         raise ImageError(err)
                     yield Prediction(name.partition("\0")[0], None, [], {}, thresholds, err, decided_by)
                     continue
-                p = probs[row].copy()           # not a view: a Prediction must not keep the batch alive
+                yield self._prediction(name, probs[row], thresholds, top_k, decided_by)
                 row += 1
-                idx = select(p, thresholds, top_k)
-                yield Prediction(name, p, [label_set.names[i] for i in idx],
-                                 {label_set.names[i]: float(p[i]) for i in idx}, thresholds, None, decided_by,
-                                 label_set, tuple(idx))
+
+    def _decision(self, top_k: int | str | None, threshold: str | float | None
+                  ) -> tuple[int | None, np.ndarray | None, str | float | None]:
+        """(top_k as a number, thresholds, what the records say decided) for a call's top_k and threshold."""
+        if top_k == "all":
+            top_k = len(self.labels)
+        elif top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise UsageError(f"top_k must be a positive integer or 'all', got {top_k!r}")
+        if threshold is None and top_k is None:
+            return top_k, self.thresholds, self._decided_by
+        if threshold is not None and not (threshold == "contract" or isinstance(threshold, (int, float))
+                                          and 0 <= threshold <= 1):
+            raise UsageError(f"threshold must be 'contract' or a probability in [0, 1], got {threshold!r}")
+        return (top_k, *decision_thresholds(self.contract, threshold, top_k))
+
+    def _prediction(self, name: str, probs: np.ndarray, thresholds: np.ndarray | None, top_k: int | None,
+                    decided_by: str | float | None, **frame: Any) -> Prediction:
+        """The Prediction of one classified input (`frame`: a video frame's frame= and time_s=)."""
+        p = probs.copy()                    # not a view: a Prediction must not keep the batch alive
+        idx = select(p, thresholds, top_k)
+        names = self.contract.labels.names
+        return Prediction(name, p, [names[i] for i in idx], {names[i]: float(p[i]) for i in idx}, thresholds, None,
+                          decided_by, self.contract.labels, tuple(idx), **frame)
+
+    # ------------------------------------------------------------------------------------------ stream
+
+    def stream(self, source: str | os.PathLike[str] | int, every: int = 1, fps: float | None = None,
+               start: float | None = None, end: float | None = None, top_k: int | str | None = None,
+               threshold: str | float | None = None, smooth: float | None = None, reconnect: int = 3,
+               batch_size: int | None = None, raise_errors: bool = False, stats: LiveStats | None = None
+               ) -> Iterator[Prediction]:
+        """One Prediction per selected frame of a video, camera or stream, as probres-infer classifies it.
+
+        source: a video file (whatever OpenCV's FFmpeg backend reads), a camera index (int) or
+        /dev/videoN, a stream URL (rtsp://, http(s)://, ...) or a GStreamer pipeline string.
+        every / fps: every N-th frame, or F frames a second by timestamp; start / end: seconds
+        (files). A file gives every selected frame in order; a live source the newest frame each
+        time the engine is free (`stats`, a runtime.video_frames.LiveStats, counts what was
+        skipped). smooth: decide on each label's probability averaged (EMA) over about K frames.
+        reconnect: live sources, how often a dropped stream is reopened in a row. Each Prediction
+        has `frame` and `time_s`; to_json() is probres-infer's record for that frame. A source that
+        cannot be read (or a file that breaks off) ends with one error Prediction (frame None), or
+        an ImageError naming it with raise_errors=True.
+        """
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+        top_k, thresholds, decided_by = self._decision(top_k, threshold)
+        try:
+            select = Selector(every, fps, start or 0.0, end)
+            if smooth is not None:
+                Smoother(smooth)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"stream: every >= 1, fps > 0, 0 <= start < end, smooth >= 1 ({e})") from None
+        src = source if isinstance(source, int) else os.fspath(source)
+        name, stats = source_name(src), stats if stats is not None else LiveStats()
+        fc = FrameClassifier(self.backend, batch_size, self._threads)
+        done, error = 0, None
+        try:
+            with closing(stream_batches(fc, src, select, reconnect, smooth, stats, name)) as batches:
+                for frames, probs in batches:
+                    for f, p in zip(frames, probs):
+                        yield self._prediction(name, p, thresholds, top_k, decided_by, **frame_fields(f))
+                    done += len(frames)
+        except (BackendError, MemoryError):
+            raise
+        except Exception as e:                  # VideoError, or OpenCV failing on a frame: this source's error
+            error = source_error(name, e)
+        finally:
+            fc.close()
+        if error is None and not done and stats.end_reason is not None:     # a live source that gave nothing
+            error = no_frame_error(name, stats)
+        if error is not None:
+            if raise_errors:
+                raise ImageError(error)
+            yield Prediction(name, None, [], {}, thresholds, error, decided_by)
 
     def _sources(self, items: Iterable[Any], names: deque, color: str) -> Iterator[Any]:
         """What the pipeline reads for each item (a path, encoded bytes, a BGR array, or the item's

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             max_map_drop=args.max_map_drop, max_cf1_drop=args.max_cf1_drop, max_ece_rise=args.max_ece_rise,
             max_dprob=args.max_dprob, max_label_diff_share=args.max_label_diff_share, plot=args.plot,
             limit=args.limit, keep_empty=args.keep_empty, threshold=args.threshold, batch_size=args.batch_size,
-            threads=args.threads, device=args.device, backend_options=backend_options(args)))
+            threads=args.threads, device=args.device, backend_options=backend_options(**vars(args))))
     except (BackendError, UsageError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ device or FIFO is written in place, never replaced. With --resume (JSONL only) F
 to and recorded images are skipped, so a killed run loses at most the batch in flight; a file
 made by another model or decision rule is refused. FILE is locked while the run writes it: a
 second run on the same file is refused.
+Library use: main parses the flags into an InferJob (a frozen dataclass) and run(job) takes it;
+nothing below main sees argparse. For Python, runtime.Classifier (docs/python.md) is simpler.
 Exit status: 0 all classified, 1 some inputs failed, 2 usage, model or output error (one line,
 no traceback), 128+signal when interrupted after keeping what was done: 130 Ctrl-C (SIGINT),
 143 SIGTERM, 129 SIGHUP.
@@ -32,7 +34,8 @@ import contextlib
 import os
 import sys
 import time
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 from runtime.api import default_threads
 from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
@@ -45,7 +48,7 @@ from runtime.outputs import (OutputError, ResultFile, check_outputs, exit_code, 
 from runtime.pipeline import classify, is_image_name
 from runtime.provenance import describe, header, header_line, same_run
 from runtime.report import FORMATS, Writer, decision_thresholds
-from runtime.video import add_video_args, run_video, wants_video
+from runtime.video import VideoOptions, add_video_args, run_video, wants_video
 
 PROG = "probres-infer"
 
@@ -78,81 +81,105 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@dataclass(frozen=True)
+class InferJob:
+    """One probres-infer run, as its flags give it (main parses them; everything below takes this)."""
+
+    engine: str                                 # --engine MODEL
+    paths: tuple[str, ...] = ()                 # PATH ...
+    from_list: str | None = None                # --from-list FILE ('-': stdin)
+    shard: str = "0/1"                          # --shard I/N
+    resume: bool = False
+    format: str = "jsonl"
+    threshold: str | float | None = None        # "contract", a probability, or None (the default rule)
+    top_k: int | str | None = None              # K, "all" or None
+    output: str | None = None                   # None: stdout ('-' on the command line)
+    batch_size: int = 16
+    threads: int | None = None
+    device: str = "auto"
+    backend_options: Mapping[str, Any] = field(default_factory=dict)   # open_backend's backend= and options
+    video: VideoOptions = field(default_factory=VideoOptions)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "InferJob":
+        """The job build_parser's flags describe (only converts)."""
+        return cls(engine=ns.engine, paths=tuple(ns.paths), from_list=ns.from_list, shard=ns.shard, resume=ns.resume,
+                   format=ns.format, threshold=ns.threshold, top_k=ns.top_k,
+                   output=None if ns.output == "-" else ns.output, batch_size=ns.batch_size, threads=ns.threads,
+                   device=ns.device, backend_options=backend_options(**vars(ns)), video=VideoOptions.from_args(ns))
+
+
 def _progress():
     """A tqdm bar (count and rate; no total: inputs stream) on stderr when it is a terminal, else a no-op."""
     from tqdm import tqdm
     return tqdm(unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def check_args(args: argparse.Namespace, hold: contextlib.ExitStack
-               ) -> tuple[Iterator[str], DoneSet | None, dict | None]:
+def check_args(job: InferJob, hold: contextlib.ExitStack) -> tuple[Iterator[str], DoneSet | None, dict | None]:
     """Everything that can fail before the model loads (InputError/OutputError: one line, exit 2).
 
     Returns the input stream (shard and resume applied), the resume bookkeeping (or None) and the
     provenance header (None if the model cannot be read: loading it then says why). The output's
     lock is entered on `hold`, before --resume reads the file.
     """
-    if args.output == "-":
-        args.output = None
-    if not args.paths and args.from_list is None:
+    if not job.paths and job.from_list is None:
         raise InputError("give image files or directories (PATH ...) and/or --from-list FILE")
-    shard = parse_shard(args.shard)
-    if args.resume and (args.output is None or args.format != "jsonl"):
+    shard = parse_shard(job.shard)
+    if job.resume and (job.output is None or job.format != "jsonl"):
         raise InputError("--resume appends to a JSONL file: it needs --output FILE and --format jsonl")
-    check_list(args.from_list)
-    listed = [] if args.from_list in (None, "-") else [("--from-list", args.from_list)]
-    check_outputs([("--output", args.output)],
-                  [*model_inputs("--engine", args.engine), *listed, *(("PATH", p) for p in args.paths)],
-                  reads=is_image_name, append=["--output"] if args.resume else [])
-    if args.output and os.path.isfile(args.output) and listed:
-        hit = find_in_list(args.from_list, args.output)        # one pass over the list, before any work
+    check_list(job.from_list)
+    listed = [] if job.from_list in (None, "-") else [("--from-list", job.from_list)]
+    check_outputs([("--output", job.output)],
+                  [*model_inputs("--engine", job.engine), *listed, *(("PATH", p) for p in job.paths)],
+                  reads=is_image_name, append=["--output"] if job.resume else [])
+    if job.output and os.path.isfile(job.output) and listed:
+        hit = find_in_list(job.from_list, job.output)        # one pass over the list, before any work
         if hit:
-            raise InputError(f"--output {args.output} is the same file as --from-list {args.from_list} "
+            raise InputError(f"--output {job.output} is the same file as --from-list {job.from_list} "
                              f"line {hit[0]}: {hit[1]}: refusing to overwrite an input")
-    source = peek(iter_inputs(args.paths, args.from_list))
+    source = peek(iter_inputs(job.paths, job.from_list))
     if source is None:
-        where = " ".join(args.paths + ([f"--from-list {args.from_list}"] if args.from_list else []))
+        where = " ".join(list(job.paths) + ([f"--from-list {job.from_list}"] if job.from_list else []))
         raise InputError(f"no images found in {where} "
                          f"(directories are searched for .jpg .jpeg .png .bmp .webp .tif .tiff)")
     source = take_shard(source, *shard)
-    if args.output and os.path.isfile(args.output):
-        source = refuse_output(source, args.output)           # stdin entries: nothing listed them beforehand
+    if job.output and os.path.isfile(job.output):
+        source = refuse_output(source, job.output)           # stdin entries: nothing listed them beforehand
     try:
-        hold.enter_context(OutputLock(args.output))
+        hold.enter_context(OutputLock(job.output))
     except OutputLocked as e:
         raise OutputError(f"--output {e}") from None
     try:
-        head = header(args.engine, args.threshold, args.top_k)
+        head = header(job.engine, job.threshold, job.top_k)
     except OSError:
         head = None
-    done = read_done(args.output) if args.resume else None
+    done = read_done(job.output) if job.resume else None
     if done is not None:
         if done.header is None and len(done):
-            raise InputError(f"--resume: {args.output} has no provenance header (an older probres-infer wrote it): "
+            raise InputError(f"--resume: {job.output} has no provenance header (an older probres-infer wrote it): "
                              f"nothing says which model made it; write to a new --output")
         if done.header is not None and head is not None and not same_run(done.header, head):
-            raise InputError(f"--resume: {args.output} was made by {describe(done.header)}; this run is "
+            raise InputError(f"--resume: {job.output} was made by {describe(done.header)}; this run is "
                              f"{describe(head)}: one file never mixes two; write to a new --output")
         if done.dropped_bytes:
-            print(f"{PROG}: {args.output}: dropped an unfinished last line ({done.dropped_bytes} bytes) "
+            print(f"{PROG}: {job.output}: dropped an unfinished last line ({done.dropped_bytes} bytes) "
                   f"left by a killed run; that image is classified again", file=sys.stderr)
         source = done.skip_done(source)
     return source, done, head
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    job = InferJob.from_args(build_parser().parse_args(argv))
     with stop_on_signals(), contextlib.ExitStack() as hold:     # SIGTERM, SIGHUP: as Ctrl-C
-        if wants_video(args):                     # a video, stream or camera in the run (docs/video.md)
-            args.output = None if args.output == "-" else args.output
-            return run_video(args, PROG)
-        return run(args, hold)
+        if wants_video(job.paths, job.video):     # a video, stream or camera in the run (docs/video.md)
+            return run_video(job, PROG)
+        return run(job, hold)
 
 
-def run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
+def run(job: InferJob, hold: contextlib.ExitStack) -> int:
     """The run after argument parsing; the output's lock is held on `hold`."""
     try:
-        paths, done, head = check_args(args, hold)
+        paths, done, head = check_args(job, hold)
     except (InputError, OutputError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -160,27 +187,27 @@ def run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
         print(f"{PROG}: interrupted{interrupted_by(e)} before the first input", file=sys.stderr)
         return exit_code(e)
     try:
-        backend = open_backend(args.engine, device=args.device, threads=args.threads, **backend_options(args))
+        backend = open_backend(job.engine, device=job.device, threads=job.threads, **job.backend_options)
     except BackendError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:                # loading can take minutes (--compile, a big plan)
-        print(f"{PROG}: interrupted{interrupted_by(e)} while loading {args.engine}", file=sys.stderr)
+        print(f"{PROG}: interrupted{interrupted_by(e)} while loading {job.engine}", file=sys.stderr)
         return exit_code(e)
-    top_k = backend.contract.labels.num_classes if args.top_k == "all" else args.top_k
-    threads = args.threads or default_threads()
+    top_k = backend.contract.labels.num_classes if job.top_k == "all" else job.top_k
+    threads = job.threads or default_threads()
     n_ok = n_bad = 0
     out: ResultFile | None = None
     t0 = time.perf_counter()
     try:
-        with ResultFile(args.output, append=args.resume) as out, _progress() as bar:
-            thresholds, decided_by = decision_thresholds(backend.contract, args.threshold, top_k)
+        with ResultFile(job.output, append=job.resume) as out, _progress() as bar:
+            thresholds, decided_by = decision_thresholds(backend.contract, job.threshold, top_k)
             if head is not None and (done is None or done.header is None):
-                out.write(header_line(head, args.format))     # which model and rule made every record below
-            writer = Writer(out, args.format, backend.contract.labels, thresholds, top_k, decided_by)
+                out.write(header_line(head, job.format))     # which model and rule made every record below
+            writer = Writer(out, job.format, backend.contract.labels, thresholds, top_k, decided_by)
             out.end_batch()                       # the provenance and csv headers
             # Preprocessed straight into the backend's own buffers; batch k+1 submitted before k is waited for.
-            for batch, probs in classify(backend, paths, args.batch_size, threads):
+            for batch, probs in classify(backend, paths, job.batch_size, threads):
                 row = 0
                 for path, err in zip(batch.paths, batch.errors):
                     if err is None:
@@ -194,26 +221,26 @@ def run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
                 out.end_batch(len(batch.paths))   # this batch's records, in one write, flushed
                 bar.update(len(batch.paths))
     except (BackendError, InputError, MemoryError) as e:    # MemoryError: the batch buffers (names --batch-size)
-        untouched = isinstance(e, InputError) and not args.resume and args.output is not None
-        print(f"{PROG}: error: {e}" + (f"; {args.output} left as it was" if untouched else ""), file=sys.stderr)
+        untouched = isinstance(e, InputError) and not job.resume and job.output is not None
+        print(f"{PROG}: error: {e}" + (f"; {job.output} left as it was" if untouched else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:               # Ctrl-C, SIGTERM or SIGHUP (stop_on_signals)
         kept = ""
-        if out is not None and args.output:
-            kept = f"; {out.kept} records kept in {args.output}" + (
-                " (finish with the same command plus --resume)" if args.format == "jsonl" else "")
+        if out is not None and job.output:
+            kept = f"; {out.kept} records kept in {job.output}" + (
+                " (finish with the same command plus --resume)" if job.format == "jsonl" else "")
         print(f"{PROG}: interrupted{interrupted_by(e)} after {n_ok + n_bad} inputs{kept}", file=sys.stderr)
         return exit_code(e)
     except BrokenPipeError:                       # e.g. `probres-infer ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:                          # --output not writable
-        print(f"{PROG}: error: cannot write {args.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
+        print(f"{PROG}: error: cannot write {job.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
         return 2
     finally:
         backend.close()
     dt = time.perf_counter() - t0
-    skipped = f" ({done.skipped} already in {args.output} skipped)" if done is not None else ""
+    skipped = f" ({done.skipped} already in {job.output} skipped)" if done is not None else ""
     print(f"{PROG}: {n_ok + n_bad} inputs{skipped}, {n_ok} classified, {n_bad} failed in {dt:.1f} s "
           f"({(n_ok + n_bad) / max(dt, 1e-9):.1f} img/s) with {backend.describe()}", file=sys.stderr)
     return 1 if n_bad else 0

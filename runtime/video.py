@@ -9,7 +9,8 @@ probres-infer sends a run here when it names a video file (by extension), a stre
 holding a video (its names are scanned up to the first one). Directories are walked for
 images and videos alike; the images of the run are classified as usual (runtime.pipeline),
 in order with the videos, in the same buffers. Sources: runtime.video_sources; frames through
-the engine: runtime.video_frames. Records carry "frame" and "time_s" (JSONL, CSV, table);
+the engine: runtime.video_frames. Records carry "frame" and "time_s" (JSONL, CSV, table), after the
+provenance header an image run writes first (runtime.provenance);
 a video that cannot be read gets one error record and the run goes on; a live source ends
 with one stderr line (why, frames classified, skipped, reconnects). Ctrl-C keeps the records
 written (exit 130). Guide: docs/video.md.
@@ -23,18 +24,24 @@ import os
 import sys
 import time
 from contextlib import closing
-from typing import Iterator
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-from runtime.backends import BackendError, backend_options, open_backend
+from runtime.backends import BackendError, open_backend
 from runtime.cli import positive_int
 from runtime.inputs import InputError, peek
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
 from runtime.pipeline import is_image_name, iter_image_paths
+from runtime.provenance import header, header_line
 from runtime.report import Writer
-from runtime.video_frames import FrameClassifier, LiveStats, stream_batches
-from runtime.video_sources import Selector, VideoError, describe_error, is_live, is_video_name
+from runtime.video_frames import (FrameClassifier, LiveStats, frame_fields, no_frame_error, source_error, source_name,
+                                  stream_batches)
+from runtime.video_sources import Selector, is_live, is_video_name
 
-FIELDS = ("frame", "time_s")
+if TYPE_CHECKING:
+    from runtime.infer import InferJob
+
+FIELDS = ("frame", "time_s")               # what frame_fields gives (the CSV's columns)
 
 
 def is_media_name(name: str) -> bool:
@@ -86,15 +93,37 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def wants_video(args: argparse.Namespace) -> bool:
+@dataclass(frozen=True)
+class VideoOptions:
+    """probres-infer's video flags (add_video_args); None: not given."""
+
+    camera: str | None = None          # --camera INDEX|DEVICE, as typed
+    every: int | None = None
+    fps: float | None = None
+    start: float | None = None         # seconds
+    end: float | None = None
+    smooth: float | None = None
+    reconnect: int | None = None       # None: 3
+    verbose: bool = False
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "VideoOptions":
+        """The options add_video_args parsed (only converts)."""
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+    def given(self) -> bool:
+        """Any video flag set (it sends the run to the video route)."""
+        return self.verbose or any(getattr(self, f.name) is not None for f in fields(self) if f.name != "verbose")
+
+
+def wants_video(paths: Sequence[str], video: VideoOptions) -> bool:
     """True when the run has video in it: --camera, a video flag, a video file, URL, device or pipeline
     named, or a directory with a video in it (its names are scanned up to the first video)."""
-    flags = (args.camera, args.every, args.fps, args.start, args.end, args.smooth, args.reconnect)
-    if any(v is not None for v in flags) or args.verbose:
+    if video.given():
         return True
-    if any(is_live(p) or (is_video_name(p) and not os.path.isdir(p)) for p in args.paths):
+    if any(is_live(p) or (is_video_name(p) and not os.path.isdir(p)) for p in paths):
         return True
-    dirs = [p for p in args.paths if os.path.isdir(p)]
+    dirs = [p for p in paths if os.path.isdir(p)]
     return any(is_video_name(p) for p in iter_image_paths(dirs, keep=is_media_name))
 
 
@@ -108,64 +137,69 @@ def camera_source(text: str) -> str | int:
     return int(text) if text.isdigit() else text
 
 
-def check_args(args: argparse.Namespace) -> Iterator[str | int]:
+def check_args(job: "InferJob") -> Iterator[str | int]:
     """The run's sources in order (--camera, then PATHs, directories walked for images and videos);
     InputError/OutputError (one line, exit 2) for what cannot work, before the model loads."""
-    for flag, given in (("--from-list", args.from_list is not None), ("--shard", args.shard != "0/1"),
-                        ("--resume", args.resume)):
+    v = job.video
+    for flag, given in (("--from-list", job.from_list is not None), ("--shard", job.shard != "0/1"),
+                        ("--resume", job.resume)):
         if given:
             raise InputError(f"{flag} is for image runs; name videos, streams and --camera on the command line")
-    if args.end is not None and args.end <= (args.start or 0.0):
-        raise InputError(f"--end {args.end:g} must be after --start {args.start or 0.0:g}")
-    if args.camera is not None and not (args.camera.isdigit() or is_live(args.camera)):
-        raise InputError(f"--camera {args.camera}: expected a camera index (0, 1, ...) or /dev/videoN")
-    if not args.paths and args.camera is None:
+    if v.end is not None and v.end <= (v.start or 0.0):
+        raise InputError(f"--end {v.end:g} must be after --start {v.start or 0.0:g}")
+    if v.camera is not None and not (v.camera.isdigit() or is_live(v.camera)):
+        raise InputError(f"--camera {v.camera}: expected a camera index (0, 1, ...) or /dev/videoN")
+    if not job.paths and v.camera is None:
         raise InputError("give video or image files, directories, stream URLs, or --camera")
-    files = [("PATH", p) for p in args.paths if not is_live(p)]
-    check_outputs([("--output", args.output)], [*model_inputs("--engine", args.engine), *files], reads=is_media_name)
-    camera = [] if args.camera is None else [camera_source(args.camera)]
-    sources = peek(itertools.chain(camera, iter_image_paths(args.paths, keep=is_media_name)))
+    files = [("PATH", p) for p in job.paths if not is_live(p)]
+    check_outputs([("--output", job.output)], [*model_inputs("--engine", job.engine), *files], reads=is_media_name)
+    camera = [] if v.camera is None else [camera_source(v.camera)]
+    sources = peek(itertools.chain(camera, iter_image_paths(job.paths, keep=is_media_name)))
     if sources is None:
-        raise InputError(f"no images or videos found in {' '.join(args.paths)}")
+        raise InputError(f"no images or videos found in {' '.join(job.paths)}")
     return sources
 
 
-def run_video(args: argparse.Namespace, prog: str = "probres-infer") -> int:
+def run_video(job: "InferJob", prog: str = "probres-infer") -> int:
     """probres-infer's main for a run with video in it: same output, exit codes and Ctrl-C behaviour."""
     from runtime.infer import decision_thresholds, default_threads   # here: runtime.infer imports this module
     try:
-        sources = check_args(args)
+        sources = check_args(job)
     except (InputError, OutputError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     try:
-        backend = open_backend(args.engine, device=args.device, threads=args.threads, **backend_options(args))
+        head = header(job.engine, job.threshold, job.top_k)     # as an image run's: the model and the rule
+    except OSError:
+        head = None                               # the model cannot be read: loading it says why
+    try:
+        backend = open_backend(job.engine, device=job.device, threads=job.threads, **job.backend_options)
     except BackendError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted while loading {args.engine}", file=sys.stderr)
+        print(f"{prog}: interrupted while loading {job.engine}", file=sys.stderr)
         return 130
-    top_k = backend.contract.labels.num_classes if args.top_k == "all" else args.top_k
-    threads = args.threads or default_threads()
-    select = dict(every=args.every or 1, fps=args.fps, start=args.start or 0.0, end=args.end)
-    reconnect = 3 if args.reconnect is None else args.reconnect
-    fc = FrameClassifier(backend, args.batch_size, threads)
+    top_k = backend.contract.labels.num_classes if job.top_k == "all" else job.top_k
+    threads = job.threads or default_threads()
+    select = dict(every=job.video.every or 1, fps=job.video.fps, start=job.video.start or 0.0, end=job.video.end)
+    reconnect = 3 if job.video.reconnect is None else job.video.reconnect
+    fc = FrameClassifier(backend, job.batch_size, threads)
     n = {"ok": 0, "bad": 0, "frames": 0}
     out: ResultFile | None = None
     t0 = time.perf_counter()
 
     def one(src: str | int, writer: Writer) -> None:
-        name = f"camera:{src}" if isinstance(src, int) else src
+        name = source_name(src)
         live, stats, last, done = _kind(src) == "live", LiveStats(), (time.perf_counter(), 0, 0), 0
         try:
-            with closing(stream_batches(fc, src, Selector(**select), reconnect, args.smooth, stats, name)) as it:
+            with closing(stream_batches(fc, src, Selector(**select), reconnect, job.video.smooth, stats, name)) as it:
                 for frames, probs in it:
                     for f, p in zip(frames, probs):
-                        writer.result(name, p, {"frame": f.index, "time_s": round(f.time_s, 6)})
+                        writer.result(name, p, frame_fields(f))
                     out.end_batch(len(frames))
                     done += len(frames)
-                    if live and args.verbose and time.perf_counter() - last[0] >= 1.0:
+                    if live and job.video.verbose and time.perf_counter() - last[0] >= 1.0:
                         dt = time.perf_counter() - last[0]
                         print(f"{prog}: {name}: {(done - last[1]) / dt:.1f} frames/s classified, "
                               f"{(stats.skipped - last[2]) / dt:.1f}/s skipped", file=sys.stderr)
@@ -173,7 +207,7 @@ def run_video(args: argparse.Namespace, prog: str = "probres-infer") -> int:
         except (BackendError, KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:                     # VideoError, or OpenCV failing on a frame: this source's record
-            msg = str(e) if isinstance(e, VideoError) else f"{name}: {describe_error(e)}"
+            msg = source_error(name, e)
             writer.error(name, msg)
             out.end_batch(1)
             print(f"{prog}: {msg}", file=sys.stderr)
@@ -185,17 +219,19 @@ def run_video(args: argparse.Namespace, prog: str = "probres-infer") -> int:
             print(f"{prog}: {name}: {stats.end_reason}; {done} frames classified, {stats.skipped} skipped "
                   f"(of {stats.read} read), {stats.reconnects} reconnects", file=sys.stderr)
             if not done:
-                writer.error(name, f"{name}: no frame classified ({stats.end_reason})")
+                writer.error(name, no_frame_error(name, stats))
                 out.end_batch(1)
                 n["bad"] += 1
                 return
         n["ok"] += 1
 
     try:
-        with ResultFile(args.output) as out:
-            thresholds, decided_by = decision_thresholds(backend.contract, args.threshold, top_k)
-            writer = Writer(out, args.format, backend.contract.labels, thresholds, top_k, decided_by, extra=FIELDS)
-            out.end_batch()                       # the csv header
+        with ResultFile(job.output) as out:
+            thresholds, decided_by = decision_thresholds(backend.contract, job.threshold, top_k)
+            if head is not None:
+                out.write(header_line(head, job.format))     # which model and rule made every record below
+            writer = Writer(out, job.format, backend.contract.labels, thresholds, top_k, decided_by, extra=FIELDS)
+            out.end_batch()                       # the provenance and csv headers
             for kind, group in itertools.groupby(sources, key=_kind):
                 if kind != "image":
                     for src in group:
@@ -217,14 +253,14 @@ def run_video(args: argparse.Namespace, prog: str = "probres-infer") -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = f"; {out.kept} records kept in {args.output}" if out is not None and args.output else ""
+        kept = f"; {out.kept} records kept in {job.output}" if out is not None and job.output else ""
         print(f"{prog}: interrupted after {n['ok'] + n['bad']} inputs ({n['frames']} frames){kept}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:
-        print(f"{prog}: error: cannot write {args.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: error: cannot write {job.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
         return 2
     finally:
         fc.close()

@@ -212,6 +212,26 @@ class FrameClassifier:
             yield [frame], self.backend.infer(buf[:1])
 
 
+def source_name(source: str | int) -> str:
+    """A source's name in records: the path or URL as given, "camera:N" for a camera index."""
+    return f"camera:{source}" if isinstance(source, int) else source
+
+
+def frame_fields(frame: Frame) -> dict:
+    """A frame's record fields after "image": its index in the source and its time (to the microsecond)."""
+    return {"frame": frame.index, "time_s": round(frame.time_s, 6)}
+
+
+def source_error(name: str, e: Exception) -> str:
+    """The one-line error record of a source that failed: a VideoError's own words, else the exception's."""
+    return str(e) if isinstance(e, VideoError) else f"{name}: {describe_error(e)}"
+
+
+def no_frame_error(name: str, stats: LiveStats) -> str:
+    """The error record of a live source that ended before a frame was classified."""
+    return f"{name}: no frame classified ({stats.end_reason})"
+
+
 def stream_batches(fc: FrameClassifier, source: str | int, select: Selector | None = None, reconnect: int = 0,
                    smooth: float | None = None, stats: LiveStats | None = None,
                    name: str | None = None) -> Iterator[tuple[list[Frame], np.ndarray]]:

@@ -4,9 +4,11 @@
 print([f.index for f in iter_file_frames('clip.mp4', Selector(every=10))])"
 
 Files (whatever OpenCV's FFmpeg backend reads) give every selected frame, in order (`Selector`:
---every N, or --fps F by timestamp, within [--start, --end) seconds). Frames are decoded in
-order (grab() skips the pixels of unselected ones), so `frame` is the frame's index in the
-file and `time_s` its presentation time (CAP_PROP_POS_MSEC).
+--every N, or --fps F by timestamp, within [--start, --end) seconds). --start seeks to just
+before it (checked against the stream's clock; an inexact seek falls back to decoding from the
+first frame); from there frames are decoded in order (grab() skips the pixels of unselected
+ones), so `frame` is the frame's index in the file and `time_s` its presentation time
+(CAP_PROP_POS_MSEC).
 Live sources (a camera index, /dev/videoN, rtsp/rtmp/http(s)/udp URLs, a GStreamer pipeline)
 are read by their own thread (`LiveSource`), which keeps only the newest frame: the consumer
 never works through a stale backlog, and each frame replaced before it was taken counts as
@@ -127,7 +129,8 @@ class Selector:
 def iter_file_frames(path: str, select: Selector | None = None,
                      opener: Callable[[str], cv2.VideoCapture] = open_capture) -> Iterator[Frame]:
     """The selected frames of a video file, in order; VideoError (after the frames that did decode) when
-    it cannot be opened, has no frame, or ends more than one frame before its container's frame count."""
+    it cannot be opened, has no frame, or ends more than one frame before its container's frame count.
+    With select.start, the file is first seeked to just before it (`_seek`)."""
     select = select or Selector()
     if not os.path.isfile(path):
         raise VideoError(f"{path}: {'is a directory' if os.path.isdir(path) else 'no such file'}")
@@ -137,7 +140,10 @@ def iter_file_frames(path: str, select: Selector | None = None,
             raise VideoError(f"{path}: cannot open as a video (corrupt, truncated, or a format OpenCV's "
                              f"FFmpeg backend does not read)")
         fps, count = cap.get(cv2.CAP_PROP_FPS), cap.get(cv2.CAP_PROP_FRAME_COUNT)
-        index = 0
+        index = _seek(cap, select.start, fps, count)
+        if index is None:                         # the seek missed: decode from the first frame instead
+            cap.release()
+            cap, index = opener(path), 0
         while cap.grab():
             ms = cap.get(cv2.CAP_PROP_POS_MSEC)
             t = ms / 1000.0 if ms > 0 or index == 0 or not fps > 0 else index / fps
@@ -155,6 +161,25 @@ def iter_file_frames(path: str, select: Selector | None = None,
             raise VideoError(f"{path}: truncated or corrupt: decoding stopped at frame {index} of {count:.0f}")
     finally:
         cap.release()
+
+
+def _seek(cap: cv2.VideoCapture, start: float, fps: float, count: float) -> int | None:
+    """Seek `cap` to two frames before `start` seconds and grab that frame (the Selector drops what is
+    before `start`); return the index of the frame the next grab() gives: 0 when no seek is needed,
+    None when the seek missed.
+
+    The seek is checked against the stream's own clock: the frame it lands on must carry the time its
+    index says (within half a frame), else the seek was inexact for this codec or file and the caller
+    decodes from the first frame (the same frames, only slower). MJPG .avi and mp4v .mp4 seek exactly
+    with OpenCV's FFmpeg backend (tests/test_video_seek.py)."""
+    target = int(start * fps) - 2 if fps > 0 else 0
+    if target <= 0 or not target < count - 1:
+        return 0
+    if not cap.set(cv2.CAP_PROP_POS_FRAMES, target) or int(cap.get(cv2.CAP_PROP_POS_FRAMES)) != target:
+        return None
+    if not cap.grab() or abs(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0 - target / fps) > 0.5 / fps:
+        return None
+    return target + 1
 
 
 class LiveSource:

@@ -20,9 +20,9 @@ from test_pipeline_memory import tiny_onnx, write_images
 
 N = 3
 # probres-infer's input stream (check_args: the walk, the shard, everything but the model) for every shard.
-STREAMS = ("import contextlib, json, sys; from runtime.infer import build_parser, check_args; "
-           "print(json.dumps([list(check_args(build_parser().parse_args(sys.argv[1:] + ['--shard', f'{i}/%d']), "
-           "contextlib.ExitStack())[0]) for i in range(%d)]))" % (N, N))
+STREAMS = ("import contextlib, json, sys; from runtime.infer import InferJob, build_parser, check_args; "
+           "print(json.dumps([list(check_args(InferJob.from_args(build_parser().parse_args(sys.argv[1:] + "
+           "['--shard', f'{i}/%d'])), contextlib.ExitStack())[0]) for i in range(%d)]))" % (N, N))
 
 
 def run(args: list[str], seed: int) -> str:

@@ -29,6 +29,7 @@ from runtime.backends.base import Backend
 from runtime.contract import LabelSet, ModelContract, PreprocessSpec
 from runtime.infer import main
 from runtime.preprocess import preprocess_array_into
+from runtime.provenance import records
 from runtime.video_frames import FrameClassifier, Smoother
 from runtime.video_sources import LiveSource, Selector, iter_file_frames
 from test_infer import S, tiny_onnx
@@ -81,9 +82,10 @@ def model(tmp_path_factory) -> Path:
 
 
 def run_cli(args, capsys) -> tuple[int, list[dict], str]:
+    """probres-infer's exit status, its JSONL records (past the provenance header) and its stderr."""
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
-    return rc, [json.loads(line) for line in out.splitlines() if line.strip()], err
+    return rc, list(records(out.splitlines())), err
 
 
 def probs_of(record: dict) -> np.ndarray:
@@ -137,10 +139,27 @@ def test_csv_and_table_carry_frame_and_time(model, tmp_path, capsys):
     rc = main(["--engine", str(model), str(clip), "--every", "5", "--format", "csv", "--top-k", "1"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
-    assert out[0].startswith("image,frame,time_s,rank,label")
-    assert [line.split(",")[1:3] for line in out[1:]] == [["0", "0.0"], ["5", "0.5"], ["10", "1.0"]]
+    assert out[1].startswith("image,frame,time_s,rank,label")            # after the provenance header
+    assert [line.split(",")[1:3] for line in out[2:]] == [["0", "0.0"], ["5", "0.5"], ["10", "1.0"]]
     rc = main(["--engine", str(model), str(clip), "--every", "5", "--format", "table", "--top-k", "1"])
     assert f"{clip} frame=5 time_s=0.5" in capsys.readouterr().out
+
+
+def test_video_outputs_start_with_the_provenance_header(model, tmp_path, capsys):
+    """As an image run: the first line names the model (file name, sha256 computed here) and the rule."""
+    import hashlib
+    from runtime.provenance import KEY, parse_header
+    clip = write_clip(tmp_path / "clip.avi", 6, "MJPG")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    out = tmp_path / "frames.jsonl"
+    assert main(["--engine", str(model), str(clip), "--every", "2", "--threshold", "0.3", "-o", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert parse_header(lines[0]) == {KEY: {"model": model.name, "sha256": sha, "threshold": 0.3, "top_k": None}}
+    assert [r["frame"] for r in records(lines)] == [0, 2, 4] and len(lines) == 4
+    assert main(["--engine", str(model), str(clip), "--every", "3", "--format", "csv", "--top-k", "2"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert parse_header(text[0]) == {KEY: {"model": model.name, "sha256": sha, "threshold": None, "top_k": 2}}
+    assert text[1].startswith("image,frame,time_s,")
 
 
 def test_corrupt_video_among_images_gets_one_error_record(model, tmp_path, capsys):
@@ -357,7 +376,7 @@ def test_ctrl_c_keeps_finished_records(model, camera, tmp_path):
             p.kill()
             p.wait(timeout=10)
     assert p.returncode == 130, rest
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    recs = list(records(out.read_text().splitlines()))
     assert len(recs) >= 5 and all(r["image"] == cam.url and "frame" in r for r in recs)
     assert f"{len(recs)} records kept in {out}" in rest
 

@@ -94,10 +94,10 @@ def add_backend_args(ap: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime: execution provider (default: the best this build has for --device)")
 
 
-def backend_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The backend= and **options for open_backend from parsed add_backend_args flags (unset ones left out)."""
-    opts = {k: getattr(args, k, None) for k in OPTION_FLAGS}
-    return {"backend": getattr(args, "backend", None), **{k: v for k, v in opts.items() if v is not None}}
+def backend_options(backend: str | None = None, **flags: Any) -> dict[str, Any]:
+    """open_backend's backend= and **options from add_backend_args' flags given as keywords (a command's
+    main passes **vars(parsed)): unset options and keys that are not backend options are left out."""
+    return {"backend": backend, **{k: flags[k] for k in OPTION_FLAGS if flags.get(k) is not None}}
 
 
 def auto_onnx_backend(path: Path, device: str) -> str:
