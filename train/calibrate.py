@@ -58,6 +58,7 @@ from train import label_dependency as LD
 from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from train.calibration_guard import MAX_AP_CHANGE, MIN_FIT_LABELS, MIN_SLOPE, guard, too_small
 from train.coco import CocoDataset, load_splits
+from train.config import TrainConfig
 from train.holdout import HOLDOUT_FILE, HoldoutError, read_holdout, select_ids
 
 MIN_POSITIVES = 20          # held-out positives a class needs for its own Platt fit and threshold
@@ -252,8 +253,8 @@ def calibrate(checkpoint: str | Path, coco_root: str | Path | None = None, out: 
                                f"({_raw_name(checkpoint).name})")
     holdout = Path(holdout) if holdout else checkpoint.parent / HOLDOUT_FILE
     ids = read_holdout(holdout)
-    data = dict(ckpt.config) | ({"coco_root": str(coco_root)} if coco_root is not None else {})
-    if not data.get("coco_root") and not data.get("train_csv"):
+    data = TrainConfig.from_dict(ckpt.config | ({"coco_root": str(coco_root)} if coco_root is not None else {}))
+    if not data.coco_root and not data.train_csv:
         raise CalibrationError(f"{checkpoint}: its config names no data set; give --coco-root")
     labels, spec = ckpt.contract.labels, ckpt.contract.preprocess
     train, val = load_splits(data, labels)
