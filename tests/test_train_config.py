@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import train.trainer as T
-from train.__main__ import NOT_RECIPE, main, parse_args, resolve_config
-from train.config import RECIPE, TrainConfig, UsageError
+from train.__main__ import build_parser, main, parse_args, resolve_config
+from train.config import RECIPE, RESOLVED, RUN_OPTIONS, TrainConfig, UsageError
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--lr", "1e-3",
         "--device", "cpu", "--no-progress", "--no-calibrate"]
@@ -46,10 +46,12 @@ def test_from_dict_reads_fields_drops_the_rest_and_fills_defaults() -> None:
         new.epochs = 2
 
 
-def test_recipe_and_run_options_partition_the_fields() -> None:
+def test_every_recipe_setting_is_a_flag_that_defaults_to_none() -> None:
+    """--resume refuses a recipe flag given with another value: it must see which were given (None: not)."""
+    defaults = {a.dest: a.default for a in build_parser()._actions}
+    assert {k: defaults.get(k, "no such flag") for k in RECIPE} == dict.fromkeys(RECIPE)
     names = [f.name for f in fields(TrainConfig)]
-    assert set(RECIPE) | set(NOT_RECIPE) | {"pretrained_file", "pretrained_note"} == set(names)
-    assert not set(RECIPE) & set(NOT_RECIPE)
+    assert sorted(RECIPE + RUN_OPTIONS + RESOLVED) == sorted(names)      # each field in exactly one
 
 
 def test_flags_become_the_config(toy_root: Path, tmp_path: Path) -> None:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
-from pathlib import Path
 
-from train.config import RECIPE, TrainConfig, UsageError
+from train.config import RECIPE, TrainConfig, UsageError, resolve_config
 
 # (train.model imports torch; ARCHS is spelled out so that --help stays fast)
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -104,73 +102,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[st
                       augment_on=args.augment_on, compile=args.compile, skip_bad_images=args.skip_bad_images,
                       calibrate=not args.no_calibrate, label_dependency=args.label_dependency)
     return cfg, frozenset(given), args.resume
-
-
-def check_data_source(cfg: TrainConfig) -> None:
-    """The run's data, checked: a COCO root, or a training CSV with --val-csv or --val-frac and --images."""
-    csv_flags = {"--train-csv": cfg.train_csv, "--val-csv": cfg.val_csv, "--val-frac": cfg.val_frac,
-                 "--images": cfg.images}
-    given = [f for f, v in csv_flags.items() if v is not None]
-    if cfg.coco_root is not None:
-        if given:
-            raise UsageError(f"--coco-root and {given[0]}: give either a COCO root or CSV labels, not both")
-        if not Path(cfg.coco_root).is_dir():
-            raise UsageError(f"--coco-root {cfg.coco_root}: no such directory")
-        return
-    if cfg.train_csv is None:
-        raise UsageError(f"{given[0]} needs --train-csv" if given else
-                         "give --coco-root DIR, or --train-csv FILE with --images DIR and --val-csv FILE or --val-frac F")
-    if cfg.images is None:
-        raise UsageError("--train-csv needs --images DIR (the directory its image names are relative to)")
-    if (cfg.val_csv is None) == (cfg.val_frac is None):
-        raise UsageError("--train-csv needs exactly one of --val-csv FILE and --val-frac F")
-    if cfg.val_frac is not None and not 0 < cfg.val_frac <= 0.5:
-        raise UsageError(f"--val-frac must be in (0, 0.5], got {cfg.val_frac}")
-    for flag, path in (("--train-csv", cfg.train_csv), ("--val-csv", cfg.val_csv)):
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
-    if not Path(cfg.images).is_dir():
-        raise UsageError(f"--images {cfg.images}: no such directory")
-
-
-# What a resumed run takes from the command line rather than from last.pt: the data (it may have
-# moved) and how this process runs.
-NOT_RECIPE = tuple(f.name for f in fields(TrainConfig) if f.name not in RECIPE + ("pretrained_file", "pretrained_note"))
-
-
-def resolve_config(cfg: TrainConfig, given: frozenset[str] = frozenset(),
-                   resume: bool = False) -> tuple[TrainConfig, Path | None]:
-    """The run to start (`cfg`, checked) or, with `resume`, to continue: last.pt's recipe, refusing any of
-    `given` (the recipe settings given as flags) that differs from it; and the last.pt to continue from."""
-    check_data_source(cfg)
-    if cfg.workers is not None and cfg.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {cfg.workers}")
-    if cfg.save_every < 0:
-        raise UsageError(f"--save-every must be >= 0, got {cfg.save_every}")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
-    run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir}: exists and is not a directory (--out names the run directory)")
-    last = run_dir / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise UsageError(f"--resume: {last} not found (no run to continue in --out {run_dir}; drop --resume to start one)")
-        from train.checkpoint import load_checkpoint
-        saved = TrainConfig.from_dict(load_checkpoint(last).config)
-        for k in sorted(given, key=RECIPE.index):
-            if getattr(saved, k) != getattr(cfg, k):
-                raise UsageError(f"--resume: --{k.replace('_', '-')} {getattr(cfg, k)} differs from the run's "
-                                 f"{getattr(saved, k)} (a resumed run keeps its recipe; start a new --out to change it)")
-        cfg = replace(saved, **{k: getattr(cfg, k) for k in NOT_RECIPE})
-    elif last.exists():
-        raise UsageError(f"--out {run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
-    cfg.check()
-    if not resume and cfg.pretrained is not None:   # imagenet: fetched (or found in the hub cache) before any work
-        from train.pretrained import resolve_pretrained
-        file, note = resolve_pretrained(cfg.pretrained, cfg.arch)
-        cfg = replace(cfg, pretrained_file=str(file), pretrained_note=note)
-    return cfg, (last if resume else None)
 
 
 def main(argv: list[str] | None = None) -> int:

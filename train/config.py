@@ -2,8 +2,10 @@
 
     python -c "from train.config import TrainConfig; print(TrainConfig(coco_root='data/coco'))"
 
-probres-train (train/__main__.py) builds one from its flags; train.trainer.fit runs it. A
-checkpoint stores it as a plain dict (dataclasses.asdict, plus the facts fit() resolved:
+probres-train (train/__main__.py) builds one from its flags, resolve_config checks it (or reads
+the run to continue from last.pt) and train.trainer.fit runs it; from Python the same:
+    fit(*resolve_config(TrainConfig(coco_root="data/coco", out="runs/r18", arch="resnet18")))
+A checkpoint stores it as a plain dict (dataclasses.asdict, plus the facts fit() resolved:
 world_size, steps_per_epoch, ...), so checkpoints stay readable without this module
 (runtime.checkpoint, export/); TrainConfig.from_dict reads such a dict back, old ones too.
 No torch here: `probres-train --help` stays fast.
@@ -12,7 +14,8 @@ No torch here: `probres-train --help` stays fast.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from runtime.errors import UsageError as _RuntimeUsageError
@@ -105,3 +108,71 @@ class TrainConfig:
         for key, ok, what in rules:
             if not ok:
                 raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {getattr(self, key)}")
+
+
+# The rest: the data (it may have moved) and how this process runs, which a resumed run takes from
+# the command line; and RESOLVED, which it keeps from last.pt (--pretrained is not fetched again).
+RESOLVED = ("pretrained_file", "pretrained_note")
+RUN_OPTIONS = tuple(f.name for f in fields(TrainConfig) if f.name not in RECIPE + RESOLVED)
+
+
+def check_data_source(cfg: TrainConfig) -> None:
+    """The run's data, checked: a COCO root, or a training CSV with --val-csv or --val-frac and --images."""
+    csv_flags = {"--train-csv": cfg.train_csv, "--val-csv": cfg.val_csv, "--val-frac": cfg.val_frac,
+                 "--images": cfg.images}
+    given = [f for f, v in csv_flags.items() if v is not None]
+    if cfg.coco_root is not None:
+        if given:
+            raise UsageError(f"--coco-root and {given[0]}: give either a COCO root or CSV labels, not both")
+        if not Path(cfg.coco_root).is_dir():
+            raise UsageError(f"--coco-root {cfg.coco_root}: no such directory")
+        return
+    if cfg.train_csv is None:
+        raise UsageError(f"{given[0]} needs --train-csv" if given else
+                         "give --coco-root DIR, or --train-csv FILE with --images DIR and --val-csv FILE or --val-frac F")
+    if cfg.images is None:
+        raise UsageError("--train-csv needs --images DIR (the directory its image names are relative to)")
+    if (cfg.val_csv is None) == (cfg.val_frac is None):
+        raise UsageError("--train-csv needs exactly one of --val-csv FILE and --val-frac F")
+    if cfg.val_frac is not None and not 0 < cfg.val_frac <= 0.5:
+        raise UsageError(f"--val-frac must be in (0, 0.5], got {cfg.val_frac}")
+    for flag, path in (("--train-csv", cfg.train_csv), ("--val-csv", cfg.val_csv)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    if not Path(cfg.images).is_dir():
+        raise UsageError(f"--images {cfg.images}: no such directory")
+
+
+def resolve_config(cfg: TrainConfig, given: frozenset[str] = frozenset(),
+                   resume: bool = False) -> tuple[TrainConfig, Path | None]:
+    """The run to start (`cfg`, checked) or, with `resume`, to continue: last.pt's recipe, refusing any of
+    `given` (the recipe settings given as flags) that differs from it; and the last.pt to continue from."""
+    check_data_source(cfg)
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.save_every < 0:
+        raise UsageError(f"--save-every must be >= 0, got {cfg.save_every}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: exists and is not a directory (--out names the run directory)")
+    last = run_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise UsageError(f"--resume: {last} not found (no run to continue in --out {run_dir}; drop --resume to start one)")
+        from train.checkpoint import load_checkpoint
+        saved = TrainConfig.from_dict(load_checkpoint(last).config)
+        for k in sorted(given, key=RECIPE.index):
+            if getattr(saved, k) != getattr(cfg, k):
+                raise UsageError(f"--resume: --{k.replace('_', '-')} {getattr(cfg, k)} differs from the run's "
+                                 f"{getattr(saved, k)} (a resumed run keeps its recipe; start a new --out to change it)")
+        cfg = replace(saved, **{k: getattr(cfg, k) for k in RUN_OPTIONS})
+    elif last.exists():
+        raise UsageError(f"--out {run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
+    cfg.check()
+    if not resume and cfg.pretrained is not None:   # imagenet: fetched (or found in the hub cache) before any work
+        from train.pretrained import resolve_pretrained
+        file, note = resolve_pretrained(cfg.pretrained, cfg.arch)
+        cfg = replace(cfg, pretrained_file=str(file), pretrained_note=note)
+    return cfg, (last if resume else None)
