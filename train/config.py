@@ -61,7 +61,7 @@ class TrainConfig:
     # How this process runs it (free to change on --resume).
     out: str = "runs/train"
     device: str = "auto"
-    workers: int | None = None           # None: train.trainer.default_workers
+    workers: int | None = None           # None: train.run_env.default_workers
     save_every: int = 0                  # optimizer steps between mid-epoch last.pt writes (0: epoch ends only)
     progress: bool = True
     augment_on: str = "auto"

@@ -8,20 +8,21 @@ calibrated model to ship and best_raw.pt keeps the uncalibrated one: train.calib
 metrics.json (one entry per epoch, rewritten atomically), train.log and tb/ (TensorBoard). Only rank 0 writes. Checkpoints go through
 train.checkpoint.save_checkpoint (temp file + rename): a kill -9 at any moment leaves the
 previous complete file.
+
+The steps: setup() (run directory, data, loaders, model, optimizer, schedule), resume() (last.pt's
+state), start_log(), then per epoch run_epoch() (train, evaluate) and record_epoch() (rank 0:
+best.pt, last.pt via save_last(), metrics.json, TensorBoard), and finish() (calibration).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -39,8 +40,7 @@ from train.engine import (EpochProgress, StepContext, build_optimizer, build_sch
                           make_loader, resolve_amp, summary, train_one_epoch)
 from train.losses import build_loss
 from train.model import build_model
-
-
+from train.run_env import Logger, default_workers, pick_device, resolve_augment_on, rng_state, seed_all, set_rng_state
 
 # The learning-rate reference: ASL / ML-Decoder train Adam at lr 1e-4 on a global batch of 128.
 REF_GLOBAL_BATCH = 128
@@ -48,24 +48,6 @@ REF_GLOBAL_BATCH = 128
 DEEP_ARCHS = ("resnet50", "resnet101", "resnet152")
 
 SELECTION_NOTE = "best.pt is selected on val2014 mAP (raw vs EMA weights), as the published recipes do: not a held-out figure"
-
-
-def pick_device(name: str, info: D.DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device available (use --device cpu)")
-        dev = torch.device("cuda", info.local_rank if info.enabled or name == "cuda" else int(name.split(":")[1]))
-        torch.cuda.set_device(dev)
-        torch.backends.cudnn.benchmark = True      # fixed input size: let cuDNN pick the fastest kernels
-        return dev
-    return torch.device("cpu")
-
-
-def default_workers(device: torch.device, info: D.DistInfo) -> int:
-    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
-    return max(1, min(12, cores - 1)) if device.type == "cuda" else 1
 
 
 def init_note(arch: str, image_size: int, pretrained: str | None, resumed: bool) -> tuple[str, str | None]:
@@ -90,48 +72,6 @@ def effective_lr(lr: float, global_batch: int, scale: str) -> tuple[float, str]:
     same = "the reference batch" if global_batch == REF_GLOBAL_BATCH else \
         f"not the reference {REF_GLOBAL_BATCH}: --lr-scale linear would scale it"
     return lr, f"lr {lr:g} at global batch {global_batch}, unscaled ({same}; {ref})"
-
-
-def resolve_augment_on(name: str, device: torch.device) -> str:
-    """--augment-on auto: on the GPU when training there, else in the DataLoader workers."""
-    if name == "auto":
-        return "device" if device.type == "cuda" else "worker"
-    return name
-
-
-def rng_state() -> dict:
-    keys = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys[1].astype(np.int64)), "pos": int(keys[2])},
-            "python": random.getstate()}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(("MT19937", s["numpy"]["keys"].numpy().astype(np.uint32), s["numpy"]["pos"], 0, 0.0))
-    random.setstate(s["python"])
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class Logger:
-    """print + RUN_DIR/train.log on rank 0; silent elsewhere."""
-
-    def __init__(self, run_dir: Path, on: bool) -> None:
-        self.path, self.on = run_dir / "train.log", on
-
-    def __call__(self, msg: str) -> None:
-        if self.on:
-            print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
 
 
 def fit(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
