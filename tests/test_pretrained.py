@@ -21,7 +21,7 @@ import torchvision
 
 import train.pretrained as P
 from loopback_http import LoopbackServer, closed_port_url
-from train.__main__ import build_parser, main, resolve_config
+from train.__main__ import main, parse_args, resolve_config
 from train.model import ARCHS, PretrainedWeightsError, build_model
 from train.trainer import init_note
 
@@ -122,8 +122,8 @@ def test_preseeded_cache_trains_offline_and_the_log_says_which_weights(weights, 
     assert first.startswith(f"probres-train: weights: ImageNet backbone from torchvision ResNet18_Weights.TEST "
                             f"(ImageNet-1k top-1 69.758%) from {hub / name}, sha256 {name[9:17]} checked")
     # --pretrained PATH keeps working: the same file given by path, named as given (no hash rule for local files)
-    cfg, _ = resolve_config(build_parser().parse_args(["--coco-root", str(toy_root), "--out", str(tmp_path / "run2"),
-                                                       "--pretrained", str(hub / name), *TINY]))
-    assert (cfg["pretrained_file"], cfg["pretrained_note"]) == (str(hub / name), str(hub / name))
-    assert init_note("resnet18", 32, cfg["pretrained_note"], False)[0] == \
+    cfg, _ = resolve_config(*parse_args(["--coco-root", str(toy_root), "--out", str(tmp_path / "run2"),
+                                         "--pretrained", str(hub / name), *TINY]))
+    assert (cfg.pretrained_file, cfg.pretrained_note) == (str(hub / name), str(hub / name))
+    assert init_note("resnet18", 32, cfg.pretrained_note, False)[0] == \
         f"weights: ImageNet backbone from {hub / name}, new resnet18 head"

@@ -19,19 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from train.config import RECIPE, TrainConfig, UsageError, resolve_config
 
 # (train.model imports torch; ARCHS is spelled out so that --help stays fast)
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-
-# The recipe: flags that define a run. On --resume they come from last.pt, and giving one
-# with a different value is an error (it would silently change the run being continued).
-RECIPE_DEFAULTS: dict[str, object] = {
-    "arch": "resnet101", "image_size": 448, "epochs": 40, "batch_size": 64, "lr": 1e-4,
-    "weight_decay": 1e-4, "optimizer": "adam", "loss": "bce", "amp": "auto", "ema_epochs": 5.2,
-    "seed": 0, "keep_empty": False, "pretrained": None, "augment": "asl", "lr_scale": "none",
-    "holdout_frac": 0.05,
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,93 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_values(cfg: dict) -> None:
-    from train.trainer import UsageError
-    rules = [("epochs", cfg["epochs"] >= 1, ">= 1"), ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
-             ("image_size", 32 <= cfg["image_size"] <= 4096, "in 32..4096"), ("lr", cfg["lr"] > 0, "> 0"),
-             ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"), ("ema_epochs", cfg["ema_epochs"] > 0, "> 0"),
-             ("holdout_frac", 0 <= cfg["holdout_frac"] <= 0.5, "in [0, 0.5]")]
-    for key, ok, what in rules:
-        if not ok:
-            raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {cfg[key]}")
-
-
-def _data_source(args: argparse.Namespace) -> dict:
-    """The run's data flags, checked: a COCO root, or a training CSV with --val-csv or --val-frac and --images."""
-    from train.trainer import UsageError
-    csv_flags = {"--train-csv": args.train_csv, "--val-csv": args.val_csv, "--val-frac": args.val_frac,
-                 "--images": args.images}
-    given = [f for f, v in csv_flags.items() if v is not None]
-    if args.coco_root is not None:
-        if given:
-            raise UsageError(f"--coco-root and {given[0]}: give either a COCO root or CSV labels, not both")
-        if not Path(args.coco_root).is_dir():
-            raise UsageError(f"--coco-root {args.coco_root}: no such directory")
-        return {"coco_root": args.coco_root}
-    if args.train_csv is None:
-        raise UsageError(f"{given[0]} needs --train-csv" if given else
-                         "give --coco-root DIR, or --train-csv FILE with --images DIR and --val-csv FILE or --val-frac F")
-    if args.images is None:
-        raise UsageError("--train-csv needs --images DIR (the directory its image names are relative to)")
-    if (args.val_csv is None) == (args.val_frac is None):
-        raise UsageError("--train-csv needs exactly one of --val-csv FILE and --val-frac F")
-    if args.val_frac is not None and not 0 < args.val_frac <= 0.5:
-        raise UsageError(f"--val-frac must be in (0, 0.5], got {args.val_frac}")
-    for flag, path in (("--train-csv", args.train_csv), ("--val-csv", args.val_csv)):
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
-    if not Path(args.images).is_dir():
-        raise UsageError(f"--images {args.images}: no such directory")
-    return {"coco_root": None, "train_csv": args.train_csv, "val_csv": args.val_csv, "val_frac": args.val_frac,
-            "images": args.images}
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
-    """The run's config dict and, with --resume, the last.pt to continue from."""
-    from train.trainer import UsageError
-    data = _data_source(args)
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.save_every < 0:
-        raise UsageError(f"--save-every must be >= 0, got {args.save_every}")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
-    run_dir = Path(args.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir}: exists and is not a directory (--out names the run directory)")
-    last = run_dir / "last.pt"
-    given = {k: getattr(args, k) for k in RECIPE_DEFAULTS if getattr(args, k) is not None}
-    if args.resume:
-        if not last.is_file():
-            raise UsageError(f"--resume: {last} not found (no run to continue in --out {run_dir}; drop --resume to start one)")
-        from train.checkpoint import load_checkpoint
-        saved = load_checkpoint(last).config
-        for k, v in given.items():
-            if saved.get(k) != v:
-                raise UsageError(f"--resume: --{k.replace('_', '-')} {v} differs from the run's {saved.get(k)} "
-                                 f"(a resumed run keeps its recipe; start a new --out to change it)")
-        cfg = {**RECIPE_DEFAULTS, "holdout_frac": 0.0, **saved}   # (runs from before the held-out split had none)
-    else:
-        if last.exists():
-            raise UsageError(f"--out {run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
-        cfg = {**RECIPE_DEFAULTS, **given}
-    if cfg["augment"] == "full":     # the crop recipe's name before --augment asl
-        cfg["augment"] = "crop"
-    cfg.pop("ema_decay", None)   # (a run from before --ema-epochs: its per-step decay is not carried over)
-    cfg.update(**data, out=str(run_dir), device=args.device, workers=args.workers,
-               save_every=args.save_every, progress=not args.no_progress, augment_on=args.augment_on,
-               compile=args.compile, skip_bad_images=args.skip_bad_images, calibrate=not args.no_calibrate,
-               label_dependency=args.label_dependency)
-    _check_values(cfg)
-    if not args.resume and cfg["pretrained"] is not None:   # imagenet: fetched (or found in the hub cache) before any work
-        from train.pretrained import resolve_pretrained
-        file, note = resolve_pretrained(cfg["pretrained"], cfg["arch"])
-        cfg.update(pretrained_file=str(file), pretrained_note=note)
-    return cfg, (last if args.resume else None)
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str], bool]:
+    """The flags as (the TrainConfig they ask for, the recipe settings given as flags, --resume)."""
+    args = build_parser().parse_args(argv)     # bad flags: one line, exit 2 (_Parser.error)
+    given = {k: getattr(args, k) for k in RECIPE if getattr(args, k) is not None}
+    cfg = TrainConfig(**given, coco_root=args.coco_root, train_csv=args.train_csv, val_csv=args.val_csv,
+                      val_frac=args.val_frac, images=args.images, out=args.out, device=args.device,
+                      workers=args.workers, save_every=args.save_every, progress=not args.no_progress,
+                      augment_on=args.augment_on, compile=args.compile, skip_bad_images=args.skip_bad_images,
+                      calibrate=not args.no_calibrate, label_dependency=args.label_dependency)
+    return cfg, frozenset(given), args.resume
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)     # bad flags: one line, exit 2 (_Parser.error)
+    cfg, given, resume = parse_args(argv)
     # Imported here, not at the top, so that --help answers without loading torch. (And not from
     # this file: under `python -m train` it runs as __main__, a second copy of its classes.)
     from runtime.coco import CocoDataError
@@ -194,11 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     from train.coco import BadImageError
     from train.holdout import HoldoutError
     from train.model import PretrainedWeightsError
-    from train.trainer import UsageError, fit
+    from train.trainer import fit
 
     try:
-        cfg, resume_from = resolve_config(args)
-        fit(cfg, resume_from)
+        fit(*resolve_config(cfg, given, resume))
     except (UsageError, CocoDataError, CheckpointError, PretrainedWeightsError, BadImageError, HoldoutError) as e:
         print(f"probres-train: error: {e}", file=sys.stderr)
         return 2

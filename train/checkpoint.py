@@ -8,7 +8,8 @@ weights_only admits):
   arch          torchvision ResNet name
   state_dict    model weights (the selected weights: raw or EMA, see "weights")
   contract      ModelContract JSON (labels + preprocessing)
-  config        the resolved training config (dict)
+  config        the run's train.config.TrainConfig as a plain dict (asdict) plus what fit() resolved
+                (world_size, steps_per_epoch, ...); TrainConfig.from_dict reads it back, old ones too
   epoch         last finished epoch (1-based)
   val_metrics   val metrics of these weights (dict, may be empty)
   weights       "raw" or "ema"

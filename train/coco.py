@@ -18,7 +18,7 @@ A file that does not decode does not raise in the worker (that would surface as 
 traceback): the item's index comes back as -1 - i and the trainer either stops with one
 line naming the file (BadImageError) or, with --skip-bad-images, drops it and counts it.
 
-load_splits(cfg) gives the (train, val) splits of a run's data source: a COCO-2014 root
+load_splits(cfg: TrainConfig) gives the (train, val) splits of a run's data source: a COCO-2014 root
 (--coco-root) or label CSVs (--train-csv with --val-csv or --val-frac, --images;
 runtime/csv_labels.py, docs/datasets-csv.md).
 """
@@ -35,6 +35,7 @@ from runtime.contract import LabelSet
 from runtime.contract import PreprocessSpec
 from runtime.preprocess import ImageDecodeError, decode, preprocess_one
 from train.augment import BatchAugment, worker_geometry
+from train.config import TrainConfig
 
 AUGMENT_ON = ("worker", "device")
 
@@ -42,29 +43,24 @@ AUGMENT_ON = ("worker", "device")
 VAL_FRAC_STREAM = 50000      # --val-frac's split: its own random stream, the same for every --seed
 
 
-def data_name(cfg: dict) -> str:
-    """The run's data source in words, for messages: the COCO root or the training CSV."""
-    return str(cfg["coco_root"]) if cfg.get("coco_root") else str(cfg["train_csv"])
-
-
-def load_splits(cfg: dict, labels: LabelSet | None = None) -> tuple[CocoSplit, CocoSplit]:
+def load_splits(cfg: TrainConfig, labels: LabelSet | None = None) -> tuple[CocoSplit, CocoSplit]:
     """(train, val) of the run's data: ROOT's train2014/val2014, or the CSVs (train/holdout.py then
     takes the held-out part out of train). With --val-frac, val is a stratified part of the
     training CSV drawn independently of --seed, so runs with other seeds are measured on the
     same images. labels: index targets by this label set (default: the training data's own).
     """
-    keep = bool(cfg.get("keep_empty", False))
-    if cfg.get("coco_root"):
-        train = load_coco_split(cfg["coco_root"], "train2014", keep_empty=keep, labels=labels,
-                                missing="drop" if cfg.get("skip_bad_images") else "error")
-        return train, load_coco_split(cfg["coco_root"], "val2014", keep_empty=keep, labels=train.labels)
+    keep = cfg.keep_empty
+    if cfg.coco_root:
+        train = load_coco_split(cfg.coco_root, "train2014", keep_empty=keep, labels=labels,
+                                missing="drop" if cfg.skip_bad_images else "error")
+        return train, load_coco_split(cfg.coco_root, "val2014", keep_empty=keep, labels=train.labels)
     from runtime.csv_labels import load_csv_split
     from train.holdout import holdout_rows, subset
 
-    train = load_csv_split(cfg["train_csv"], cfg["images"], keep, labels)
-    if cfg.get("val_csv"):
-        return train, load_csv_split(cfg["val_csv"], cfg["images"], keep, train.labels)
-    val_rows = holdout_rows(train.targets, float(cfg["val_frac"]), 0, stream=VAL_FRAC_STREAM)
+    train = load_csv_split(cfg.train_csv, cfg.images, keep, labels)
+    if cfg.val_csv:
+        return train, load_csv_split(cfg.val_csv, cfg.images, keep, train.labels)
+    val_rows = holdout_rows(train.targets, float(cfg.val_frac), 0, stream=VAL_FRAC_STREAM)
     rest = np.setdiff1d(np.arange(len(train)), val_rows)
     return subset(train, rest, train.split), subset(train, val_rows, f"{train.split} val part (--val-frac)")
 
