@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.contract import PreprocessSpec
+from runtime.contract import INPUT_NAME, OUTPUT_NAME, PreprocessSpec
 from runtime.pipeline import IMAGE_EXTENSIONS, is_image_name, iter_image_paths
 from runtime.preprocess import preprocess
 
@@ -147,8 +147,8 @@ def ort_session(model: str | Path | bytes, threads: int = 0) -> Any:
 
 
 def compare(session: Any, x: np.ndarray, reference: np.ndarray, name: str, tolerance: float,
-            batches: Sequence[int] = VERIFY_BATCHES, input_name: str = "images",
-            output_name: str = "probs") -> VerifyResult:
+            batches: Sequence[int] = VERIFY_BATCHES, input_name: str = INPUT_NAME,
+            output_name: str = OUTPUT_NAME) -> VerifyResult:
     """Run `session` on x[:b] for each batch size b and compare with reference[:b].
 
     reference: PyTorch probabilities of x, (N, C); eval-mode PyTorch is batch-independent, so its

@@ -98,3 +98,40 @@ def test_a_training_checkpoint_builds_what_the_pytorch_backend_runs(tmp_path: Pa
         assert list(built.state_dict()) == list(served.state_dict())
         with torch.inference_mode():
             assert torch.equal(built(x), served(x)) and torch.allclose(built(x), net.eval()(x))
+
+
+def test_one_reader_of_graph_facts_for_export_tensorrt_and_triton(tmp_path: Path) -> None:
+    """export.graph reads a graph once; the TensorRT builder's onnx_facts and the Triton writer's engine_facts
+    report the same names and dtype from it, and both refuse what the runtime could not feed."""
+    onnx = pytest.importorskip("onnx")
+    from test_export_tensorrt import CONTRACT, tiny_onnx
+
+    from export.graph import GraphError, check_image_graph, read_graph
+    from export.triton import engine_facts
+    from export.trt_build import UsageError, onnx_facts
+    from runtime.contract import INPUT_NAME, OUTPUT_NAME
+
+    for kw, precision, dtype in (({}, "fp32", "float32"), ({"qdq": True}, "int8", "float32"),
+                                 ({"fp16": True, "half_io": True}, "fp16", "float16")):
+        path = tiny_onnx(tmp_path / f"{precision}.onnx", **kw)
+        g, t, e = read_graph(path), onnx_facts(path), engine_facts(path)
+        assert (g.input_name, g.output_name) == (INPUT_NAME, OUTPUT_NAME) == (e.input_name, e.output_name)
+        assert g == t and (g.input_dtype, g.precision) == (dtype, precision) == (e.input_dtype, t.precision)
+        assert (g.input_dims, g.output_dims, g.image_size, g.batch_dim) == (("batch", 3, 16, 16), ("batch", 2), 16, "batch")
+        assert g.metadata["probres.contract"] == CONTRACT.to_json() and e.contract == CONTRACT
+        check_image_graph(g, "m", 16, 2, exact_names=True)
+
+    model = onnx.load(str(tiny_onnx(tmp_path / "c3.onnx")))      # output [N, 3]: the contract says 2 labels
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 3
+    onnx.save(model, str(tmp_path / "c3.onnx"))
+    with pytest.raises(UsageError, match=r"--engine .*c3.onnx: probs has shape \['batch', 3\], expected \[N, 2\]"):
+        engine_facts(tmp_path / "c3.onnx")
+
+    model = onnx.load(str(tiny_onnx(tmp_path / "u8.onnx")))       # a uint8 input: not what the pipeline writes
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    onnx.save(model, str(tmp_path / "u8.onnx"))
+    for read, flag in ((onnx_facts, "--onnx"), (engine_facts, "--engine")):
+        with pytest.raises(UsageError, match=f"{flag} .*u8.onnx: images is uint8, expected float32 or float16"):
+            read(tmp_path / "u8.onnx")
+    with pytest.raises(GraphError, match="fixed batch"):
+        check_image_graph(read_graph(tiny_onnx(tmp_path / "b1.onnx", batch=1)), "m")
