@@ -135,3 +135,99 @@ def test_one_reader_of_graph_facts_for_export_tensorrt_and_triton(tmp_path: Path
             read(tmp_path / "u8.onnx")
     with pytest.raises(GraphError, match="fixed batch"):
         check_image_graph(read_graph(tiny_onnx(tmp_path / "b1.onnx", batch=1)), "m")
+
+
+# ---------------------------------------------------------------------------------------------- item 4
+
+IMAGE_MODULES = ("errors", "contract", "headers", "decode", "preprocess", "pipeline")   # lower to higher
+
+
+def test_image_modules_import_one_way_even_inside_functions() -> None:
+    """headers <- decode <- preprocess <- pipeline: no module imports one above it, at any depth of the file
+    (preprocess.preprocess() used to import pipeline.fill_rows inside the function, headers imported preprocess)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "runtime"
+    for level, mod in enumerate(IMAGE_MODULES):
+        tree = ast.parse((root / f"{mod}.py").read_text())
+        used = {n.module.split(".")[1] for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("runtime.")}
+        above = used & set(IMAGE_MODULES[level + 1:])
+        assert not above, f"runtime/{mod}.py imports {sorted(above)}, which import it"
+    assert "runtime" not in {n.module.split(".")[0] for n in ast.walk(ast.parse((root / "headers.py").read_text()))
+                             if isinstance(n, ast.ImportFrom) and n.module}, "headers.py is a leaf"
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)             # a PNG header claiming 30000 x 30000
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    files = {"bomb.png": bomb + b"\0" * 64, "junk.jpg": b"not an image at all", "empty.png": b""}
+    out = {}
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+        out[name] = tmp / name
+    (tmp / "dir.jpg").mkdir()
+    out["dir.jpg"], out["missing.jpg"] = tmp / "dir.jpg", tmp / "missing.jpg"
+    return out
+
+
+def test_every_entry_point_decodes_one_way(tmp_path: Path) -> None:
+    """preprocess_one, preprocess, preprocess_into, the batch engine, iter_batches (probres-infer), probres-serve's
+    decode_item and training's decode give the same tensor for a good image and the same one-line error for each bad
+    one (file checks, the header's pixel limit, decode), paths and bytes alike."""
+    from runtime.decode import ImageDecodeError, decode
+    from runtime.pipeline import iter_batches
+    from runtime.preprocess import load_source, preprocess_array_into, preprocess_into, preprocess_one
+    from runtime.serve_model import decode_item
+
+    spec = PreprocessSpec(size=24)
+    good = _write(tmp_path / "good.jpg", 0)
+
+    def row(fn) -> np.ndarray:
+        out = np.empty((3, 24, 24), np.float32)
+        fn(out)
+        return out
+
+    def error(fn) -> str:
+        with pytest.raises(ImageDecodeError) as e:
+            fn()
+        return str(e.value)
+
+    def entries(src):
+        """(name, a function giving the tensor, or raising)."""
+        def batches(s):
+            (b,) = list(iter_batches([s], spec, batch_size=2, threads=1))
+            if b.errors[0]:
+                raise ImageDecodeError(b.errors[0])
+            return b.data[0]
+
+        def serve(s):
+            out = np.empty((3, 24, 24), np.float32)
+            err = decode_item(str(good) if s is good else f"<{len(s)} bytes>", s, out, spec, 1 << 20)
+            if err:
+                raise ImageDecodeError(err)
+            return out
+        yield "preprocess_one", lambda: preprocess_one(src, spec)
+        yield "preprocess", lambda: preprocess([src], spec=spec)[0]
+        yield "preprocess_into", lambda: row(lambda o: preprocess_into(src, o, spec))
+        yield "load_source", lambda: row(lambda o: load_source(src, o, spec))
+        yield "decode (training, RGB)", lambda: row(lambda o: preprocess_array_into(decode(src)[:, :, ::-1], o, spec))
+        if isinstance(src, bytes):
+            yield "decode_item (serve)", lambda: serve(src)
+        else:
+            yield "iter_batches (infer)", lambda: batches(str(src))
+
+    want = preprocess_one(good, spec)
+    for src in (good, good.read_bytes()):
+        for name, fn in entries(src):
+            assert np.array_equal(fn(), want), name
+    for path in _bad_inputs(tmp_path).values():
+        sources = [path] + ([path.read_bytes()] if path.is_file() else [])
+        for src in sources:
+            errors = {name: error(fn) for name, fn in entries(src)}
+            assert len(set(errors.values())) == 1, errors
+            (msg,) = set(errors.values())
+            assert "\n" not in msg and msg.startswith(str(path) if isinstance(src, Path) else f"<{len(src)} bytes>:")
