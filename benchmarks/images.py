@@ -21,6 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from runtime.pipeline import is_image_name
+
 # (width, height) of the outputs, cycling: COCO's commonest landscape and portrait shapes.
 SHAPES = ((640, 480), (640, 427), (480, 640), (640, 426), (427, 640), (612, 612))
 
@@ -83,9 +85,8 @@ def build_image_set(out_dir: str | os.PathLike, count: int = 32, quality: int = 
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The .jpg/.jpeg/.png files directly in `folder`, sorted."""
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in exts and p.is_file())
+    """The image files (runtime.pipeline's extensions) directly in `folder`, sorted."""
+    return sorted(p for p in Path(folder).iterdir() if is_image_name(p.name) and p.is_file())
 
 
 def main(argv: list[str] | None = None) -> int:

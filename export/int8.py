@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from runtime.contract import INPUT_NAME, OUTPUT_NAME
 from runtime.onnx_meta import KEY_INT8_CALIBRATION, KEY_PRECISION, KEY_SOURCE_ONNX, OnnxMetaError, parse_meta
 
 HEAD_OP_TYPES = ("Gemm", "MatMul")     # the classifier head, kept FP32 by default
@@ -301,8 +302,8 @@ def fp32_vs_int8(fp32: onnx.ModelProto, int8: onnx.ModelProto, spec: Any, verify
 
     paths = list_images(Path(verify_dir), n) if verify_dir else calib[:n]
     x = preprocess([str(p) for p in paths], spec=spec)
-    (a,) = ort_session(fp32.SerializeToString()).run(["probs"], {"images": x})
-    (b,) = ort_session(int8.SerializeToString()).run(["probs"], {"images": x})
+    (a,) = ort_session(fp32.SerializeToString()).run([OUTPUT_NAME], {INPUT_NAME: x})
+    (b,) = ort_session(int8.SerializeToString()).run([OUTPUT_NAME], {INPUT_NAME: x})
     d = np.abs(a.astype(np.float64) - b)
     return f"INT8 vs FP32 (ONNX Runtime CPU, {len(paths)} images): max |dprob| {d.max():.3g}, mean {d.mean():.3g}"
 

@@ -3,7 +3,8 @@
     python -m export.onnx --checkpoint runs/x/best.pt --output model.onnx [--fp16 [--fp32-input]] [--opset 18]
         [--max-batch 64] [--exporter auto|dynamo|torchscript] [--verify-images DIR] [--slim]
 
-Graph: input "images" float32 (N, 3, S, S), output "probs" float32 (N, C), N symbolic.
+Graph: input "images" float32 (N, 3, S, S), output "probs" float32 (N, C), N symbolic (runtime.contract's
+INPUT_NAME and OUTPUT_NAME; export.graph reads and checks them).
 metadata_props carry the model contract (labels + preprocessing), the checkpoint's sha256,
 arch, PyTorch val metrics and the precision (runtime/onnx_meta.py reads them), so the .onnx
 alone is enough to serve the model.
@@ -36,11 +37,12 @@ from typing import Any
 
 import onnx
 
+from export.graph import GraphError, check_image_graph, graph_facts
 from export.verify import FP16_TOL, FP32_TOL, compare, ort_session, torch_probs, verification_images
 from runtime.fileio import atomic_write_bytes, sha256_file
+from runtime.contract import INPUT_NAME, OUTPUT_NAME
 from runtime.onnx_meta import KEY_ARCH, KEY_CONTRACT, KEY_EXPORTER, KEY_METRICS, KEY_PRECISION, KEY_SHA
 
-INPUT_NAME, OUTPUT_NAME = "images", "probs"
 TRACE_BATCH = 2       # >= 2: a traced size-1 dim can be baked into the graph as a constant
 MIN_OPSET = 17        # LayerNorm-era opsets; TensorRT 10's parser covers 9..22
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -55,13 +57,13 @@ def export_graph(model: Any, example: Any, exporter: str, opset: int, max_batch:
     import torch
 
     if exporter == "dynamo":
-        # dynamo: dynamic dims in dynamic_shapes, keyed by forward()'s argument name (torch.export.Dim).
+        # dynamo: dynamic dims in dynamic_shapes, one per forward() argument in order (torch.export.Dim).
         batch = torch.export.Dim("batch", min=1, max=max_batch)
         with warnings.catch_warnings(), _quiet_stdout():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (example,), None, dynamo=True, input_names=[INPUT_NAME],
                                         output_names=[OUTPUT_NAME], opset_version=opset, optimize=True,
-                                        dynamic_shapes={"images": {0: batch}}, verbose=False)
+                                        dynamic_shapes=({0: batch},), verbose=False)
         return program.model_proto
     if exporter == "torchscript":
         buf = io.BytesIO()
@@ -87,25 +89,13 @@ class _quiet_stdout:
         self._ctx.__exit__(*exc)
 
 
-def dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    """Shape of a graph input/output: ints for fixed dims, names for symbolic ones."""
-    return [d.dim_param if d.dim_param else d.dim_value for d in value_info.type.tensor_type.shape.dim]
-
-
 def check_io(model: onnx.ModelProto, size: int, num_classes: int) -> None:
     """ExportError unless the graph is images float32 [N,3,S,S] -> probs float32 [N,C] with N symbolic."""
-    ins, outs = list(model.graph.input), list(model.graph.output)
-    if [v.name for v in ins] != [INPUT_NAME] or [v.name for v in outs] != [OUTPUT_NAME]:
-        raise ExportError(f"graph I/O are {[v.name for v in ins]} -> {[v.name for v in outs]}, "
-                          f"expected ['{INPUT_NAME}'] -> ['{OUTPUT_NAME}']")
-    for v, want in ((ins[0], [3, size, size]), (outs[0], [num_classes])):
-        shape = dims(v)
-        if v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            raise ExportError(f"{v.name} is not float32")
-        if not shape or not isinstance(shape[0], str) or not shape[0]:
-            raise ExportError(f"{v.name} has a fixed batch dimension {shape}; dim 0 must be symbolic")
-        if shape[1:] != want:
-            raise ExportError(f"{v.name} has shape {shape}, expected [N, {', '.join(map(str, want))}]")
+    try:
+        check_image_graph(graph_facts(model, "exported graph"), "exported graph", size, num_classes,
+                          exact_names=True, input_dtypes=("float32",))
+    except GraphError as e:
+        raise ExportError(str(e)) from None
 
 
 def _jsonable(x: Any) -> Any:
@@ -232,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         proto = maybe_slim(proto, x, ref)
     atomic_write_bytes(out, proto.SerializeToString())
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset}, batch dim "
-          f"{dims(proto.graph.input[0])[0]!r})")
+          f"{graph_facts(proto).batch_dim!r})")
 
     if args.fp16:
         from export.fp16 import convert_fp16, fp16_path, fp16_weight_fraction

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from export.trt_build import UsageError
-from runtime.contract import ModelContract
+from runtime.contract import INPUT_NAME, OUTPUT_NAME, ModelContract
 from runtime.fileio import atomic_write_text
 from runtime.serve_model import MAX_REQUEST_BYTES
 
@@ -71,31 +71,15 @@ def engine_facts(path: Path) -> EngineFacts:
                            m.contract)
     if suffix != ".onnx":
         raise UsageError(f"--engine {path}: expected a .plan, .engine or .onnx file")
-    import onnx
-
+    from export.graph import GraphError, check_image_graph, read_graph
     from runtime.onnx_meta import OnnxMetaError, parse_meta
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise UsageError(f"--engine {path}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
-    try:
-        contract = parse_meta({p.key: p.value for p in model.metadata_props}, str(path)).contract
-    except OnnxMetaError as e:
+        f = read_graph(path)
+        contract = parse_meta(f.metadata, str(path)).contract
+        check_image_graph(f, str(path), contract.preprocess.size, contract.labels.num_classes)
+    except (GraphError, OnnxMetaError) as e:
         raise UsageError(f"--engine {e}") from None
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in inits]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise UsageError(f"--engine {path}: expected one input and one output tensor")
-    t = inputs[0].type.tensor_type
-    dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-    s = contract.preprocess.size
-    if len(dims) != 4 or not isinstance(dims[0], str) or dims[1:] != [3, s, s]:
-        raise UsageError(f"--engine {path}: input shape {dims}, expected [N (symbolic), 3, {s}, {s}]")
-    dtype = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}.get(t.elem_type)
-    if dtype is None:
-        raise UsageError(f"--engine {path}: input must be float32 or float16")
-    return EngineFacts("onnxruntime_onnx", "model.onnx", inputs[0].name, model.graph.output[0].name, dtype, None,
-                       contract)
+    return EngineFacts("onnxruntime_onnx", "model.onnx", f.input_name, f.output_name, f.input_dtype, None, contract)
 
 
 # ------------------------------------------------------------------------------------ config.pbtxt
@@ -128,7 +112,7 @@ def preprocess_config(f: EngineFacts, max_batch: int, instances: int, delay_us: 
     s = f.contract.preprocess.size
     return (f'name: "{PREPROCESS}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             f"input [\n{_tensor('image', 'TYPE_STRING', [1])}\n]\n"
-            f"output [\n{_tensor('images', TRITON_TYPES[f.input_dtype], [3, s, s])}\n]\n"
+            f"output [\n{_tensor(INPUT_NAME, TRITON_TYPES[f.input_dtype], [3, s, s])}\n]\n"
             f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
             f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
             + _params({"probres.contract": f.contract.to_json(), "probres.max_request_bytes": str(max_bytes)}))
@@ -138,14 +122,14 @@ def ensemble_config(f: EngineFacts, max_batch: int) -> str:
     c = f.contract.labels.num_classes
     return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
             f"input [\n{_tensor('image', 'TYPE_STRING', [1])}\n]\n"
-            f"output [\n{_tensor('probs', 'TYPE_FP32', [c], labels=True)}\n]\n"
+            f"output [\n{_tensor(OUTPUT_NAME, 'TYPE_FP32', [c], labels=True)}\n]\n"
             "ensemble_scheduling {\n  step [\n"
             f'    {{ model_name: "{PREPROCESS}" model_version: -1\n'
             '      input_map { key: "image" value: "image" }\n'
-            '      output_map { key: "images" value: "preprocessed" } },\n'
+            f'      output_map {{ key: "{INPUT_NAME}" value: "preprocessed" }} }},\n'
             f'    {{ model_name: "{MODEL}" model_version: -1\n'
             f'      input_map {{ key: "{f.input_name}" value: "preprocessed" }}\n'
-            f'      output_map {{ key: "{f.output_name}" value: "probs" }} }}\n'
+            f'      output_map {{ key: "{f.output_name}" value: "{OUTPUT_NAME}" }} }}\n'
             "  ]\n}\n" + _params({"probres.contract": f.contract.to_json()}))
 
 

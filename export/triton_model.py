@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # the copied `r
 
 import triton_python_backend_utils as pb_utils  # noqa: E402  (provided by Triton's Python backend)
 
-from runtime.contract import ModelContract  # noqa: E402
+from runtime.contract import INPUT_NAME, ModelContract  # noqa: E402
 from runtime.serve_model import decode_item  # noqa: E402
 
 
@@ -36,7 +36,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.contract = ModelContract.from_json(params["probres.contract"])
         self.max_bytes = int(params["probres.max_request_bytes"])
-        out = pb_utils.get_output_config_by_name(config, "images")
+        out = pb_utils.get_output_config_by_name(config, INPUT_NAME)
         self.dtype = pb_utils.triton_string_to_numpy(out["data_type"])
 
     def execute(self, requests):
@@ -53,5 +53,5 @@ class TritonPythonModel:
             if error:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error)))
             else:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", out)]))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(INPUT_NAME, out)]))
         return responses

@@ -23,9 +23,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.fileio import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from export.graph import GraphFacts
 
 MAX_BATCH_LIMIT = 4096
 WEAK_TYPING_DEPRECATED = (10, 12)   # weak typing deprecated (10.12 release notes), gone in 11.0
@@ -115,7 +118,7 @@ def check_profile(min_batch: int, opt_batch: int, max_batch: int, onnx_batch: in
 
 def profile_shapes(min_batch: int, opt_batch: int, max_batch: int, size: int,
                    channels: int = 3) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(min, opt, max) NCHW shapes for IOptimizationProfile.set_shape on the "images" input."""
+    """(min, opt, max) NCHW shapes for IOptimizationProfile.set_shape on the image input."""
     check_profile(min_batch, opt_batch, max_batch)
     return tuple((b, channels, size, size) for b in (min_batch, opt_batch, max_batch))  # type: ignore[return-value]
 
@@ -138,47 +141,17 @@ def check_output_path(output: str | Path) -> Path:
 
 # ---------------------------------------------------------------- ONNX facts (onnx package, no TensorRT)
 
-@dataclass(frozen=True)
-class OnnxFacts:
-    input_name: str
-    output_name: str
-    batch_dim: int | str          # name when symbolic
-    image_size: int
-    precision: str                # "int8" with Q/DQ nodes, "fp16" when most weights are FP16, else "fp32"
-    fp32_weight_bytes: int        # what the weights would take in FP32 (engine size reference)
-    input_dtype: str = "float32"  # "float16" for export.onnx --fp16's FP16-input graph
+def onnx_facts(path: str | Path) -> GraphFacts:
+    """The graph's single input/output, batch dim, precision and weight volume (export.graph); UsageError naming
+    the file unless its input is [N, 3, S, S]."""
+    from export.graph import GraphError, check_image_graph, read_graph     # the onnx package, only when reading
 
-
-def onnx_facts(path: str | Path) -> OnnxFacts:
-    """Read the graph's single input/output, batch dim, precision and weight volume; UsageError naming the file."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--onnx {path}: no such file")
     try:
-        model = onnx.load(str(path))
-    except Exception as e:
-        raise UsageError(f"--onnx {path}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in inits]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise UsageError(f"--onnx {path}: expected one input and one output, got {len(inputs)} and "
-                         f"{len(model.graph.output)}")
-    dims = [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or dims[1] != 3 or dims[2] != dims[3] or not isinstance(dims[2], int) or dims[2] <= 0:
-        raise UsageError(f"--onnx {path}: input {inputs[0].name} has shape {dims}, expected [N, 3, S, S]")
-    n = n16 = 0
-    for t in model.graph.initializer:
-        count = 1
-        for d in t.dims:
-            count *= d
-        n += count
-        n16 += count if t.data_type == onnx.TensorProto.FLOAT16 else 0
-    qdq = any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
-    precision = "int8" if qdq else ("fp16" if n and n16 / n >= 0.5 else "fp32")
-    in_dtype = "float16" if inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "float32"
-    return OnnxFacts(inputs[0].name, model.graph.output[0].name, dims[0], int(dims[2]), precision, 4 * n, in_dtype)
+        facts = read_graph(path)
+        check_image_graph(facts, str(path), symbolic_batch=False)
+    except GraphError as e:
+        raise UsageError(f"--onnx {e}") from None
+    return facts
 
 
 # ---------------------------------------------------------------- timing cache

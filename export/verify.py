@@ -15,16 +15,18 @@ images encoded as JPEG (decoded by the same runtime.preprocess path). The report
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.contract import PreprocessSpec
+from runtime.contract import INPUT_NAME, OUTPUT_NAME, PreprocessSpec
+from runtime.pipeline import IMAGE_EXTENSIONS, is_image_name, iter_image_paths
 from runtime.preprocess import preprocess
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VERIFY_BATCHES = (1, 7)
 FP32_TOL = 1e-4
 FP16_TOL = 5e-3
@@ -61,9 +63,10 @@ class VerifyResult:
 
 
 def list_images(directory: Path, limit: int) -> list[Path]:
-    """The first `limit` image files of `directory` in name order (recursive)."""
-    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return files[:limit]
+    """The first `limit` image files of `directory` in name order (recursive), walked as probres-infer walks a
+    directory (runtime.pipeline: the same extensions, TIFF included), stopping after `limit`."""
+    files = (Path(p) for p in iter_image_paths([str(directory)]) if os.path.isfile(p))
+    return list(islice(files, limit))
 
 
 def coco_val_dir(config: dict[str, Any]) -> Path | None:
@@ -74,7 +77,7 @@ def coco_val_dir(config: dict[str, Any]) -> Path | None:
             value = next((value[k] for k in COCO_ROOT_KEYS if isinstance(value.get(k), str)), None)
         if isinstance(value, str) and value:
             for cand in (Path(value) / "val2014", Path(value)):
-                if cand.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in cand.iterdir()):
+                if cand.is_dir() and any(is_image_name(p.name) for p in cand.iterdir()):
                     return cand
     return None
 
@@ -112,7 +115,7 @@ def verification_images(spec: PreprocessSpec, config: dict[str, Any], images_dir
             raise FileNotFoundError(f"--verify-images {d}: no such directory")
         sources = list_images(d, n)
         if not sources:
-            raise FileNotFoundError(f"--verify-images {d}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise FileNotFoundError(f"--verify-images {d}: no image files ({' '.join(sorted(IMAGE_EXTENSIONS))})")
         where = f"{len(sources)} images from {d}"
     elif (val := coco_val_dir(config)) is not None and (sources := list_images(val, n)):
         where = f"{len(sources)} COCO images from {val} (the checkpoint's training data)"
@@ -144,8 +147,8 @@ def ort_session(model: str | Path | bytes, threads: int = 0) -> Any:
 
 
 def compare(session: Any, x: np.ndarray, reference: np.ndarray, name: str, tolerance: float,
-            batches: Sequence[int] = VERIFY_BATCHES, input_name: str = "images",
-            output_name: str = "probs") -> VerifyResult:
+            batches: Sequence[int] = VERIFY_BATCHES, input_name: str = INPUT_NAME,
+            output_name: str = OUTPUT_NAME) -> VerifyResult:
     """Run `session` on x[:b] for each batch size b and compare with reference[:b].
 
     reference: PyTorch probabilities of x, (N, C); eval-mode PyTorch is batch-independent, so its

@@ -118,15 +118,25 @@ def build_network(arch: str, num_classes: int, label_dependency: bool = False) -
     return model
 
 
+def network_with_weights(arch: str, num_classes: int, state_dict: dict) -> Any:
+    """build_network for these weights (the label-dependency head when they carry it), loaded, in eval mode.
+
+    The one way a checkpoint becomes a network: the PyTorch backend (load_network) and training,
+    calibration and export (train.checkpoint.Checkpoint.build) all come here.
+    """
+    model = build_network(arch, num_classes, has_label_dependency(state_dict))
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
 def load_network(path: str | os.PathLike[str]) -> tuple[Any, ModelContract, dict[str, Any]]:
     """(network with the checkpoint's weights in eval mode on the CPU, contract, val_metrics); CheckpointError names the file."""
     obj, contract = read_checkpoint(path)
     try:
-        model = build_network(obj["arch"], contract.labels.num_classes, has_label_dependency(obj["state_dict"]))
-        model.load_state_dict(obj["state_dict"])
+        model = network_with_weights(obj["arch"], contract.labels.num_classes, obj["state_dict"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:    # weights that do not fit the arch
         text = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: checkpoint weights do not build a {obj['arch']} "
                               f"({text[0][:200] if text else e.__class__.__name__})") from None
     metrics = obj.get("val_metrics") or {}
-    return model.eval(), contract, dict(metrics) if isinstance(metrics, dict) else {}
+    return model, contract, dict(metrics) if isinstance(metrics, dict) else {}

@@ -24,6 +24,10 @@ from typing import Any, Sequence
 from runtime.errors import ModelError
 
 CONTRACT_FORMAT = "probres-contract/1"
+# The exported graph's tensor names: preprocessed images (N, 3, S, S) in, probabilities (N, C) out.
+# export.onnx names them so; the backends, the Triton repository and probres-serve address them so.
+INPUT_NAME = "images"
+OUTPUT_NAME = "probs"
 
 # COCO-2014 "instances" categories: (id, name). Ids are the real, non-contiguous ids 1..90
 # (12, 26, 29, 30, 45, 66, 68, 69, 71, 83 are unused), as in instances_train2014.json.

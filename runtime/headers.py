@@ -3,15 +3,13 @@
     python -c "from runtime.headers import header_size; print(header_size(open('img.jpg', 'rb').read()))"
 
 header_size reads only the first bytes of a PNG, JPEG (its marker segments up to the frame
-header), BMP, WebP or TIFF; check_header refuses a header claiming more than
-runtime.preprocess.MAX_IMAGE_PIXELS pixels (a tiny file claiming 30000 x 30000).
+header), BMP, WebP or TIFF. A leaf: runtime.decode.check_header refuses a header claiming more
+than runtime.decode.MAX_IMAGE_PIXELS pixels (a tiny file claiming 30000 x 30000) with it.
 """
 
 from __future__ import annotations
 
 import struct
-
-from runtime.preprocess import MAX_IMAGE_PIXELS, ImageDecodeError
 
 
 def header_size(buf: bytes | memoryview) -> tuple[int, int] | None:
@@ -86,10 +84,3 @@ def _jpeg_size(buf: bytes | memoryview) -> tuple[int, int] | None:
         pos += length
     return None
 
-
-def check_header(buf: bytes | memoryview, name: str) -> None:
-    """ImageDecodeError when the header claims more than MAX_IMAGE_PIXELS pixels."""
-    size = header_size(buf)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise ImageDecodeError(f"{name}: image too large ({size[0]}x{size[1]} pixels claimed by its header, "
-                               f"limit {MAX_IMAGE_PIXELS} pixels): refusing to decode")

@@ -3,9 +3,9 @@
     python -c "from runtime.pipeline import iter_batches, iter_image_paths; from runtime.contract import PreprocessSpec; \
 print(sum(len(b.paths) for b in iter_batches(iter_image_paths(['imgs']), PreprocessSpec(size=64))))"
 
-One batching engine (`fill_rows`) writes images into the rows of a batch buffer, one task per
-worker, each taking the next image (cv2 decode and the C kernel release the GIL, so workers use
-every core). `runtime.preprocess.preprocess()` is a single call of it; `iter_batches` streams:
+One batching engine (`runtime.preprocess.fill_rows`) writes images into the rows of a batch buffer,
+one task per worker, each taking the next image (cv2 decode and the C kernel release the GIL, so
+workers use every core). `runtime.preprocess.preprocess()` is a single call of it; `iter_batches` streams:
 a producer thread takes the input paths batch_size at a time from a reader thread
 (`runtime.chunks`: a pause in the input, as on stdin, closes a partial batch instead of holding
 back the images before it), keeping two batches in flight so the workers never idle at a batch
@@ -17,9 +17,10 @@ prefetch + hold), never by the number of images.
 `classify` is probres-infer's loop over them: batch k+1 is submitted before batch k is waited for.
 
 A bad input never stops the stream: it becomes an error message in its batch and the other
-images go on. Before OpenCV sees a file, its header's claimed size is checked against
-runtime.preprocess.MAX_IMAGE_PIXELS (runtime.headers), so a decompression bomb (a tiny file claiming
-30000 x 30000 pixels) is refused without allocating its pixels.
+images go on. Every image is decoded by runtime.decode.decode_source: before OpenCV sees a file,
+its header's claimed size is checked against MAX_IMAGE_PIXELS, so a decompression bomb (a tiny
+file claiming 30000 x 30000 pixels) is refused without allocating its pixels.
+Imports point one way: headers <- decode <- preprocess <- pipeline.
 """
 
 from __future__ import annotations
@@ -28,23 +29,22 @@ import os
 import queue
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
 from runtime.chunks import Chunks
 from runtime.contract import PreprocessSpec
-from runtime.headers import check_header, header_size  # noqa: F401  (header_size: part of this module's API)
-from runtime.preprocess import (OUT_DTYPES, STREAM_BYTES, ImageDecodeError, ImageSource,
-                                aligned_empty, decode_bgr, decode_path_reusing, preprocess_array_into, read_bytes)
+from runtime.decode import MAX_FILE_BYTES, ImageDecodeError, ImageSource, check_header  # noqa: F401  (re-exported)
+from runtime.headers import header_size  # noqa: F401  (part of this module's API)
+from runtime.preprocess import OUT_DTYPES, RowFill, aligned_empty, fill_rows
 
 if TYPE_CHECKING:
     from runtime.backends.base import Backend, Pending
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff"})
-MAX_FILE_BYTES = 256 << 20     # no camera image is this big; refuse before reading it into memory
 IN_FLIGHT = 2                  # batches being decoded at once
 FIRST_LINGER_S = 1.0           # a pause before the first batch is full: take it (later ones: chunks.LINGER_S)
 
@@ -65,7 +65,7 @@ def _walk(directory: str, keep: Callable[[str], bool] = is_image_name) -> Iterat
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as e:
-        yield f"{directory}\0{e.strerror or e}"     # reported as an error by load_into
+        yield f"{directory}\0{e.strerror or e}"     # reported as an error by runtime.decode.decode_source
         return
     for e in entries:
         if keep(e.name):
@@ -86,52 +86,7 @@ def iter_image_paths(paths: Iterable[str], keep: Callable[[str], bool] = is_imag
             yield p
 
 
-# ---------------------------------------------------------------------------------------------- one image
-
-def load_into(path: str, out: np.ndarray, spec: PreprocessSpec, stream: bool = False) -> None:
-    """Read, check, decode and preprocess `path` into `out` (3, S, S); ImageDecodeError naming it on failure.
-
-    stream: non-temporal stores (out is a row of a batch much larger than the CPU cache).
-    """
-    if "\0" in path:                               # an unreadable directory from _walk
-        d, why = path.split("\0", 1)
-        raise ImageDecodeError(f"{d}: cannot list directory ({why})")
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ImageDecodeError(f"{path}: {e.strerror or e}") from None
-    if os.path.isdir(path):
-        raise ImageDecodeError(f"{path}: is a directory, not an image")
-    if not os.path.isfile(path):
-        raise ImageDecodeError(f"{path}: not a regular file")
-    if st.st_size > MAX_FILE_BYTES:
-        raise ImageDecodeError(f"{path}: file too large ({st.st_size} bytes, limit {MAX_FILE_BYTES})")
-    # A complete JPEG/PNG within the pixel limit (checked from its header first) is decoded into
-    # this thread's reused buffer: no page faults for a fresh ~1 MB array per image. Anything
-    # else takes the checked path below, which words every error.
-    img = decode_path_reusing(path)
-    if img is not None:
-        preprocess_array_into(img, out, spec, stream=stream)
-        return
-    buf = read_bytes(path)
-    check_header(buf.data, path)
-    preprocess_array_into(decode_bgr(buf.data, path), out, spec, stream=stream)
-
-
-def load_source(src: ImageSource, out: np.ndarray, spec: PreprocessSpec, stream: bool = False) -> None:
-    """load_into for a path; encoded bytes get the same header check, then decode_bgr; a decoded BGR
-    uint8 array (runtime.api converts the others) is preprocessed as it is; an exception is raised
-    (an input the caller already found bad keeps its place in the stream)."""
-    if isinstance(src, np.ndarray):
-        preprocess_array_into(src, out, spec, stream=stream)
-    elif isinstance(src, BaseException):
-        raise src
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        check_header(src, f"<{len(src)} bytes>")
-        preprocess_array_into(decode_bgr(src), out, spec, stream=stream)
-    else:
-        load_into(os.fspath(src), out, spec, stream)
-
+# ---------------------------------------------------------------------------------------------- errors
 
 def error_message(src: ImageSource, e: BaseException) -> str:
     """One line for a failed input: ImageDecodeError's own message, else the input and the exception."""
@@ -141,53 +96,6 @@ def error_message(src: ImageSource, e: BaseException) -> str:
     name = (f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else
             f"<array {'x'.join(map(str, src.shape))}>" if isinstance(src, np.ndarray) else os.fspath(src))
     return f"{name}: {e.__class__.__name__}: {text[-1] if text else 'failed'}"
-
-
-# ---------------------------------------------------------------------------------------------- one batch
-
-def fill_rows(sources: Sequence[ImageSource], out: np.ndarray, spec: PreprocessSpec,
-              pool: ThreadPoolExecutor | None = None, workers: int = 0, caller_works: bool = False) -> "RowFill":
-    """Start preprocessing sources[i] into out[i] (the one batching engine); `.result()` waits for it.
-
-    Spread over `workers` tasks of `pool` (one task per worker, each taking the next image, rather
-    than one future per image, whose wake-ups contend for the GIL with the workers), plus the
-    calling thread when `caller_works` (or when there is no pool). result() gives one exception or
-    None per source, in order. Rows are written with streaming stores when `out` is larger than
-    STREAM_BYTES (it cannot stay in cache until the model reads it).
-    """
-    return RowFill(sources, out, spec, pool, workers, caller_works)
-
-
-class RowFill:
-    """One batch being filled by fill_rows."""
-
-    def __init__(self, sources: Sequence[ImageSource], out: np.ndarray, spec: PreprocessSpec,
-                 pool: ThreadPoolExecutor | None = None, workers: int = 0, caller_works: bool = False) -> None:
-        self._sources, self._out, self._spec = sources, out, spec
-        self._stream = out[:len(sources)].nbytes >= STREAM_BYTES
-        self.errors: list[BaseException | None] = [None] * len(sources)
-        self._next, self._take = 0, threading.Lock()
-        n_tasks = min(workers, len(sources)) if pool is not None else 0
-        self._futs: list[Future] = [pool.submit(self._work) for _ in range(n_tasks)]
-        if caller_works or not self._futs:
-            self._work()
-
-    def _work(self) -> None:
-        while True:
-            with self._take:
-                i = self._next
-                self._next += 1
-            if i >= len(self._sources):
-                return
-            try:
-                load_source(self._sources[i], self._out[i], self._spec, self._stream)
-            except Exception as e:                   # every image is still attempted
-                self.errors[i] = e
-
-    def result(self) -> list[BaseException | None]:
-        for f in self._futs:
-            f.result()
-        return self.errors
 
 
 # ---------------------------------------------------------------------------------------------- batches

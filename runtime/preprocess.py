@@ -2,8 +2,9 @@
 
     python -c "from runtime.preprocess import preprocess; print(preprocess(['img.jpg']).shape)"
 
-decode (path or encoded bytes) -> RGB uint8 -> resize to S x S -> (x/255 - mean)/std -> float32
-CHW, batched as (N, 3, S, S). No torch: this ships to the device.
+decode (path or encoded bytes: runtime.decode.decode_source, the one decode path) -> resize to
+S x S -> RGB (x/255 - mean)/std -> float32 CHW, batched as (N, 3, S, S) by the one batching
+engine (fill_rows; runtime.pipeline streams it). No torch: this ships to the device.
 
 Interpolation, chosen deliberately: COCO images shrink about 1.1-1.4x to 448, camera frames
 3-4x. cv2.INTER_LINEAR samples only 2x2 source pixels per output pixel, so on a 3-4x
@@ -29,23 +30,17 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence, Union
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Sequence
 
-# Refuse images over this many pixels before OpenCV allocates them: its decoders check
-# the header against OPENCV_IO_MAX_IMAGE_PIXELS (default 2^30 pixels, 3 GiB of BGR). 2^28
-# (16384 x 16384) is still far beyond any camera frame and keeps one bad file from costing
-# gigabytes. OpenCV reads the variable when it loads, so it only takes effect when this
-# module is the first to import cv2 (as in probres-infer); the check after decoding below
-# holds the same limit either way.
-MAX_IMAGE_PIXELS = 1 << 28
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+# runtime.decode first: it sets OpenCV's pixel limit before cv2 is imported.
+from runtime.decode import (MAX_IMAGE_PIXELS, ImageDecodeError, ImageSource,  # noqa: F401  (re-exported)
+                            decode, decode_bgr, decode_source, read_bytes)
 
-import cv2  # noqa: E402  (after the environment variable above)
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from runtime.contract import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec  # noqa: E402
-from runtime.errors import ImageError  # noqa: E402
 
 OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -53,111 +48,6 @@ try:  # the fused C kernel (runtime/_cext/fastnorm.c), built by `pip install -e 
     from runtime import _fastnorm
 except ImportError:  # not built (no compiler): the numpy twin gives the same float32, slower
     _fastnorm = None
-
-ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
-
-
-class ImageDecodeError(ImageError, ValueError):
-    """An input could not be turned into an image; the message names the input."""
-
-
-def _name(src: ImageSource, name: str | None) -> str:
-    if name is not None:
-        return name
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return f"<{len(src)} bytes>"
-    return os.fspath(src)
-
-
-def read_bytes(src: ImageSource, name: str | None = None) -> np.ndarray:
-    """The encoded bytes of `src` as a uint8 array (a path is read from disk)."""
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        buf = np.frombuffer(src, dtype=np.uint8)
-    else:
-        path = os.fspath(src)
-        try:
-            buf = np.fromfile(path, dtype=np.uint8)
-        except IsADirectoryError:
-            raise ImageDecodeError(f"{_name(src, name)}: is a directory, not an image") from None
-        except OSError as e:
-            raise ImageDecodeError(f"{_name(src, name)}: cannot read file ({e.strerror or e})") from None
-    if buf.size == 0:
-        raise ImageDecodeError(f"{_name(src, name)}: empty file")
-    return buf
-
-
-def decode_bgr(src: ImageSource, name: str | None = None) -> np.ndarray:
-    """Decode to a 3-channel BGR uint8 HxWx3 array, the right way up.
-
-    IMREAD_COLOR gives 3 channels and 8 bits whatever the file holds: grayscale is
-    replicated, palette expanded, alpha dropped, 16-bit scaled to 8, CMYK JPEG converted,
-    and the EXIF orientation applied (IMREAD_IGNORE_ORIENTATION is not set).
-    """
-    buf = read_bytes(src, name)
-    if buf[:4].tobytes() == b"GIF8":   # OpenCV 5 (.venv) decodes GIF, 4.x (.venv-serve) not: one answer for both
-        raise ImageDecodeError(f"{_name(src, name)}: GIF is not a supported format (JPEG, PNG, BMP, WebP, TIFF)")
-    try:
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    except cv2.error as e:
-        if "MAX_IMAGE_PIXELS" in str(e):  # the header claims more pixels than the limit
-            raise ImageDecodeError(f"{_name(src, name)}: image too large (header claims more than {MAX_IMAGE_PIXELS} pixels)") from None
-        raise ImageDecodeError(f"{_name(src, name)}: cannot decode image (OpenCV decoder error)") from None
-    if img is None or img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
-        raise ImageDecodeError(f"{_name(src, name)}: not a decodable image (corrupt, truncated or unsupported format)")
-    if img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
-        raise ImageDecodeError(f"{_name(src, name)}: image too large ({img.shape[1]}x{img.shape[0]} pixels)")
-    return img
-
-
-# preprocess() decodes a path into a buffer each thread keeps: a fresh ~1 MB array per image costs
-# page faults whenever the allocator has handed the last one back to the kernel (up to 1 ms per
-# 640x480 image here, more than the resize), and the reused buffer is still in cache. cv2.imread
-# (the only decoder call that takes a destination) gets it; only files that end as a complete
-# JPEG or PNG do (the C helper checks EOI / IEND), since imread pads a truncated file where
-# imdecode (decode_bgr) refuses it, and the two must not disagree. Everything else, and any
-# failure, goes to decode_bgr, which decides (and words the error) exactly as before.
-SCRATCH_MAX_BYTES = 32 << 20      # larger images (over ~11 Mpixel) get an array of their own
-_SCRATCH = threading.local()
-_SENTINEL = b"probres:imread-wrote-nothing:v1"          # 31 bytes
-
-
-def decode_path_reusing(path: str) -> np.ndarray | None:
-    """Decode a complete JPEG/PNG file into this thread's reusable buffer (valid until this thread's
-    next call); None when the file is anything else, larger than MAX_IMAGE_PIXELS by its header, or
-    anything fails, or the C extension is missing: decode_bgr then decides (and words the error)."""
-    if _fastnorm is None:
-        return None
-    try:
-        path.encode("utf-8")       # cv2.imread segfaults on a str it cannot encode: an undecodable
-    except UnicodeEncodeError:     # file name (os.fsdecode's surrogates); read_bytes opens those fine
-        return None
-    try:
-        hw = _fastnorm.image_hw(path)                       # (h, w) from the header, None if not complete
-    except (TypeError, ValueError):                         # e.g. an embedded NUL: decode_bgr says
-        return None
-    if hw is None or not 11 <= hw[0] * hw[1] <= MAX_IMAGE_PIXELS or hw[0] * hw[1] * 3 > SCRATCH_MAX_BYTES:
-        return None
-    nbytes = hw[0] * hw[1] * 3
-    raw = getattr(_SCRATCH, "buf", None)
-    if raw is None or raw.size < nbytes:
-        raw = _SCRATCH.buf = np.empty(nbytes, np.uint8)
-    dst = raw[:nbytes].reshape(hw[0], hw[1], 3)
-    # imread(path, dst) returns dst untouched when it fails before decoding, and does not say so:
-    # a decode overwrites these bytes (an image that happens to start with them is decoded again).
-    raw[:31] = np.frombuffer(_SENTINEL, np.uint8)
-    try:
-        img = cv2.imread(path, dst, cv2.IMREAD_COLOR)      # EXIF orientation applied, as imdecode
-    except Exception:                                       # cv2.error (a header imread refuses...)
-        return None
-    if img is dst:
-        return None if raw[:31].tobytes() == _SENTINEL else img
-    ok = isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8 and img.size
-    return img if ok else None                              # rotated by EXIF: a new array
-
-
-def decode(src: ImageSource, name: str | None = None) -> np.ndarray:
-    """Decode to RGB uint8 HxWx3 (for training-time augmentation; the eval path stays BGR)."""
-    return cv2.cvtColor(decode_bgr(src, name), cv2.COLOR_BGR2RGB)
 
 
 def uses_area(h: int, w: int, size: int, interpolation: str = "area") -> bool:
@@ -298,9 +188,14 @@ def preprocess_array_into(bgr: np.ndarray, out: np.ndarray, spec: PreprocessSpec
     return resize_normalize_into(bgr, out, scale, bias, spec.interpolation, stream=stream)
 
 
-def preprocess_into(src: ImageSource, out: np.ndarray, spec: PreprocessSpec, name: str | None = None) -> np.ndarray:
-    """Preprocess one image into `out` (3, S, S) float32 (or float16), e.g. a row of a preallocated batch."""
-    return preprocess_array_into(decode_bgr(src, name), out, spec)
+def preprocess_into(src: ImageSource, out: np.ndarray, spec: PreprocessSpec, name: str | None = None,
+                    stream: bool = False) -> np.ndarray:
+    """Preprocess one path or encoded bytes into `out` (3, S, S) float32 (or float16), e.g. a row of a batch.
+
+    The one decode path (runtime.decode.decode_source: file checks, header pixel limit, reused
+    decode buffer) then the one preprocessing (preprocess_array_into).
+    """
+    return preprocess_array_into(decode_source(src, name), out, spec, stream=stream)
 
 
 def preprocess_one(src: ImageSource, spec: PreprocessSpec | None = None, name: str | None = None) -> np.ndarray:
@@ -339,6 +234,65 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
+def load_source(src: ImageSource | np.ndarray | BaseException, out: np.ndarray, spec: PreprocessSpec,
+                stream: bool = False) -> None:
+    """One source of a batch into `out`: a path or encoded bytes as preprocess_into takes them; a decoded BGR
+    uint8 array (runtime.api converts the others) as it is; an exception is raised (an input the
+    caller already found bad keeps its place in the batch)."""
+    if isinstance(src, np.ndarray):
+        preprocess_array_into(src, out, spec, stream=stream)
+    elif isinstance(src, BaseException):
+        raise src
+    else:
+        preprocess_array_into(decode_source(src), out, spec, stream=stream)
+
+
+def fill_rows(sources: Sequence[ImageSource], out: np.ndarray, spec: PreprocessSpec,
+              pool: ThreadPoolExecutor | None = None, workers: int = 0, caller_works: bool = False) -> "RowFill":
+    """Start preprocessing sources[i] into out[i] (the one batching engine); `.result()` waits for it.
+
+    Spread over `workers` tasks of `pool` (one task per worker, each taking the next image, rather
+    than one future per image, whose wake-ups contend for the GIL with the workers), plus the
+    calling thread when `caller_works` (or when there is no pool). result() gives one exception or
+    None per source, in order. Rows are written with streaming stores when `out` is larger than
+    STREAM_BYTES (it cannot stay in cache until the model reads it). preprocess() is one call of
+    it; runtime.pipeline.iter_batches keeps two in flight.
+    """
+    return RowFill(sources, out, spec, pool, workers, caller_works)
+
+
+class RowFill:
+    """One batch being filled by fill_rows."""
+
+    def __init__(self, sources: Sequence[ImageSource], out: np.ndarray, spec: PreprocessSpec,
+                 pool: ThreadPoolExecutor | None = None, workers: int = 0, caller_works: bool = False) -> None:
+        self._sources, self._out, self._spec = sources, out, spec
+        self._stream = out[:len(sources)].nbytes >= STREAM_BYTES
+        self.errors: list[BaseException | None] = [None] * len(sources)
+        self._next, self._take = 0, threading.Lock()
+        n_tasks = min(workers, len(sources)) if pool is not None else 0
+        self._futs: list[Future] = [pool.submit(self._work) for _ in range(n_tasks)]
+        if caller_works or not self._futs:
+            self._work()
+
+    def _work(self) -> None:
+        while True:
+            with self._take:
+                i = self._next
+                self._next += 1
+            if i >= len(self._sources):
+                return
+            try:
+                load_source(self._sources[i], self._out[i], self._spec, self._stream)
+            except Exception as e:                   # every image is still attempted
+                self.errors[i] = e
+
+    def result(self) -> list[BaseException | None]:
+        for f in self._futs:
+            f.result()
+        return self.errors
+
+
 def preprocess(
     images: Sequence[ImageSource],
     size: int = 448,
@@ -356,9 +310,9 @@ def preprocess(
     `spec` (a contract's PreprocessSpec) overrides size/mean/std/interpolation.
     `out`, if given, is a preallocated C-contiguous (>=N, 3, S, S) float32/float16 buffer
     (e.g. pinned host memory from a GPU backend) written in place; else `dtype` picks the type.
-    One call of runtime.pipeline's batching engine (fill_rows), the one probres-infer streams
-    through: paths get its checks (file size, header pixel limit) and the per-thread reused
-    decode buffer (see SCRATCH_MAX_BYTES). `threads` > 1 spreads images over the calling thread
+    One call of the batching engine (fill_rows), the one probres-infer streams through: paths
+    get its checks (file size, header pixel limit) and the per-thread reused decode buffer
+    (runtime.decode). `threads` > 1 spreads images over the calling thread
     and threads - 1 pool workers (decode and the C kernel release the GIL). Raises the error
     (ImageDecodeError naming the input) of the first input, in input order, that fails.
     """
@@ -370,8 +324,6 @@ def preprocess(
             or out.shape[1:] != (3, s, s)):
         got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
         raise ValueError(f"out must be float32 or float16 (>= {n}, 3, {s}, {s}), got {got}")
-    from runtime.pipeline import fill_rows   # the batching engine iter_batches uses (pipeline imports this module)
-
     # The calling thread works too, beside threads - 1 pool workers.
     helpers = threads - 1 if n > 1 else 0
     errors = fill_rows(images, out, spec, _pool(helpers) if helpers else None, helpers, caller_works=True).result()

@@ -25,8 +25,8 @@ import pytest
 
 from runtime.contract import LabelSet, ModelContract, PreprocessSpec
 from runtime.infer import main
-from runtime.pipeline import check_header, header_size, iter_image_paths, load_into
-from runtime.preprocess import ImageDecodeError, decode_bgr, preprocess
+from runtime.pipeline import check_header, header_size, iter_image_paths
+from runtime.preprocess import ImageDecodeError, decode_bgr, load_source, preprocess
 
 S = 32
 
@@ -247,9 +247,9 @@ def test_exif_orientation_is_applied(tmp_path):
     cv2.imwrite(str(unrotated), raw)
     spec = PreprocessSpec(size=S)
     a, b, c = (np.empty((3, S, S), np.float32) for _ in range(3))
-    load_into(str(exif), a, spec)
-    load_into(str(rotated), b, spec)
-    load_into(str(unrotated), c, spec)
+    load_source(str(exif), a, spec)
+    load_source(str(rotated), b, spec)
+    load_source(str(unrotated), c, spec)
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 0.5                # the orientation matters for this image
 
@@ -274,7 +274,7 @@ def test_headers_report_true_sizes_and_bombs_are_refused_before_decoding(tmp_pat
     for name, data in (("j.jpg", jpg), ("b.bmp", bmp), ("bomb.png", png_header(100000, 100000)), ("real.png", real)):
         (tmp_path / name).write_bytes(bytes(data))
         with pytest.raises(ImageDecodeError, match="too large .*claimed by its header"):
-            load_into(str(tmp_path / name), np.empty((3, S, S), np.float32), PreprocessSpec(size=S))
+            load_source(str(tmp_path / name), np.empty((3, S, S), np.float32), PreprocessSpec(size=S))
     check_header(cv2.imencode(".png", img)[1].tobytes(), "ok.png")          # a normal image passes
 
 

@@ -26,10 +26,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from runtime.checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
+from runtime.checkpoint import CHECKPOINT_FORMAT, CheckpointError, network_with_weights, read_checkpoint
 from runtime.contract import ModelContract
 from runtime.fileio import atomic_open
-from train.model import build_model
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -46,13 +45,9 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)   # resume state (last.pt only)
 
     def build(self) -> nn.Module:
-        """The model with these weights, in eval mode, on the CPU (with its label-dependency head if it has one)."""
-        from train.label_dependency import attach, has_label_dependency
-        model = build_model(self.arch, self.contract.labels.num_classes)
-        if has_label_dependency(self.state_dict):
-            attach(model)
-        model.load_state_dict(self.state_dict)
-        return model.eval()
+        """The model with these weights, in eval mode, on the CPU (with its label-dependency head if it has one):
+        runtime.checkpoint's builder, the network the PyTorch backend runs."""
+        return network_with_weights(self.arch, self.contract.labels.num_classes, self.state_dict)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

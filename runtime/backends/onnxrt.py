@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend, BackendError
+from runtime.contract import OUTPUT_NAME
 from runtime.onnx_meta import OnnxMetaError, metadata_props, read_onnx_meta
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = PREFERRED_PROVIDERS[:2]
 PROVIDER_NAMES = {"tensorrt": PREFERRED_PROVIDERS[0], "cuda": PREFERRED_PROVIDERS[1], "cpu": PREFERRED_PROVIDERS[2]}
-OUTPUT_NAME = "probs"
 
 
 def choose_providers(available: list[str], device: str, provider: str | None = None) -> list[str]:

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend, BackendError, Pending
+from runtime.contract import OUTPUT_NAME
 from runtime.onnx_meta import OnnxMetaError, read_onnx_meta
 
-OUTPUT_NAME = "probs"
 NUM_REQUESTS = 2       # the interface's overlap depth: two batches in flight
 
 
