@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.checkpoint import ARCHS      # torch-free (train.model imports torch): --help stays fast
 from train.config import RECIPE, TrainConfig, UsageError, resolve_config
-
-# (train.model imports torch; ARCHS is spelled out so that --help stays fast)
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 class _Parser(argparse.ArgumentParser):
