@@ -28,6 +28,7 @@ from runtime.batch_fs import Location, read_input
 
 RECORD_FIELDS = ("image", "threshold", "predictions", "error")
 READ_CPUS = 0.25               # Ray CPUs a read task reserves: reading bytes barely uses one
+READ_THREADS = 8               # files a read task reads at once (an object store's latency, not a CPU, bounds it)
 
 
 def parquet_schema(all_probs: bool):
@@ -65,13 +66,16 @@ class ReusedBuffers:
 
 def read_chunk_files(rows: dict[str, np.ndarray], out: Location) -> "pyarrow.Table":
     """Ray Data's read stage: each chunk row -> its paths, each file's bytes (or its error message)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow as pa
     cache: dict = {}
     cols: dict[str, list] = {"chunk": [], "hash": [], "paths": [], "data": [], "error": []}
     for i, offset, nbytes, count, digest in zip(rows["chunk"], rows["offset"], rows["nbytes"], rows["count"],
                                                 rows["hash"]):
         paths = batch_plan.read_chunk(out, int(offset), int(nbytes), int(count), str(digest))
-        got = [read_input(p, cache) for p in paths]
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            got = list(pool.map(lambda p: read_input(p, cache), paths))
         cols["chunk"].append(int(i))
         cols["hash"].append(str(digest))
         cols["paths"].append(paths)
