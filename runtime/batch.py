@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from runtime import batch_plan
 from runtime.batch_fs import Location
@@ -59,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_model(path: str, gpus: float) -> None:
-    """BackendError unless this machine can load MODEL (one line, before Ray starts); a TensorRT plan on
-    a driver without a GPU is only checked for its file and sidecar (the actors load it)."""
+    """BackendError unless this machine can load MODEL (one line, before any chunk runs); a TensorRT plan
+    on a driver without a GPU is only checked for its file and sidecar (the actors load it)."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".plan", ".engine") and gpus:
         for p in (path, path + ".json"):
@@ -125,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = args.threads or max(1, default_threads() // args.actors)
     try:
-        check_model(args.engine, args.gpus_per_actor)
+        if not os.path.isfile(args.engine):    # the full load (check_model) overlaps Ray's start, below
+            raise BackendError(f"{args.engine}: no such model file")
         out = Location.of(args.output)
         if out.fs is None:                     # the actors may run in another directory (cwd) or node
             out = Location(os.path.abspath(args.output), None, args.output)
+        created, had = out.kind() == "missing", set(out.names())
         plan, manifest = plan_job(args.engine, args.input, out, args.chunk_size, args.format, args.all_probs,
                                   args.resume)
     except (InputError, OutputError, BackendError) as e:
@@ -155,10 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         from runtime import batch_ray
+        checking = ThreadPoolExecutor(1).submit(check_model, args.engine, args.gpus_per_actor)
         try:
-            batch_ray.connect(args.address)
+            batch_ray.connect(args.address)    # seconds: the driver's model check runs meanwhile
+            checking.result()
             n, bad, devices = batch_ray.run(job, plan, pending, args.actors, args.gpus_per_actor,
                                    progress=lambda row: first or first.append(time.perf_counter() - t0))
+        except BackendError as e:               # a model this machine cannot load: as if never started
+            if batch_plan.MANIFEST not in had:
+                batch_plan.discard(out, created)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; finish with the same command plus --resume", file=sys.stderr)
             return 130

@@ -230,6 +230,14 @@ def check_out_dir(out: Location, manifest: dict, resume: bool) -> dict | None:
     return old
 
 
+def discard(out: Location, remove_dir: bool) -> None:
+    """Undo a job just planned: its plan and manifest, and the directory (`remove_dir`: it was created)."""
+    for name in (MANIFEST, PLAN):
+        out.remove(name)
+    if remove_dir and out.fs is None and not out.names():
+        os.rmdir(out.path)
+
+
 def write_manifest(out: Location, manifest: dict, name: str = MANIFEST) -> None:
     with out.write(name, text=True) as f:
         f.write(json.dumps(manifest, indent=1) + "\n")

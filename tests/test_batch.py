@@ -330,6 +330,15 @@ def test_clean_stop_then_driver_sigkill_then_resume_every_input_once(ray_address
 
 # ---------------------------------------------------------------------------------------------- no Ray needed
 
+def test_a_model_that_cannot_load_is_one_line_and_leaves_no_job(ray_address, images, tmp_path):
+    # The driver's full model load overlaps Ray's start; when it fails, the job just planned is undone.
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07 not a protobuf of a graph")
+    r = run_job(_cmd(bad, images, tmp_path / "out", ray_address))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.onnx" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_model_is_one_line_before_any_work(images, tmp_path, capsys):
     out = tmp_path / "out"
     rc = batch_main(["--engine", str(tmp_path / "nope.onnx"), "--input", str(images), "--output", str(out)])
