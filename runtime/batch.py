@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             checking.result()
             n, bad, devices = batch_ray.run(job, plan, pending, args.actors, args.gpus_per_actor,
                                    progress=lambda row: first or first.append(time.perf_counter() - t0))
-        except BackendError as e:               # a model this machine cannot load: as if never started
+        except BackendError as e:               # a model this machine cannot load, too few GPUs: as if never started
             if batch_plan.MANIFEST not in had:
                 batch_plan.discard(out, created)
             print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from runtime import batch_plan
+from runtime.backends import BackendError
 from runtime.batch_fs import Location, read_input
 
 RECORD_FIELDS = ("image", "threshold", "predictions", "error")
@@ -215,7 +216,7 @@ def dataset(job: dict[str, Any], plan: "batch_plan.Plan", pending: list[int], ac
     total = float(ray.cluster_resources().get("CPU", 1.0))
     have = float(ray.cluster_resources().get("GPU", 0.0))
     if gpus and have < gpus * actors:           # Ray would wait for them for ever
-        raise ValueError(f"--actors {actors} x --gpus-per-actor {gpus:g} needs {gpus * actors:g} GPUs; the "
+        raise BackendError(f"--actors {actors} x --gpus-per-actor {gpus:g} needs {gpus * actors:g} GPUs; the "
                          f"cluster has {have:g} (start the GPU workers first)")
     ncpu = cpus_per_actor(total, actors, job["threads"], gpus)
     items = [plan.chunk(i) for i in pending]

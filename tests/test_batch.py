@@ -264,6 +264,7 @@ def test_gpu_actor_gets_a_logical_gpu_and_cuda_visible_devices(ray_address, mode
     assert_exactly_once(read_records(out, "jsonl"), [w["image"] for w in infer_records(model, [str(images)], tmp_path)])
     r = run_job(_cmd(model, images, tmp_path / "out2", ray_address, "--gpus-per-actor", 1, "--actors", 2))
     assert r.returncode == 2 and "needs 2 GPUs; the cluster has 1" in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "out2").exists()     # refused before any chunk ran
 
 
 def test_actor_sigkill_mid_run_every_input_once(ray_address, model, weighed_model, slow_images, tmp_path):
