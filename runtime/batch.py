@@ -5,7 +5,8 @@
         --actors 8 --gpus-per-actor 1 --batch-size 64 --resume
 
 The inputs are planned into OUT_DIR/_inputs.txt and cut into chunks of --chunk-size (runtime.batch_plan);
-an actor pool on Ray Data labels the chunks, each into its own file (runtime.batch_ray). Records
+on Ray Data, read tasks read each chunk's files and an actor pool labels the chunks, each into its own
+file (runtime.batch_ray). Inputs and OUT_DIR may be URIs (s3://, gs://, file://: runtime.batch_fs). Records
 are probres-infer's JSONL records (with "probs", every label's probability, under --all-probs),
 in Parquet (default) or JSONL files. OUT_DIR/_SUCCESS, written last, lists every file and its
 record count: until it exists the output is incomplete. A killed run is finished by the same
