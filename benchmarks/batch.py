@@ -1,6 +1,7 @@
 """probres-batch vs probres-infer on the same files, model and total threads; driver memory for a long list.
 
-    .venv/bin/python -m benchmarks.batch [--images 500] [--threads 2] [--model toy|resnet101 | --engine MODEL] [--work DIR]
+    .venv/bin/python -m benchmarks.batch [--images 500] [--threads 2] [--model toy|resnet101 | --engine MODEL] \
+        [--work DIR]
     .venv/bin/python -m benchmarks.batch memory [--lines 1000000]
 
 The first form builds `benchmarks.images`' COCO-like JPEGs (640x480 etc.) and the model:
@@ -211,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--model", choices=("toy", "resnet101"), default="toy",
-                    help="toy: benchmarks.serve's toy model at 448 px (default); resnet101: the product's, an untrained "
-                         "ResNet-101 @448 exported once into --work (needs the training extra)")
+                    help="toy: benchmarks.serve's toy model at 448 px (default); resnet101: the product's, "
+                         "an untrained ResNet-101 @448 exported once into --work (needs the training extra)")
     ap.add_argument("--engine", help="a model file instead of --model")
     ap.add_argument("--work", help="folder for the images, model and outputs (kept; default: a new temp folder)")
     speed(**vars(ap.parse_args(argv)))

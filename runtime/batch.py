@@ -24,9 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from runtime import batch_plan
-from runtime.batch_fs import Location
 from runtime.backends import BackendError, open_backend
 from runtime.backends.base import Backend
+from runtime.batch_fs import Location
 from runtime.fileio import sha256_file
 from runtime.infer import default_threads, positive_int
 from runtime.inputs import InputError

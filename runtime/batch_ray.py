@@ -223,7 +223,8 @@ def dataset(job: dict[str, Any], plan: "batch_plan.Plan", pending: list[int], ac
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(read_chunk_files, batch_size=1, batch_format="numpy", fn_kwargs={"out": job["out"]},
                         num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=read_tasks(actors)))
-    ds = ds.map_batches(ChunkLabeler, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+    ds = ds.map_batches(ChunkLabeler, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs={"job": job}, num_cpus=ncpu, num_gpus=gpus or None)
     return ds
 

@@ -142,3 +142,23 @@ def test_uri_inputs_list_in_walk_order(tmp_path):
     assert list(batch_plan.iter_input(lst.as_uri())) == [f"{uri}/a.jpg", f"{uri}/b/1.jpg"]
     with pytest.raises(InputError, match="no such directory or list file"):
         batch_plan.input_kind(uri + "/nothing/")
+
+
+def test_plan_chunks_and_glob_order(tmp_path):
+    for rel in ["b/2.jpg", "b/1.jpg", "a/x.jpg", "a/deep/y.jpg", "a/z.png", "c.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    g = lambda pat: [os.path.relpath(p, tmp_path) for p in batch_plan.iter_glob(str(tmp_path / pat))]  # noqa: E731
+    assert g("*/*.jpg") == ["a/x.jpg", "b/1.jpg", "b/2.jpg"]
+    assert g("**/*.jpg") == ["a/deep/y.jpg", "a/x.jpg", "b/1.jpg", "b/2.jpg", "c.jpg"]
+    out = tmp_path / "out"
+    out.mkdir()
+    loc = Location(str(out))
+    names = [f"img{i}.jpg" for i in range(10)]
+    assert batch_plan.write_plan(iter(names), loc) == 10
+    plan = batch_plan.scan_plan(loc, 4)
+    assert list(plan.counts) == [4, 4, 2] and plan.count == 10
+    chunks = [plan.chunk(i) for i in range(3)]
+    assert [batch_plan.read_chunk(loc, c["offset"], c["nbytes"], c["count"], c["hash"]) for c in chunks] == [
+        names[:4], names[4:8], names[8:]]
+    assert len(set(plan.hashes)) == 3 and plan.part_name(2, "parquet").startswith("part-000002-")
