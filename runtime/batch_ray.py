@@ -127,7 +127,7 @@ class ChunkLabeler:
                         line = json.dumps(rec) + "\n"
                     row += 1
                 else:
-                    if isinstance(sources[batch.start + k], bytes):   # the pipeline's "<N bytes>: ..." -> the path
+                    if isinstance(sources[batch.start + k], bytes) and err.startswith("<"):   # "<N bytes>: ..."
                         err = path + err[err.index(">") + 1:]
                     self.writer.error(path.partition("\0")[0], err)
                     line = self.text.getvalue()
