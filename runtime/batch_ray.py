@@ -172,8 +172,9 @@ class ChunkLabeler:
 
 
 def read_tasks(actors: int) -> int:
-    """Read tasks at once: one chunk ahead per actor, at least two (Ray Data's backpressure holds the rest)."""
-    return max(2, actors)
+    """Read tasks at once: one per actor (each reads READ_THREADS files at a time; a read task is a worker
+    process that imports Ray Data, seconds of a job's start on a small machine)."""
+    return max(1, actors)
 
 
 def cpus_per_actor(total_cpus: float, actors: int, threads: int, gpus: float) -> float:
@@ -195,6 +196,7 @@ def connect(address: str, quiet: bool = True) -> None:
     import logging
 
     import ray
+    import ray.data  # noqa: F401  (seconds: the driver's model check runs meanwhile, see runtime.batch)
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True,
                               "logging_level": "warning" if quiet else "info"}
     if address == "local":

@@ -386,8 +386,8 @@ def test_an_actor_labels_chunk_after_chunk_in_the_same_buffers(model, images, tm
 
 def test_actors_leave_ray_data_a_cpu_share():
     assert cpus_per_actor(2, 2, 1, 0) == 0.75             # two 1-thread actors on 2 CPUs: 1.5 of them
-    assert cpus_per_actor(2, 1, 2, 0) == 1.5              # (two read tasks of 0.25 CPU beside them)
+    assert cpus_per_actor(2, 1, 2, 0) == 1.75             # (a read task of 0.25 CPU per actor beside them)
     assert cpus_per_actor(64, 8, 2, 0) == 2.0
     assert cpus_per_actor(16, 4, 8, 1) == 1.0              # a GPU actor: one CPU for its decode threads
     with pytest.raises(ValueError):
-        cpus_per_actor(0.5, 1, 1, 0)
+        cpus_per_actor(0.25, 1, 1, 0)
