@@ -120,8 +120,11 @@ class Location:
             yield f
             f.close()
         except BaseException:
-            f.close()                  # pyarrow has no abort: a closed upload is complete, so delete it
-            self.fs.delete_file(where)
+            try:
+                f.close()              # pyarrow has no abort: a closed upload is complete, so delete it
+                self.fs.delete_file(where)
+            except OSError:            # the upload never completed (nothing to delete), or cannot be reached
+                pass
             raise
         if local:
             self.fs.move(where, target)
