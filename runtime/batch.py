@@ -5,7 +5,8 @@
         --actors 8 --gpus-per-actor 1 --batch-size 64 --resume
 
 The inputs are planned into OUT_DIR/_inputs.txt and cut into chunks of --chunk-size (runtime.batch_plan);
-an actor pool on Ray Data labels the chunks, each into its own file (runtime.batch_ray). Records
+on Ray Data, read tasks read each chunk's files and an actor pool labels the chunks, each into its own
+file (runtime.batch_ray). Inputs and OUT_DIR may be URIs (s3://, gs://, file://: runtime.batch_fs). Records
 are probres-infer's JSONL records (with "probs", every label's probability, under --all-probs),
 in Parquet (default) or JSONL files. OUT_DIR/_SUCCESS, written last, lists every file and its
 record count: until it exists the output is incomplete. A killed run is finished by the same
@@ -20,10 +21,12 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from runtime import batch_plan
 from runtime.backends import BackendError, open_backend
 from runtime.backends.base import Backend
+from runtime.batch_fs import Location
 from runtime.fileio import sha256_file
 from runtime.infer import default_threads, positive_int
 from runtime.inputs import InputError
@@ -58,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_model(path: str, gpus: float) -> None:
-    """BackendError unless this machine can load MODEL (one line, before Ray starts); a TensorRT plan on
-    a driver without a GPU is only checked for its file and sidecar (the actors load it)."""
+    """BackendError unless this machine can load MODEL (one line, before any chunk runs); a TensorRT plan
+    on a driver without a GPU is only checked for its file and sidecar (the actors load it)."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".plan", ".engine") and gpus:
         for p in (path, path + ".json"):
@@ -70,27 +73,33 @@ def check_model(path: str, gpus: float) -> None:
     backend.close()
 
 
-def plan_job(args: argparse.Namespace) -> tuple[batch_plan.Plan, dict]:
-    """The plan and manifest of the job (new, or the one OUT_DIR holds under --resume); InputError otherwise."""
-    batch_plan.input_kind(args.input)
-    out = args.output
-    manifest = {"input": args.input, "cwd": os.getcwd(), "model": os.path.abspath(args.engine),
-                "model_sha256": sha256_file(args.engine), "chunk_size": args.chunk_size,
-                "format": args.format, "all_probs": args.all_probs}
-    old = batch_plan.check_out_dir(out, manifest, args.resume)
-    plan_path = os.path.join(out, batch_plan.PLAN)
+def plan_job(engine: str, inputs: str, out: Location, chunk_size: int, fmt: str, all_probs: bool,
+             resume: bool) -> tuple[batch_plan.Plan, dict]:
+    """The plan and manifest of the job (new, or the one `out` holds under `resume`); InputError otherwise.
+
+    engine: the model file; inputs: --input (a directory, list file or glob; a URI: a prefix or a
+    list file); chunk_size, fmt ('parquet' or 'jsonl'), all_probs: as the command's flags."""
+    batch_plan.input_kind(inputs)
+    manifest = {"input": inputs, "cwd": os.getcwd(), "model": os.path.abspath(engine),
+                "model_sha256": sha256_file(engine), "chunk_size": chunk_size, "format": fmt,
+                "all_probs": all_probs}
+    try:
+        old = batch_plan.check_out_dir(out, manifest, resume)
+    except OSError as e:                       # an object store that cannot be listed (credentials, bucket)
+        raise InputError(f"--output {out.name}: {str(e).strip().splitlines()[-1]}") from None
     if old is not None:
-        plan = batch_plan.scan_plan(plan_path, args.chunk_size)
+        plan = batch_plan.scan_plan(out, chunk_size)
         if plan.sha256 != old.get("plan_sha256"):
-            raise InputError(f"{plan_path}: changed since the job was planned; give a new directory")
+            raise InputError(f"{out.shown(batch_plan.PLAN)}: changed since the job was planned; give a new directory")
         return plan, old
-    check_writable("--output", os.path.join(out, batch_plan.MANIFEST))
-    os.makedirs(out, exist_ok=True)
-    n = batch_plan.write_plan(batch_plan.iter_input(args.input), out)
+    if out.fs is None:
+        check_writable("--output", os.path.join(out.path, batch_plan.MANIFEST))
+    out.makedirs()
+    n = batch_plan.write_plan(batch_plan.iter_input(inputs), out)
     if n == 0:
-        os.unlink(plan_path)
-        raise InputError(f"--input {args.input}: no images found")
-    plan = batch_plan.scan_plan(plan_path, args.chunk_size)
+        out.remove(batch_plan.PLAN)
+        raise InputError(f"--input {inputs}: no images found")
+    plan = batch_plan.scan_plan(out, chunk_size)
     manifest.update(plan_sha256=plan.sha256, inputs=plan.count, chunks=len(plan))
     batch_plan.write_manifest(out, manifest)         # from here on the plan is frozen
     return plan, manifest
@@ -118,32 +127,49 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = args.threads or max(1, default_threads() // args.actors)
     try:
-        check_model(args.engine, args.gpus_per_actor)
-        plan, manifest = plan_job(args)
+        if not os.path.isfile(args.engine):    # the full load (check_model) overlaps Ray's start, below
+            raise BackendError(f"{args.engine}: no such model file")
+        out = Location.of(args.output)
+        if out.fs is None:                     # the actors may run in another directory (cwd) or node
+            out = Location(os.path.abspath(args.output), None, args.output)
+        created, had = out.kind() == "missing", set(out.names())
+        plan, manifest = plan_job(args.engine, args.input, out, args.chunk_size, args.format, args.all_probs,
+                                  args.resume)
     except (InputError, OutputError, BackendError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    out = args.output
-    if os.path.exists(os.path.join(out, batch_plan.SUCCESS)):
-        print(f"{PROG}: {out}: already complete ({plan.count} inputs, see {batch_plan.SUCCESS})", file=sys.stderr)
+    except (OSError, ValueError) as e:         # pyarrow: a URI it cannot resolve or reach
+        print(f"{PROG}: error: --output {args.output}: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+    written = set(out.names())
+    if batch_plan.SUCCESS in written:
+        print(f"{PROG}: {args.output}: already complete ({plan.count} inputs, see {batch_plan.SUCCESS})",
+              file=sys.stderr)
         return 0
-    written = set(os.listdir(out))
     pending = [i for i in range(len(plan)) if plan.part_name(i, args.format) not in written]
-    job = {"model": manifest["model"], "cwd": manifest["cwd"], "plan": os.path.abspath(plan.path),
-           "out_dir": os.path.abspath(out), "format": args.format, "all_probs": args.all_probs,
+    job = {"model": manifest["model"], "cwd": manifest["cwd"], "out": out, "format": args.format,
+           "all_probs": args.all_probs,
            "batch_size": args.batch_size, "threads": threads,
-           "device": "cuda" if args.gpus_per_actor else "cpu"}
+           "device": "auto" if args.gpus_per_actor else "cpu"}     # auto: the GPU Ray gave the actor
     t0 = time.perf_counter()
     n = bad = 0
+    devices: set[str] = set()
     first: list[float] = []                  # when the first file of this run was written (startup cost)
     if pending:
         import ray
 
         from runtime import batch_ray
+        checking = ThreadPoolExecutor(1).submit(check_model, args.engine, args.gpus_per_actor)
         try:
-            batch_ray.connect(args.address)
-            n, bad = batch_ray.run(job, plan, pending, args.actors, args.gpus_per_actor,
+            batch_ray.connect(args.address)    # seconds: the driver's model check runs meanwhile
+            checking.result()
+            n, bad, devices = batch_ray.run(job, plan, pending, args.actors, args.gpus_per_actor,
                                    progress=lambda row: first or first.append(time.perf_counter() - t0))
+        except BackendError as e:               # a model this machine cannot load, too few GPUs: as if never started
+            if batch_plan.MANIFEST not in had:
+                batch_plan.discard(out, created)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; finish with the same command plus --resume", file=sys.stderr)
             return 130
@@ -159,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dt = time.perf_counter() - t0
     skipped = len(plan) - len(pending)
-    print(f"{PROG}: {total} inputs in {len(plan)} files in {out} ({skipped} already there); this run: "
+    print(f"{PROG}: {total} inputs in {len(plan)} files in {args.output} ({skipped} already there); this run: "
           f"{n} labelled, {bad} failed, in {dt:.1f} s ({n / max(dt, 1e-9):.1f} img/s"
-          + (f"; first file after {first[0]:.1f} s" if first else "") + ")", file=sys.stderr)
+          + (f"; first file after {first[0]:.1f} s" if first else "") + ")"
+          + (f"; actors' CUDA_VISIBLE_DEVICES: {' '.join(sorted(devices))}" if args.gpus_per_actor else ""),
+          file=sys.stderr)
     return 0
 
 

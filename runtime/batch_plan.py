@@ -1,11 +1,12 @@
 """probres-batch's bookkeeping, without Ray: the input plan, the job manifest, chunk files and _SUCCESS.
 
-    python -c "from runtime.batch_plan import scan_plan; print(scan_plan('out/_inputs.txt', 256).count)"
+    python -c "from runtime.batch_plan import *; print(scan_plan(Location.of('out/'), 256).count)"
 
 Exactly once comes from here, not from Ray. The inputs (a directory walked in sorted order as
 probres-infer walks it, a list file, or a glob expanded in sorted order) are streamed once into
 OUT_DIR/_inputs.txt, then cut into chunks of K consecutive lines: chunk i is lines iK..iK+K-1.
 The driver keeps a byte offset and a hash per chunk, never the paths (8 + 8 bytes per K inputs).
+OUT_DIR is a runtime.batch_fs.Location: a local directory or a URI (s3://, gs://, file://).
 Chunk i's records go to part-IIIIII-HASH.EXT (HASH: of its lines), written to a temp name and
 renamed by whichever worker ran it: a retried or duplicated chunk rewrites the same file whole,
 so a reader sees each input once and never a partial file. _job.json (written before any chunk)
@@ -19,13 +20,14 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import io
 import json
 import os
 from array import array
 from dataclasses import dataclass
 from typing import Iterator
 
-from runtime.fileio import atomic_open, atomic_write_text
+from runtime.batch_fs import Location, is_uri, iter_uri_dir
 from runtime.inputs import InputError, read_list
 from runtime.pipeline import iter_image_paths
 
@@ -40,7 +42,15 @@ MANIFEST_KEYS = ("input", "cwd", "model_sha256", "chunk_size", "format", "all_pr
 # ---------------------------------------------------------------------------------------------- inputs
 
 def input_kind(spec: str) -> str:
-    """'dir', 'list' or 'glob' for --input; InputError when it is none of them."""
+    """'dir', 'list' or 'glob' for --input (a URI: 'dir' or 'list'); InputError when it is none of them."""
+    if is_uri(spec):
+        try:
+            kind = Location.of(spec).kind()
+        except (OSError, ValueError) as e:
+            raise InputError(f"--input {spec}: {str(e).strip().splitlines()[-1]}") from None
+        if kind == "missing":
+            raise InputError(f"--input {spec}: no such directory or list file")
+        return "list" if kind == "file" else "dir"
     if os.path.isdir(spec):
         return "dir"
     if os.path.isfile(spec):
@@ -87,11 +97,23 @@ def iter_glob(pattern: str) -> Iterator[str]:
 def iter_input(spec: str) -> Iterator[str]:
     """The paths of --input, streamed: a directory walked (as probres-infer walks it), a list file, a glob."""
     kind = input_kind(spec)
+    if is_uri(spec):
+        return iter_uri_dir(spec) if kind == "dir" else _read_uri_list(spec)
     if kind == "dir":
         return iter_image_paths([spec])
     if kind == "list":
         return read_list(spec)
     return iter_glob(spec)
+
+
+def _read_uri_list(uri: str) -> Iterator[str]:
+    """The paths of a list file at a URI, one a line, blank lines skipped, streamed."""
+    loc = Location.of(uri)
+    with loc.fs.open_input_stream(loc.path) as f:
+        for raw in io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape"):
+            line = raw.rstrip("\r\n")
+            if line:
+                yield line
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -100,25 +122,32 @@ def iter_input(spec: str) -> Iterator[str]:
 class Plan:
     """Chunk i = `counts[i]` lines of the plan file from byte `offsets[i]`; `hashes[i]` names its file."""
 
-    path: str
+    out: Location             # OUT_DIR, which holds the plan file (PLAN)
     chunk_size: int
     offsets: array            # 'q', one per chunk
     counts: array             # 'l'
     hashes: list[str]         # 12 hex digits per chunk
     count: int                # inputs in all
     sha256: str               # of the whole plan file
+    size: int                 # its bytes
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    def chunk(self, i: int) -> dict:
+        """Chunk i's descriptor, all an actor needs to read its paths (never the paths themselves)."""
+        end = self.offsets[i + 1] if i + 1 < len(self) else self.size
+        return {"chunk": i, "offset": self.offsets[i], "nbytes": end - self.offsets[i], "count": self.counts[i],
+                "hash": self.hashes[i]}
 
     def part_name(self, i: int, fmt: str) -> str:
         return f"{PART_PREFIX}{i:06d}-{self.hashes[i]}{EXTENSIONS[fmt]}"
 
 
-def write_plan(paths: Iterator[str], out_dir: str) -> int:
-    """Stream `paths` into OUT_DIR/_inputs.txt (temp then rename); returns how many."""
+def write_plan(paths: Iterator[str], out: Location) -> int:
+    """Stream `paths` into OUT_DIR/_inputs.txt (written whole or not at all); returns how many."""
     n = 0
-    with atomic_open(os.path.join(out_dir, PLAN), "wb") as f:
+    with out.write(PLAN) as f:
         for p in paths:
             line = os.fsencode(p)
             if b"\n" in line or b"\r" in line:     # one path a line: such a name cannot be planned
@@ -128,11 +157,11 @@ def write_plan(paths: Iterator[str], out_dir: str) -> int:
     return n
 
 
-def scan_plan(path: str, chunk_size: int) -> Plan:
-    """One pass over a plan file: chunk offsets, counts and hashes, and the file's sha256."""
+def scan_plan(out: Location, chunk_size: int) -> Plan:
+    """One pass over OUT_DIR's plan file: chunk offsets, counts and hashes, and the file's sha256."""
     offsets, counts, hashes = array("q"), array("l"), []
     whole, h, pos, n, total = hashlib.sha256(), None, 0, 0, 0
-    with open(path, "rb") as f:
+    with out.open_read(PLAN) as raw, io.BufferedReader(raw) as f:
         for line in f:
             if n == 0:
                 offsets.append(pos)
@@ -149,22 +178,16 @@ def scan_plan(path: str, chunk_size: int) -> Plan:
     if n:
         counts.append(n)
         hashes.append(h.hexdigest())
-    return Plan(path, chunk_size, offsets, counts, hashes, total, whole.hexdigest())
+    return Plan(out, chunk_size, offsets, counts, hashes, total, whole.hexdigest(), pos)
 
 
-def read_chunk(plan_path: str, offset: int, count: int, digest: str) -> list[str]:
-    """Chunk paths from the plan file; ValueError when they no longer hash to `digest` (a changed plan)."""
-    h = hashlib.blake2b(digest_size=6)
-    out = []
-    with open(plan_path, "rb") as f:
-        f.seek(offset)
-        for _ in range(count):
-            line = f.readline()
-            h.update(line)
-            out.append(os.fsdecode(line.rstrip(b"\n")))
-    if h.hexdigest() != digest:
-        raise ValueError(f"{plan_path}: the chunk at byte {offset} changed since the job was planned")
-    return out
+def read_chunk(out: Location, offset: int, nbytes: int, count: int, digest: str) -> list[str]:
+    """Chunk paths from OUT_DIR's plan file; ValueError when they no longer hash to `digest` (a changed plan)."""
+    data = out.read_range(PLAN, offset, nbytes)
+    lines = data.splitlines(keepends=True)
+    if len(lines) != count or hashlib.blake2b(data, digest_size=6).hexdigest() != digest:
+        raise ValueError(f"{out.shown(PLAN)}: the chunk at byte {offset} changed since the job was planned")
+    return [os.fsdecode(line.rstrip(b"\n")) for line in lines]
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -174,71 +197,79 @@ def _ours(name: str) -> bool:
         name.startswith(".") and name.endswith(".tmp"))
 
 
-def check_out_dir(out_dir: str, manifest: dict, resume: bool) -> dict | None:
+def check_out_dir(out: Location, manifest: dict, resume: bool) -> dict | None:
     """Refuse (InputError) an output directory that holds files of another job, or any files without
     --resume. Returns the manifest already there (--resume of the same job), else None."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InputError(f"--output {out_dir}: is a file; give a directory")
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    shown = out.name or out.path
+    if out.kind() == "file":
+        raise InputError(f"--output {shown}: is a file; give a directory")
+    names = out.names()
     if not names:
         return None
     if not resume:
-        raise InputError(f"--output {out_dir}: is not empty; give a new directory, or --resume to finish "
+        raise InputError(f"--output {shown}: is not empty; give a new directory, or --resume to finish "
                          f"the job that wrote it")
     foreign = sorted(n for n in names if not _ours(n))
     if foreign:
-        raise InputError(f"--output {out_dir}: holds files probres-batch did not write ({foreign[0]}, ...); "
+        raise InputError(f"--output {shown}: holds files probres-batch did not write ({foreign[0]}, ...); "
                          f"refusing to mix them with this job's")
     if MANIFEST not in names:
         if any(n.startswith(PART_PREFIX) for n in names):
-            raise InputError(f"--output {out_dir}: has part files but no {MANIFEST}; not a job to resume")
+            raise InputError(f"--output {shown}: has part files but no {MANIFEST}; not a job to resume")
         return None                        # killed while planning: start again
     try:
-        old = json.loads(open(os.path.join(out_dir, MANIFEST), encoding="utf-8").read())
+        with out.open_read(MANIFEST) as f:
+            old = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as e:
-        raise InputError(f"--output {out_dir}: cannot read {MANIFEST} ({e})") from None
+        raise InputError(f"--output {shown}: cannot read {MANIFEST} ({e})") from None
     diff = [k for k in MANIFEST_KEYS if old.get(k) != manifest.get(k)]
     if diff:
         k = diff[0]
-        raise InputError(f"--output {out_dir} holds another job's files: {k} was {old.get(k)!r}, now "
+        raise InputError(f"--output {shown} holds another job's files: {k} was {old.get(k)!r}, now "
                          f"{manifest.get(k)!r}; give a new directory")
     return old
 
 
-def write_manifest(out_dir: str, manifest: dict) -> None:
-    atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+def discard(out: Location, remove_dir: bool) -> None:
+    """Undo a job just planned: its plan and manifest, and the directory (`remove_dir`: it was created)."""
+    for name in (MANIFEST, PLAN):
+        out.remove(name)
+    if remove_dir and out.fs is None and not out.names():
+        os.rmdir(out.path)
 
 
-def count_records(path: str, fmt: str) -> int:
+def write_manifest(out: Location, manifest: dict, name: str = MANIFEST) -> None:
+    with out.write(name, text=True) as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+
+
+def count_records(out: Location, name: str, fmt: str) -> int:
     """Records in one part file: Parquet's footer row count, or JSONL lines."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-        return pq.ParquetFile(path).metadata.num_rows
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
+    with out.open_read(name) as f:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            return pq.ParquetFile(f).metadata.num_rows
+        return sum(1 for _ in io.BufferedReader(f) if fmt == "jsonl")
 
 
-def finish(out_dir: str, plan: Plan, fmt: str) -> int:
+def finish(out: Location, plan: Plan, fmt: str) -> int:
     """Check every chunk's file holds its inputs' count, remove stray temp files, write _SUCCESS.
 
     Returns the record count; InputError naming the first missing or short file."""
     files = []
+    names = set(out.names())
     for i in range(len(plan)):
         name = plan.part_name(i, fmt)
-        p = os.path.join(out_dir, name)
-        if not os.path.isfile(p):
-            raise InputError(f"{p}: missing after the run; run again with --resume")
-        n = count_records(p, fmt)
+        if name not in names:
+            raise InputError(f"{out.shown(name)}: missing after the run; run again with --resume")
+        n = count_records(out, name, fmt)
         if n != plan.counts[i]:
-            raise InputError(f"{p}: {n} records for {plan.counts[i]} inputs; delete it and run again with --resume")
+            raise InputError(f"{out.shown(name)}: {n} records for {plan.counts[i]} inputs; delete it and run "
+                             f"again with --resume")
         files.append({"file": name, "records": n})
-    for name in os.listdir(out_dir):       # a killed worker's temp file (its chunk was redone)
+    for name in names:                     # a killed worker's temp file (its chunk was redone)
         if name.startswith(".") and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(out_dir, name))
-            except FileNotFoundError:
-                pass
+            out.remove(name)
     total = sum(f["records"] for f in files)
-    atomic_write_text(os.path.join(out_dir, SUCCESS),
-                      json.dumps({"records": total, "files": files}, indent=1) + "\n")
+    write_manifest(out, {"records": total, "files": files}, SUCCESS)
     return total

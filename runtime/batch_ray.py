@@ -3,12 +3,14 @@
     probres-batch --engine model.onnx --input photos/ --output out/ --address local --actors 2
 
 The dataset is one row per pending chunk (index, byte offset, count, hash: never the paths).
-map_batches hands each row to a callable-class actor (ChunkLabeler): it loads the model once,
-reads the chunk's paths from the plan file, decodes and classifies them through probres-infer's
-own pipeline (runtime.pipeline.classify: the image reads run in the actor's decode threads),
-formats the records with probres-infer's Writer, and writes the chunk's file (temp, then rename).
+A first map_batches stage of plain Ray tasks (read_chunk_files, a fraction of a CPU each, a few
+at a time) reads the chunk's paths from the plan and each file's bytes (an unreadable file: its
+error, worded as probres-infer words it), local paths or URIs (runtime.batch_fs). The second hands
+each chunk to a callable-class actor (ChunkLabeler): it loads the model once, decodes and
+classifies the bytes through probres-infer's own pipeline (runtime.pipeline.classify), formats
+the records with probres-infer's Writer, and writes the chunk's file (whole or not at all).
 Ray Data restarts a killed actor and retries its chunk (max_restarts / max_task_retries -1 by
-default); the rerun rewrites the same file, so nothing is counted twice.
+default), and retries a failed read task; a rerun rewrites the same file, so nothing is counted twice.
 Ray is imported only here, and only by probres-batch.
 """
 
@@ -22,9 +24,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from runtime import batch_plan
-from runtime.fileio import atomic_open
+from runtime.backends import BackendError
+from runtime.batch_fs import Location, read_input
 
 RECORD_FIELDS = ("image", "threshold", "predictions", "error")
+READ_CPUS = 0.25               # Ray CPUs a read task reserves: reading bytes barely uses one
+READ_THREADS = 8               # files a read task reads at once (an object store's latency, not a CPU, bounds it)
 
 
 def parquet_schema(all_probs: bool):
@@ -60,8 +65,31 @@ class ReusedBuffers:
         return self._buffers[key]
 
 
+def read_chunk_files(rows: dict[str, np.ndarray], out: Location) -> "pyarrow.Table":
+    """Ray Data's read stage: each chunk row -> its paths, each file's bytes (or its error message)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+    cache: dict = {}
+    cols: dict[str, list] = {"chunk": [], "hash": [], "paths": [], "data": [], "error": []}
+    for i, offset, nbytes, count, digest in zip(rows["chunk"], rows["offset"], rows["nbytes"], rows["count"],
+                                                rows["hash"]):
+        paths = batch_plan.read_chunk(out, int(offset), int(nbytes), int(count), str(digest))
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            got = list(pool.map(lambda p: read_input(p, cache), paths))
+        cols["chunk"].append(int(i))
+        cols["hash"].append(str(digest))
+        cols["paths"].append(paths)
+        cols["data"].append([g if isinstance(g, bytes) else None for g in got])
+        cols["error"].append([None if isinstance(g, bytes) else str(g) for g in got])
+    return pa.table(cols, schema=pa.schema([("chunk", pa.int64()), ("hash", pa.string()),
+                                            ("paths", pa.list_(pa.string())),
+                                            ("data", pa.large_list(pa.large_binary())),
+                                            ("error", pa.list_(pa.string()))]))
+
+
 class ChunkLabeler:
-    """One model per actor; __call__ labels a batch of chunk rows and writes one file per chunk."""
+    """One model per actor; __call__ labels the read stage's chunks and writes one file per chunk."""
 
     def __init__(self, job: dict[str, Any]) -> None:
         from runtime.backends import open_backend
@@ -71,19 +99,23 @@ class ChunkLabeler:
         if job["cwd"] and os.path.isdir(job["cwd"]):
             os.chdir(job["cwd"])                 # relative inputs resolve as they did for the driver
         self.job = job
+        self.out: Location = job["out"]
         self.backend = ReusedBuffers(open_backend(job["model"], device=job["device"], threads=job["threads"]))
         contract = self.backend.contract
         thresholds, decided = decision_thresholds(contract, None, None)
         self.text = io.StringIO()
         self.writer = Writer(self.text, "jsonl", contract.labels, thresholds, None, decided)
 
-    def label(self, paths: list[str]) -> Iterator[tuple[str, bool]]:
-        """(probres-infer's JSONL line, failed) for each of `paths`, in order (plus "probs" with --all-probs)."""
+    def label(self, paths: list[str], sources: list) -> Iterator[tuple[str, bool]]:
+        """(probres-infer's JSONL line, failed) for each of `paths`, in order (plus "probs" with --all-probs).
+
+        sources[i]: paths[i]'s bytes, or the ImageDecodeError the read stage met."""
         from runtime.pipeline import classify
         job = self.job
-        for batch, probs in classify(self.backend, paths, job["batch_size"], job["threads"]):
+        for batch, probs in classify(self.backend, sources, job["batch_size"], job["threads"]):
             row = 0
-            for path, err in zip(batch.paths, batch.errors):
+            for k, err in enumerate(batch.errors):
+                path = paths[batch.start + k]
                 self.text.seek(0)
                 self.text.truncate()
                 if err is None:
@@ -95,15 +127,16 @@ class ChunkLabeler:
                         line = json.dumps(rec) + "\n"
                     row += 1
                 else:
+                    if isinstance(sources[batch.start + k], bytes) and err.startswith("<"):   # "<N bytes>: ..."
+                        err = path + err[err.index(">") + 1:]
                     self.writer.error(path.partition("\0")[0], err)
                     line = self.text.getvalue()
                 yield line, err is not None
 
     def write(self, name: str, lines: list[str]) -> None:
-        """The chunk's file, whole: temp name then rename (a rerun of the chunk replaces it with the same)."""
-        path = os.path.join(self.job["out_dir"], name)
+        """The chunk's file, whole (a rerun of the chunk replaces it with the same)."""
         if self.job["format"] == "jsonl":
-            with atomic_open(path, "w") as f:
+            with self.out.write(name, text=True) as f:
                 f.write("".join(lines))
             return
         import pyarrow as pa
@@ -114,34 +147,45 @@ class ChunkLabeler:
             if isinstance(r.get("threshold"), (int, float)):
                 r["threshold"] = repr(float(r["threshold"]))
         table = pa.Table.from_pylist(rows, schema=schema)
-        with atomic_open(path, "wb") as f:
+        with self.out.write(name) as f:
             pq.write_table(table, f)
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, chunks: "pyarrow.Table") -> dict[str, np.ndarray]:
+        from runtime.preprocess import ImageDecodeError
         job = self.job
         names, records, errors = [], [], []
-        for i, offset, count, digest in zip(rows["chunk"], rows["offset"], rows["count"], rows["hash"]):
-            paths = batch_plan.read_chunk(job["plan"], int(offset), int(count), str(digest))
-            done = list(self.label(paths))
+        for c in chunks.to_pylist():
+            paths = c["paths"]
+            sources = [d if d is not None else ImageDecodeError(e) for d, e in zip(c["data"], c["error"])]
+            done = list(self.label(paths, sources))
             if len(done) != len(paths):          # never a short file: fail the chunk (finish --resume redoes it)
-                raise RuntimeError(f"chunk {int(i)}: {len(done)} records for {len(paths)} inputs")
+                raise RuntimeError(f"chunk {c['chunk']}: {len(done)} records for {len(paths)} inputs")
             lines = [line for line, _ in done]
-            name = f"{batch_plan.PART_PREFIX}{int(i):06d}-{digest}{batch_plan.EXTENSIONS[job['format']]}"
+            name = f"{batch_plan.PART_PREFIX}{c['chunk']:06d}-{c['hash']}{batch_plan.EXTENSIONS[job['format']]}"
             self.write(name, lines)
             names.append(name)
             records.append(len(lines))
             errors.append(sum(failed for _, failed in done))
-        return {"file": np.array(names), "records": np.array(records), "errors": np.array(errors)}
+        return {"file": np.array(names), "records": np.array(records), "errors": np.array(errors),
+                # the GPUs Ray gave this actor (num_gpus): the driver reports them
+                "gpus": np.array([os.environ.get("CUDA_VISIBLE_DEVICES", "")] * len(names))}
+
+
+def read_tasks(actors: int) -> int:
+    """Read tasks at once: one per actor (each reads READ_THREADS files at a time; a read task is a worker
+    process that imports Ray Data, seconds of a job's start on a small machine)."""
+    return max(1, actors)
 
 
 def cpus_per_actor(total_cpus: float, actors: int, threads: int, gpus: float) -> float:
-    """Ray CPUs each actor reserves: its threads, but all actors together leave half a CPU to Ray Data.
+    """Ray CPUs each actor reserves: its threads, but all actors together leave the read tasks their share.
 
-    A CPU in Ray is a scheduling token. Actors that reserve every CPU starve Ray Data's own tasks
-    (the issue's deadlock: two 1-CPU actors on num_cpus=2 plus a read task wait for ever); GPU actors
-    reserve one CPU each for their decode threads, at most what is there."""
+    A CPU in Ray is a scheduling token. Actors that reserve every CPU starve the read tasks (the
+    issue's deadlock: two 1-CPU actors on num_cpus=2 plus a read task wait for ever), so the
+    read_tasks(actors) tasks of READ_CPUS each always fit beside them; GPU actors reserve one CPU
+    each for their decode threads, at most what is there."""
     want = 1.0 if gpus else float(threads)
-    room = (total_cpus - 0.5) / actors
+    room = (total_cpus - READ_CPUS * read_tasks(actors)) / actors
     if room <= 0:
         raise ValueError(f"--actors {actors}: the cluster has {total_cpus:g} CPUs")
     return round(min(want, room), 2)
@@ -152,6 +196,7 @@ def connect(address: str, quiet: bool = True) -> None:
     import logging
 
     import ray
+    import ray.data  # noqa: F401  (seconds: the driver's model check runs meanwhile, see runtime.batch)
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True,
                               "logging_level": "warning" if quiet else "info"}
     if address == "local":
@@ -162,9 +207,8 @@ def connect(address: str, quiet: bool = True) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def run(job: dict[str, Any], plan: "batch_plan.Plan", pending: list[int], actors: int, gpus: float,
-        progress=None) -> tuple[int, int]:
-    """Label the `pending` chunks of `plan` on the connected Ray; returns (records, error records) done now."""
+def dataset(job: dict[str, Any], plan: "batch_plan.Plan", pending: list[int], actors: int, gpus: float):
+    """The job's Ray Dataset (not run yet): chunk rows -> read tasks -> the labelling actors' file rows."""
     import ray
     from ray.data import DataContext
 
@@ -172,16 +216,31 @@ def run(job: dict[str, Any], plan: "batch_plan.Plan", pending: list[int], actors
     ctx.enable_progress_bars = False
     ctx.max_consecutive_actor_init_deaths = 2          # a model no actor can load: fail fast, not for ever
     total = float(ray.cluster_resources().get("CPU", 1.0))
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if gpus and have < gpus * actors:           # Ray would wait for them for ever
+        raise BackendError(f"--actors {actors} x --gpus-per-actor {gpus:g} needs {gpus * actors:g} GPUs; the "
+                         f"cluster has {have:g} (start the GPU workers first)")
     ncpu = cpus_per_actor(total, actors, job["threads"], gpus)
-    items = [{"chunk": i, "offset": plan.offsets[i], "count": plan.counts[i], "hash": plan.hashes[i]}
-             for i in pending]
+    items = [plan.chunk(i) for i in pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(ChunkLabeler, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+    ds = ds.map_batches(read_chunk_files, batch_size=1, batch_format="numpy", fn_kwargs={"out": job["out"]},
+                        num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=read_tasks(actors)))
+    ds = ds.map_batches(ChunkLabeler, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs={"job": job}, num_cpus=ncpu, num_gpus=gpus or None)
+    return ds
+
+
+def run(job: dict[str, Any], plan: "batch_plan.Plan", pending: list[int], actors: int, gpus: float,
+        progress=None) -> tuple[int, int, set[str]]:
+    """Label the `pending` chunks of `plan` on the connected Ray; returns (records, error records) done
+    now and the actors' CUDA_VISIBLE_DEVICES values."""
     n = bad = 0
-    for row in ds.iter_rows():
+    devices = set()
+    for row in dataset(job, plan, pending, actors, gpus).iter_rows():
         n += int(row["records"])
         bad += int(row["errors"])
+        devices.add(str(row["gpus"]))
         if progress is not None:
             progress(row)
-    return n, bad
+    return n, bad, devices

@@ -31,7 +31,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from runtime import batch_plan  # noqa: E402
 from runtime.batch import main as batch_main  # noqa: E402
-from runtime.batch_ray import ChunkLabeler, cpus_per_actor  # noqa: E402
+from runtime.batch_fs import Location  # noqa: E402
+from runtime.batch_ray import ChunkLabeler, cpus_per_actor, read_chunk_files  # noqa: E402
 from runtime.contract import LabelSet, ModelContract, PreprocessSpec  # noqa: E402
 from runtime.infer import main as infer_main  # noqa: E402
 from runtime.provenance import records  # noqa: E402
@@ -63,12 +64,13 @@ def _kill_session(sid: int) -> None:
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """A 2-CPU Ray head for the module; its whole session is killed at teardown."""
+    """A 2-CPU Ray head for the module, with one logical GPU (declared: there is none); its whole session
+    is killed at teardown."""
     tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")          # short: Ray's socket paths have a length limit
     port = _free_port()
     ray_bin = Path(sys.executable).with_name("ray")
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp}",
+                             "--num-gpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp}",
                              "--object-store-memory=200000000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
@@ -237,6 +239,34 @@ def test_records_equal_probres_infer_and_bad_images_are_error_records(ray_addres
     assert first == [w["image"] for w in want[5:10]]
 
 
+def test_object_store_paths_file_uris_in_and_out(ray_address, model, images, tmp_path):
+    # file:// goes through pyarrow.fs as s3:// and gs:// do (FileSystem.from_uri), a LocalFileSystem here.
+    out = tmp_path / "out"
+    r = run_job(_cmd(model, images.as_uri() + "/", out.as_uri(), ray_address, "--chunk-size", 10,
+                     "--batch-size", 4, "--threads", 1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = read_records(out, "parquet")
+    want = infer_records(model, [str(images)], tmp_path)
+    uri = images.as_uri()
+    for w in want:                          # the records name the URIs; errors too
+        w["image"] = uri + w["image"][len(str(images)):]
+        if "error" in w:
+            w["error"] = uri + w["error"][len(str(images)):]
+    assert [g["image"] for g in got] == [w["image"] for w in want]       # probres-infer's walk order
+    assert all(same_record({k: v for k, v in g.items() if v is not None}, w) for g, w in zip(got, want))
+
+
+def test_gpu_actor_gets_a_logical_gpu_and_cuda_visible_devices(ray_address, model, images, tmp_path):
+    out = tmp_path / "out"
+    r = run_job(_cmd(model, images, out, ray_address, "--gpus-per-actor", 1, "--format", "jsonl", "--chunk-size", 13))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "actors' CUDA_VISIBLE_DEVICES: 0" in r.stderr          # set by Ray for the actor's one GPU
+    assert_exactly_once(read_records(out, "jsonl"), [w["image"] for w in infer_records(model, [str(images)], tmp_path)])
+    r = run_job(_cmd(model, images, tmp_path / "out2", ray_address, "--gpus-per-actor", 1, "--actors", 2))
+    assert r.returncode == 2 and "needs 2 GPUs; the cluster has 1" in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "out2").exists()     # refused before any chunk ran
+
+
 def test_actor_sigkill_mid_run_every_input_once(ray_address, model, weighed_model, slow_images, tmp_path):
     import psutil
     out = tmp_path / "out"
@@ -301,6 +331,15 @@ def test_clean_stop_then_driver_sigkill_then_resume_every_input_once(ray_address
 
 # ---------------------------------------------------------------------------------------------- no Ray needed
 
+def test_a_model_that_cannot_load_is_one_line_and_leaves_no_job(ray_address, images, tmp_path):
+    # The driver's full model load overlaps Ray's start; when it fails, the job just planned is undone.
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07 not a protobuf of a graph")
+    r = run_job(_cmd(bad, images, tmp_path / "out", ray_address))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.onnx" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_model_is_one_line_before_any_work(images, tmp_path, capsys):
     out = tmp_path / "out"
     rc = batch_main(["--engine", str(tmp_path / "nope.onnx"), "--input", str(images), "--output", str(out)])
@@ -319,7 +358,7 @@ def test_an_output_dir_of_another_job_is_refused(model, images, tmp_path, capsys
     (out / "notes.txt").unlink()
     other = dict(input=str(images), cwd=os.getcwd(), model_sha256="0" * 64, chunk_size=1024, format="parquet",
                  all_probs=False)
-    batch_plan.write_manifest(str(out), other)               # another model's job
+    batch_plan.write_manifest(Location(str(out)), other)               # another model's job
     assert batch_main(args + ["--resume"]) == 2
     err = capsys.readouterr().err
     assert "another job's files: model_sha256" in err and err.count("\n") == 1
@@ -331,42 +370,24 @@ def test_an_actor_labels_chunk_after_chunk_in_the_same_buffers(model, images, tm
     # chunk must not add buffers (190 MB a chunk at 448 px, for the whole job).
     out = tmp_path / "out"
     out.mkdir()
-    batch_plan.write_plan(batch_plan.iter_input(str(images)), str(out))
-    plan = batch_plan.scan_plan(str(out / batch_plan.PLAN), 4)
-    job = {"model": str(model), "cwd": os.getcwd(), "plan": plan.path, "out_dir": str(out), "format": "jsonl",
+    loc = Location(str(out))
+    batch_plan.write_plan(batch_plan.iter_input(str(images)), loc)
+    plan = batch_plan.scan_plan(loc, 4)
+    job = {"model": str(model), "cwd": os.getcwd(), "out": loc, "format": "jsonl",
            "all_probs": False, "batch_size": 2, "threads": 1, "device": "cpu"}
     labeler = ChunkLabeler(job)
     owned = []
     for i in range(4):
-        rows = labeler({"chunk": np.array([i]), "offset": np.array([plan.offsets[i]]),
-                        "count": np.array([plan.counts[i]]), "hash": np.array([plan.hashes[i]])})
+        rows = labeler(read_chunk_files({k: np.array([v]) for k, v in plan.chunk(i).items()}, loc))
         assert list(rows["records"]) == [4] and (out / rows["file"][0]).is_file()
         owned.append(len(labeler.backend._backend._owned_inputs))
     assert owned == [owned[0]] * 4
 
 
-def test_plan_chunks_and_glob_order(tmp_path):
-    for rel in ["b/2.jpg", "b/1.jpg", "a/x.jpg", "a/deep/y.jpg", "a/z.png", "c.jpg"]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"")
-    g = lambda pat: [os.path.relpath(p, tmp_path) for p in batch_plan.iter_glob(str(tmp_path / pat))]  # noqa: E731
-    assert g("*/*.jpg") == ["a/x.jpg", "b/1.jpg", "b/2.jpg"]
-    assert g("**/*.jpg") == ["a/deep/y.jpg", "a/x.jpg", "b/1.jpg", "b/2.jpg", "c.jpg"]
-    out = tmp_path / "out"
-    out.mkdir()
-    names = [f"img{i}.jpg" for i in range(10)]
-    assert batch_plan.write_plan(iter(names), str(out)) == 10
-    plan = batch_plan.scan_plan(str(out / batch_plan.PLAN), 4)
-    assert list(plan.counts) == [4, 4, 2] and plan.count == 10
-    assert [batch_plan.read_chunk(plan.path, plan.offsets[i], plan.counts[i], plan.hashes[i]) for i in range(3)] == [
-        names[:4], names[4:8], names[8:]]
-    assert len(set(plan.hashes)) == 3 and plan.part_name(2, "parquet").startswith("part-000002-")
-
-
 def test_actors_leave_ray_data_a_cpu_share():
     assert cpus_per_actor(2, 2, 1, 0) == 0.75             # two 1-thread actors on 2 CPUs: 1.5 of them
-    assert cpus_per_actor(2, 1, 2, 0) == 1.5
+    assert cpus_per_actor(2, 1, 2, 0) == 1.75             # (a read task of 0.25 CPU per actor beside them)
     assert cpus_per_actor(64, 8, 2, 0) == 2.0
     assert cpus_per_actor(16, 4, 8, 1) == 1.0              # a GPU actor: one CPU for its decode threads
     with pytest.raises(ValueError):
-        cpus_per_actor(0.5, 1, 1, 0)
+        cpus_per_actor(0.25, 1, 1, 0)
