@@ -19,15 +19,14 @@ import io
 import os
 import posixpath
 import re
-import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import unquote, urlparse
 
+from runtime.decode import ImageDecodeError, check_path
 from runtime.fileio import atomic_open
 from runtime.pipeline import MAX_FILE_BYTES, is_image_name
-from runtime.preprocess import ImageDecodeError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -153,24 +152,14 @@ def iter_uri_dir(uri: str) -> Iterator[str]:
 
 def read_input(path: str, fs_cache: dict) -> bytes | ImageDecodeError:
     """The encoded bytes of one input (a local path or a URI), or its error in probres-infer's words."""
-    if "\0" in path:                               # an unreadable directory from the walk
-        d, why = path.split("\0", 1)
-        return ImageDecodeError(f"{d}: cannot list directory ({why})")
     if is_uri(path):
         return _read_uri(path, fs_cache)
     try:
-        st = os.stat(path)
-    except OSError as e:
-        return ImageDecodeError(f"{path}: {e.strerror or e}")
-    if stat.S_ISDIR(st.st_mode):
-        return ImageDecodeError(f"{path}: is a directory, not an image")
-    if not stat.S_ISREG(st.st_mode):
-        return ImageDecodeError(f"{path}: not a regular file")
-    if st.st_size > MAX_FILE_BYTES:
-        return ImageDecodeError(f"{path}: file too large ({st.st_size} bytes, limit {MAX_FILE_BYTES})")
-    try:
+        check_path(path)                           # probres-infer's checks and words (runtime.decode)
         with open(path, "rb") as f:
             return f.read()
+    except ImageDecodeError as e:
+        return e
     except OSError as e:
         return ImageDecodeError(f"{path}: cannot read file ({e.strerror or e})")
 
@@ -181,7 +170,7 @@ def _read_uri(uri: str, fs_cache: dict) -> bytes | ImageDecodeError:
         fs, p = from_uri(uri, fs_cache)
         info = fs.get_file_info(p)
         if info.type == FileType.NotFound:
-            return ImageDecodeError(f"{uri}: {os.strerror(errno.ENOENT)}")
+            return ImageDecodeError(f"{uri}: cannot read file ({os.strerror(errno.ENOENT)})")
         if info.type == FileType.Directory:
             return ImageDecodeError(f"{uri}: is a directory, not an image")
         if info.size is not None and info.size > MAX_FILE_BYTES:

@@ -15,6 +15,7 @@ the image into the model's input; runtime.pipeline streams batches of them.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from typing import Union
 
@@ -149,6 +150,28 @@ def decode_path_reusing(path: str) -> np.ndarray | None:
     return img if ok else None                              # rotated by EXIF: a new array
 
 
+def check_path(path: str, name: str | None = None) -> str:
+    """The checks a path passes before it is read (ImageDecodeError in probres-infer's words); its label.
+
+    Also used by probres-batch's read tasks (runtime.batch_fs), so that an input's error record is
+    the same whichever command read it."""
+    if "\0" in path:              # runtime.pipeline's walk marks a directory it could not list "dir\0reason"
+        d, why = path.split("\0", 1)
+        raise ImageDecodeError(f"{d}: cannot list directory ({why})")
+    label = path if name is None else name
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ImageDecodeError(f"{label}: cannot read file ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageDecodeError(f"{label}: is a directory, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageDecodeError(f"{label}: not a regular file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageDecodeError(f"{label}: file too large ({st.st_size} bytes, limit {MAX_FILE_BYTES})")
+    return label
+
+
 def decode_source(src: ImageSource, name: str | None = None) -> np.ndarray:
     """A path or encoded bytes -> BGR uint8 HxWx3, through every check above; ImageDecodeError naming it.
 
@@ -161,20 +184,7 @@ def decode_source(src: ImageSource, name: str | None = None) -> np.ndarray:
         check_header(src, label)
         return decode_bgr(src, label)
     path = os.fspath(src)
-    if "\0" in path:              # runtime.pipeline's walk marks a directory it could not list "dir\0reason"
-        d, why = path.split("\0", 1)
-        raise ImageDecodeError(f"{d}: cannot list directory ({why})")
-    label = path if name is None else name
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ImageDecodeError(f"{label}: cannot read file ({e.strerror or e})") from None
-    if os.path.isdir(path):
-        raise ImageDecodeError(f"{label}: is a directory, not an image")
-    if not os.path.isfile(path):
-        raise ImageDecodeError(f"{label}: not a regular file")
-    if st.st_size > MAX_FILE_BYTES:
-        raise ImageDecodeError(f"{label}: file too large ({st.st_size} bytes, limit {MAX_FILE_BYTES})")
+    label = check_path(path, name)
     img = decode_path_reusing(path)
     if img is not None:
         return img
