@@ -23,7 +23,8 @@ runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has 
 request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles
 the tritonserver binary) pins numpy<2, so it lives in its own environment, .venv-serve (Makefile
 `serve-env`); it is imported lazily.
-Exit status 2 for usage or model errors (one line, before the server starts).
+Exit status 2 for usage or model errors (one line, before the server starts), 1 when Triton does
+not load the models.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     try:
+        from pytriton.client.exceptions import PyTritonClientTimeoutError
         from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
     except ImportError as e:
         print(f"{PROG}: error: PyTriton is not installed here ({e}); it needs numpy<2, so it has its own "
@@ -205,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     config = TritonConfig(http_address=args.host, http_port=args.http_port, grpc_address=args.host,
                           grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
-                          allow_metrics=True, allow_gpu_metrics=False, exit_on_error=True, exit_timeout_secs=5, strict_readiness=True,
-                          log_verbose=args.log_verbose)
+                          allow_metrics=True, allow_gpu_metrics=False, exit_on_error=True, exit_timeout_secs=5,
+                          strict_readiness=True, log_verbose=args.log_verbose)
     add_python_libdir(os.environ)              # inherited by tritonserver and its stubs
     # Triton starts a model's instances one after another: instance 0's stub must be listening
     # for PyTriton's handshake before instance 1's stub asks (it waits only 1 s); in parallel the
@@ -223,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Triton(config=config, triton_lifecycle_policy=store_first) as triton:
             bind_models(triton, models, args.max_queue_delay_us)
-            triton.run()                       # starts tritonserver, waits for it and the models
+            try:
+                triton.run()                   # starts tritonserver, waits (120 s at most) for it and the models
+            except (TimeoutError, PyTritonClientTimeoutError):   # a model did not load: tritonserver exited
+                print(f"{PROG}: error: Triton did not load the models (its log above says why)", file=sys.stderr)
+                return 1
             print(f"{PROG}: ready: models {BYTES_MODEL} and {TENSOR_MODEL} loaded; health check: "
                   f"GET /v2/health/ready", file=sys.stderr, flush=True)
             triton.serve()

@@ -115,11 +115,15 @@ def test_ctrl_c_while_the_instances_load_exits_130_without_a_traceback(model, ca
 
     import runtime.serve as serve
 
-    if importlib.util.find_spec("pytriton") is None:      # main imports PyTriton before loading: give it the three names
+    if importlib.util.find_spec("pytriton") is None:      # main imports PyTriton before loading: give it the names it takes
         fake = types.ModuleType("pytriton.triton")
         fake.Triton = fake.TritonConfig = fake.TritonLifecyclePolicy = object
         monkeypatch.setitem(sys.modules, "pytriton", types.ModuleType("pytriton"))
         monkeypatch.setitem(sys.modules, "pytriton.triton", fake)
+        errors = types.ModuleType("pytriton.client.exceptions")
+        errors.PyTritonClientTimeoutError = TimeoutError
+        monkeypatch.setitem(sys.modules, "pytriton.client", types.ModuleType("pytriton.client"))
+        monkeypatch.setitem(sys.modules, "pytriton.client.exceptions", errors)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
