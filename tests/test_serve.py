@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -172,8 +173,8 @@ def server(model, tmp_path_factory):
         reap_shm(shm_before)
 
 
-# Run in .venv-serve: poll /v2/health/ready every 10 ms from the server's start; at its first 200,
-# without a pause, one inference on each model. Prints {"ready_s", "models", "errors"} as JSON.
+# Run in .venv-serve: print "polling", then poll /v2/health/ready every 10 ms; at its first 200,
+# without a pause, one inference on each model. Prints {"ready_s", "refused", "models", "errors"}.
 READY_PROBE = """
 import json, sys, time, urllib.request
 import numpy as np, tritonclient.http as h
@@ -188,8 +189,10 @@ def status(path):
             return r.status
     except Exception as e:
         return getattr(e, 'code', 0)
-t0 = time.monotonic()
+print('polling', flush=True)
+t0, refused = time.monotonic(), 0
 while status('/v2/health/ready') != 200:
+    refused += 1
     if time.monotonic() - t0 > 90:
         sys.exit('not ready after 90 s')
     time.sleep(0.01)
@@ -198,7 +201,7 @@ models = {m: status(f'/v2/models/{m}/ready') for m in ('probres', 'probres_tenso
 c = h.InferenceServerClient(f'127.0.0.1:{port}')
 errors = [c.infer('probres', [i]).as_numpy('error')[0, 0].decode(), c.infer('probres_tensor', [t]).as_numpy('error')[0, 0].decode()]
 c.close()
-print(json.dumps({'ready_s': ready_s, 'models': models, 'errors': errors}))
+print(json.dumps({'ready_s': ready_s, 'refused': refused, 'models': models, 'errors': errors}))
 """
 
 
@@ -213,21 +216,26 @@ def test_health_ready_only_once_both_models_answer(model, images, tmp_path):
     probe = subprocess.Popen([str(SERVE_PY), "-c", READY_PROBE, str(http), str(images[0][0]), str(S)], cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-    proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1",
-                             "--instances", "2"],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(tmp_path),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = None
     try:
+        # the server starts only once the probe polls, so the probe sees it from its first moment
+        ready, _, _ = select.select([probe.stdout], [], [], 60)
+        assert ready and probe.stdout.readline() == "polling\n", "the probe did not start in 60 s"
+        proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]),
+                                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                                 "--threads", "1", "--instances", "2"],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(tmp_path),
+                                stderr=subprocess.STDOUT, start_new_session=True)
         out, err = probe.communicate(timeout=120)
         assert probe.returncode == 0, (err.strip().splitlines()[-1:], tail(log)[-500:])
         seen = json.loads(out)
+        assert seen["refused"] > 0, seen                 # it polled before the server was up
         assert seen["models"] == {"probres": 200, "probres_tensor": 200}, seen
         assert seen["errors"] == ["", ""], seen
-        assert "probres-serve: ready: models probres and probres_tensor loaded" in tail(log)
     finally:
         kill(probe)
-        stop(proc)
+        if proc is not None:
+            stop(proc)
         reap_shm(shm_before)
 
 
