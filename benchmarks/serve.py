@@ -46,6 +46,7 @@ class Record:
     probs: list[float] | None = None
     labels: list[dict] | None = None
     item_error: str | None = None      # the server's `error` output for the image
+    provenance: dict | None = None     # the server's `provenance` output: the model and rule that answered
     error: str | None = None           # no answer: the transport/server error
 
 
@@ -70,9 +71,11 @@ def send(client, model: str, payload, request_id: str, timeout_s: float) -> Reco
     if r.as_numpy("probs") is None:      # the exported ensemble's preprocessing model: a tensor out
         return Record(int(request_id), -1, model, 0.0, answered_id=r.get_response().id)
     err = r.as_numpy("error")[0, 0].decode()
+    prov = r.as_numpy("provenance")                # None from a server without it (an older probres-serve)
     return Record(int(request_id), -1, model, 0.0, answered_id=r.get_response().id,
                   probs=[float(p) for p in r.as_numpy("probs")[0]],
-                  labels=json.loads(r.as_numpy("labels")[0, 0]), item_error=err or None)
+                  labels=json.loads(r.as_numpy("labels")[0, 0]), item_error=err or None,
+                  provenance=None if prov is None else json.loads(prov[0, 0]))
 
 
 def run_load(url: str, jobs: list[tuple[str, object]], clients: int, timeout_s: float = 30.0,

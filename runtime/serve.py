@@ -10,18 +10,21 @@ Two models on Triton's own protocol (KServe v2; /v2/models/probres/ready, Promet
   both output    probs   FP32 (C,)    per-label probabilities, contract.labels order
                  labels  BYTES (1,)   JSON list of the labels passing the thresholds
                  error   BYTES (1,)   "" or one line naming what is wrong with that image
+                 provenance BYTES (1,) JSON: the model (file name, sha256) and decision rule that
+                                      answered, runtime.provenance.header's fields
 Dynamic batching up to --max-batch (at most the engine's own limit) with --max-queue-delay-us;
 --instances model instances, each with its own backend (runtime.backends.open_backend).
-Readiness: once both models are loaded it logs "probres-serve: ready: ..."; a load balancer's
-health check is GET /v2/models/probres/ready (200 once the model answers). Triton's own
-/v2/health/ready answers 200 before PyTriton has loaded the models: do not use it.
+Readiness: GET /v2/health/ready answers 200 only once both models are loaded and answer (the
+models go into Triton's model store before tritonserver starts; docs/serving-readiness.md); the
+log line "probres-serve: ready: ..." says the same.
 A NaN or infinite value in a probres_tensor item is that item's error. Ctrl-C or SIGTERM stops it cleanly. Safe by default: listens on 127.0.0.1 only (Triton has no
 authentication); an image over --max-request-bytes (64 MiB) or whose header claims more than
 runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
 request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles
 the tritonserver binary) pins numpy<2, so it lives in its own environment, .venv-serve (Makefile
 `serve-env`); it is imported lazily.
-Exit status 2 for usage or model errors (one line, before the server starts).
+Exit status 2 for usage or model errors (one line, before the server starts), 1 when Triton does
+not load the models.
 """
 
 from __future__ import annotations
@@ -85,26 +88,28 @@ def add_python_libdir(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def check_args(args: argparse.Namespace) -> str | None:
-    """The first problem with the flags (one line), before anything is loaded; None when fine."""
+def check_listen(host: str, http_port: int, grpc_port: int, metrics_port: int,
+                 max_queue_delay_us: int = 0) -> str | None:
+    """The first problem with where the server would listen (one line), before anything is loaded;
+    None when fine. Each port must differ from the others and be free on `host`."""
     try:
-        ipaddress.ip_address(args.host)
+        ipaddress.ip_address(host)
     except ValueError:
-        return f"--host must be an IP address (127.0.0.1, ::1, 0.0.0.0), got {args.host!r}"
-    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+        return f"--host must be an IP address (127.0.0.1, ::1, 0.0.0.0), got {host!r}"
+    ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     if len(set(ports.values())) != 3:
         return "--http-port, --grpc-port and --metrics-port must differ"
     for flag, port in ports.items():
         if not 1 <= port <= 65535:
             return f"{flag} must be in 1..65535, got {port}"
-        fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(fam, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((args.host, port))
+                s.bind((host, port))
             except OSError as e:
-                return f"{flag} {port}: cannot listen on {args.host}:{port} ({e.strerror or e})"
-    if args.max_queue_delay_us < 0:
+                return f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror or e})"
+    if max_queue_delay_us < 0:
         return "--max-queue-delay-us must be >= 0"
     return None
 
@@ -123,7 +128,7 @@ def open_instances(engine: str, instances: int = 1, device: str = "auto", thread
             max_batch = limit or DEFAULT_MAX_BATCH
             if backend.max_batch:                    # a TensorRT profile's limit
                 max_batch = min(max_batch, backend.max_batch)
-            models.append(ServeModel(backend, max_batch, threads, max_request_bytes, threshold))
+            models.append(ServeModel(backend, max_batch, threads, max_request_bytes, threshold, source=engine))
     except BaseException:
         for m in models:
             m.close()
@@ -145,7 +150,8 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
     s, c = m0.spec.size, m0.labels.num_classes
     outputs = [Tensor(name="probs", dtype=np.float32, shape=(c,)),
                Tensor(name="labels", dtype=bytes, shape=(1,)),
-               Tensor(name="error", dtype=bytes, shape=(1,))]
+               Tensor(name="error", dtype=bytes, shape=(1,)),
+               Tensor(name="provenance", dtype=bytes, shape=(1,))]
     config = ModelConfig(max_batch_size=m0.max_batch,
                          batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
 
@@ -176,12 +182,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problem = check_args(args)
+    problem = check_listen(args.host, args.http_port, args.grpc_port, args.metrics_port, args.max_queue_delay_us)
     if problem:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     try:
-        from pytriton.triton import Triton, TritonConfig
+        from pytriton.client.exceptions import PyTritonClientTimeoutError
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
     except ImportError as e:
         print(f"{PROG}: error: PyTriton is not installed here ({e}); it needs numpy<2, so it has its own "
               f"environment: run `make serve-env`, then .venv-serve/bin/{PROG}", file=sys.stderr)
@@ -201,22 +208,30 @@ def main(argv: list[str] | None = None) -> int:
     config = TritonConfig(http_address=args.host, http_port=args.http_port, grpc_address=args.host,
                           grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
                           allow_metrics=True, allow_gpu_metrics=False, exit_on_error=True, exit_timeout_secs=5,
-                          log_verbose=args.log_verbose)
+                          strict_readiness=True, log_verbose=args.log_verbose)
     add_python_libdir(os.environ)              # inherited by tritonserver and its stubs
+    # Triton starts a model's instances one after another: instance 0's stub must be listening
+    # for PyTriton's handshake before instance 1's stub asks (it waits only 1 s); in parallel the
+    # second stub loses that race under load (docs/serving-readiness.md).
+    os.environ["TRITON_PARALLEL_INSTANCE_LOADING"] = "0"
     signal.signal(signal.SIGTERM, _interrupt)  # docker stop / systemd: the same clean stop as Ctrl-C
     m0 = models[0]
     print(f"{PROG}: {m0.backend.describe()} x{len(models)} on http://{args.host}:{args.http_port} "
           f"grpc {args.host}:{args.grpc_port} metrics :{args.metrics_port}; models {BYTES_MODEL} (image bytes), "
           f"{TENSOR_MODEL} (tensors); max batch {m0.max_batch}", file=sys.stderr, flush=True)
+    # The models are written into the model store first and tritonserver starts on it, so its own
+    # /v2/health/ready (strict readiness) answers 200 only once both models are loaded.
+    store_first = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
     try:
-        with Triton(config=config) as triton:
+        with Triton(config=config, triton_lifecycle_policy=store_first) as triton:
             bind_models(triton, models, args.max_queue_delay_us)
-            # PyTriton starts tritonserver first and loads the models into it afterwards, so Triton's own
-            # /v2/health/ready answers 200 seconds before they can answer (issue 24; starting Triton on
-            # a pre-filled model store instead loses PyTriton's stub handshake race under load). bind()
-            # returns once both are loaded: this line, and /v2/models/<name>/ready, mean ready.
-            print(f"{PROG}: ready: models {BYTES_MODEL} and {TENSOR_MODEL} loaded; health check for load "
-                  f"balancers: GET /v2/models/{BYTES_MODEL}/ready (not /v2/health/ready)", file=sys.stderr, flush=True)
+            try:
+                triton.run()                   # starts tritonserver, waits (120 s at most) for it and the models
+            except (TimeoutError, PyTritonClientTimeoutError):   # a model did not load: tritonserver exited
+                print(f"{PROG}: error: Triton did not load the models (its log above says why)", file=sys.stderr)
+                return 1
+            print(f"{PROG}: ready: models {BYTES_MODEL} and {TENSOR_MODEL} loaded; health check: "
+                  f"GET /v2/health/ready", file=sys.stderr, flush=True)
             triton.serve()
     except KeyboardInterrupt:
         pass

@@ -11,7 +11,8 @@ the request-size cap (`max_bytes`), the decompression-bomb guard on the header
 
 A bad image, or a preprocessed tensor holding NaN or infinite values, becomes an error for that
 item, in the `error` output, and its `probs` row is zeros; the other items of the batch are
-unaffected. The `labels` output is the "predictions" list of probres-infer's JSONL record for
+unaffected. Every item's `provenance` output is the JSON of runtime.provenance.header's fields
+for the model file and decision rule that answered it (model, sha256, threshold, top_k). The `labels` output is the "predictions" list of probres-infer's JSONL record for
 the image, written by the same code (runtime.report.Writer), each label with its threshold. (PyTriton turns an exception in the
 callable into one error, with a Python traceback, for every request of the dynamic batch: a
 corrupt image from one client would fail the other clients' images batched with it.)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -32,6 +34,7 @@ from runtime.contract import PreprocessSpec
 from runtime.pipeline import check_header
 from runtime.preprocess import ImageDecodeError, preprocess_into
 from runtime.infer import decision_thresholds
+from runtime.provenance import KEY, decision, header
 from runtime.report import Writer
 
 MAX_REQUEST_BYTES = 64 << 20       # per image in a request; --max-request-bytes
@@ -62,14 +65,19 @@ class ServeModel:
     """One model instance: a backend, its input buffer for the largest batch, a decode pool."""
 
     def __init__(self, backend: Backend, max_batch: int = 16, threads: int = 1,
-                 max_bytes: int = MAX_REQUEST_BYTES, threshold: str | float | None = None) -> None:
+                 max_bytes: int = MAX_REQUEST_BYTES, threshold: str | float | None = None,
+                 source: str | os.PathLike[str] | None = None) -> None:
         """threshold: "contract"/None (the contract's per-label thresholds, 0.5 without them) or one
-        probability for every label: probres-infer's --threshold."""
+        probability for every label: probres-infer's --threshold. source: the model file the backend
+        was opened from; every answer's `provenance` names it (file name, sha256) and the rule."""
         self.backend, self.max_batch, self.max_bytes = backend, int(max_batch), int(max_bytes)
         self.spec = backend.contract.preprocess
         self.labels = backend.contract.labels
         # (C,) float64 and the record's "threshold", exactly as probres-infer decides
         self.thresholds, self.threshold_name = decision_thresholds(backend.contract, threshold, None)
+        # probres-infer's provenance header: the same fields, so an answer and a results file compare
+        prov = header(source, threshold, None)[KEY] if source is not None else decision(threshold, None)
+        self.provenance = json.dumps(prov).encode()
         (self._buf,) = backend.allocate_inputs(self.max_batch, 1)    # (max_batch, 3, S, S) input_dtype
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-serve") if threads > 1 else None
         # Triton runs one batch at a time per instance; the lock keeps the one buffer safe even if not.
@@ -128,10 +136,12 @@ class ServeModel:
         return json.dumps(json.loads(sink.getvalue())["predictions"]).encode()
 
     def _outputs(self, probs: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
-        """probs (N, C) float32; labels and error (N, 1) bytes objects (error b"" when the item is fine)."""
+        """probs (N, C) float32; labels, error and provenance (N, 1) bytes objects (error b"" when the
+        item is fine; provenance the same for every item, error items too)."""
         labels = np.array([[b"[]" if e else self.labels_json(p)] for p, e in zip(probs, errors)], dtype=np.object_)
         err = np.array([[(e or "").encode()] for e in errors], dtype=np.object_)
-        return {"probs": probs, "labels": labels.reshape(-1, 1), "error": err.reshape(-1, 1)}
+        prov = np.full((len(errors), 1), self.provenance, dtype=np.object_)
+        return {"probs": probs, "labels": labels.reshape(-1, 1), "error": err.reshape(-1, 1), "provenance": prov}
 
     def close(self) -> None:
         if self._pool is not None:

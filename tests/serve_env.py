@@ -100,14 +100,27 @@ def reap_shm(before: set[str], wait_s: float = 15.0) -> None:
         time.sleep(0.5)
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:                  # the whole group has already exited
+        pass
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGINT to the server's process group (Triton and its stubs clean up), SIGKILL after 30 s."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
+        _signal_group(proc, signal.SIGINT)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc, signal.SIGKILL)
+    proc.wait(30)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with start_new_session=True and everything in its group."""
+    _signal_group(proc, signal.SIGKILL)
     proc.wait(30)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -21,8 +22,8 @@ import pytest
 from runtime.contract import ModelContract
 from runtime.serve_model import MAX_REQUEST_BYTES, ServeModel
 from runtime.provenance import records
-from serve_env import (CAP, ROOT, SERVE_PY, free_ports, http_status, images, model, needs_serve_env,  # noqa: F401
-                       reap_shm, serve_py, server_log, shm_names, stop, tail)
+from serve_env import (CAP, ROOT, SERVE_PY, free_ports, http_status, images, kill, model,  # noqa: F401
+                       needs_serve_env, reap_shm, serve_py, server_log, shm_names, stop, tail)
 from test_infer import S
 
 # ------------------------------------------------------------------------------ no server needed
@@ -66,12 +67,16 @@ def test_serve_labels_are_probres_infers_predictions_and_a_nan_tensor_is_that_it
         out = tmp_path / f"ref_{threshold}.jsonl"
         argv = ["--engine", str(path), "--device", "cpu", str(good[0]), str(good[1]), "--output", str(out)]
         assert infer_main(argv + ([] if threshold is None else ["--threshold", str(threshold)])) == 0
-        want = [r["predictions"] for r in records(out.read_text().splitlines())]       # header skipped
+        lines = out.read_text().splitlines()
+        want = [r["predictions"] for r in records(lines)]       # header skipped
         assert all("threshold" in p for preds in want for p in preds) and any(want)
-        m = ServeModel(open_backend(path, device="cpu"), max_batch=4, threads=1, threshold=threshold)
+        m = ServeModel(open_backend(path, device="cpu"), max_batch=4, threads=1, threshold=threshold, source=path)
         try:
-            got = m.from_bytes([good[0].read_bytes(), good[1].read_bytes()])
-            assert [json.loads(x) for x in got["labels"][:, 0]] == want
+            got = m.from_bytes([good[0].read_bytes(), good[1].read_bytes(), b"junk"])
+            assert [json.loads(x) for x in got["labels"][:2, 0]] == want
+            # issue 24 item 2: every answer, the error item's too, names the model and rule probres-infer's header does
+            assert [json.loads(x) for x in got["provenance"][:, 0]] == [json.loads(lines[0])["probres"]] * 3
+            assert got["error"][2, 0].startswith(b"image 2: ")
             x = preprocess([str(good[0]), str(good[1]), str(good[2])], spec=contract.preprocess)
             x[1, 0, 3, 3] = np.nan
             x[2, 2, 0, 0] = np.inf
@@ -111,11 +116,15 @@ def test_ctrl_c_while_the_instances_load_exits_130_without_a_traceback(model, ca
 
     import runtime.serve as serve
 
-    if importlib.util.find_spec("pytriton") is None:      # main imports PyTriton before loading: give it the two names
+    if importlib.util.find_spec("pytriton") is None:      # main imports PyTriton before loading: give it the names it takes
         fake = types.ModuleType("pytriton.triton")
-        fake.Triton = fake.TritonConfig = object
+        fake.Triton = fake.TritonConfig = fake.TritonLifecyclePolicy = object
         monkeypatch.setitem(sys.modules, "pytriton", types.ModuleType("pytriton"))
         monkeypatch.setitem(sys.modules, "pytriton.triton", fake)
+        errors = types.ModuleType("pytriton.client.exceptions")
+        errors.PyTritonClientTimeoutError = TimeoutError
+        monkeypatch.setitem(sys.modules, "pytriton.client", types.ModuleType("pytriton.client"))
+        monkeypatch.setitem(sys.modules, "pytriton.client.exceptions", errors)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -131,39 +140,25 @@ def test_ctrl_c_while_the_instances_load_exits_130_without_a_traceback(model, ca
 
 # ------------------------------------------------------------------------------ the real server
 
-# PyTriton's proxy handshake can lose a start-up race (the stub connects before the handshake
-# socket listens: ConnectionRefusedError in get_config_from_handshake_server; pytriton#109 is its
-# timeout twin). Seen once in about ten suite runs here; such a start is retried once, nothing else is.
-HANDSHAKE_RACE = "get_config_from_handshake_server"
-
-
 def start_server(model_path: Path, log_dir: Path) -> tuple[subprocess.Popen, int, int, int]:
-    """probres-serve on loopback, waited for until its tensor model is ready; fails the test with its log."""
-    for attempt in (1, 2):
-        http, grpc, metrics = free_ports(3)
-        (log_dir / str(attempt)).mkdir()
-        log = log_dir / str(attempt) / "server.log"
-        proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model_path),
-                                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                                 "--instances", "2", "--threads", "1", "--max-batch", "8",
-                                 "--max-request-bytes", str(CAP)],
-                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(log.parent),
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while http_status(f"http://127.0.0.1:{http}/v2/models/probres_tensor/ready") != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:         # the whole group has already exited
-                    pass
-                proc.wait(timeout=30)
-                if attempt == 1 and HANDSHAKE_RACE in tail(log):
-                    break
-                pytest.fail(f"probres-serve did not start: {tail(log)}")
-            time.sleep(0.3)
-        else:
-            return proc, http, grpc, metrics
-    raise AssertionError("unreachable")
+    """probres-serve on loopback, waited for (90 s at most) until /v2/health/ready answers 200; on failure
+    its process group is killed and the test fails with its log. No retry: Triton loads a model's
+    instances one after another, so the stubs' handshake race that once needed one is gone."""
+    http, grpc, metrics = free_ports(3)
+    log = log_dir / "server.log"
+    proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model_path),
+                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                             "--instances", "2", "--threads", "1", "--max-batch", "8",
+                             "--max-request-bytes", str(CAP)],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(log_dir),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while http_status(f"http://127.0.0.1:{http}/v2/health/ready") != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill(proc)
+            pytest.fail(f"probres-serve did not start: {tail(log)}")
+        time.sleep(0.3)
+    return proc, http, grpc, metrics
 
 
 @pytest.fixture(scope="module")
@@ -171,45 +166,76 @@ def server(model, tmp_path_factory):
     """probres-serve on loopback: 2 instances, max batch 8, a 200 kB request cap."""
     shm_before = shm_names()
     proc, http, grpc, metrics = start_server(model[0], tmp_path_factory.mktemp("serve_log"))
-    yield proc, http, grpc, metrics
-    stop(proc)
-    reap_shm(shm_before)
+    try:
+        yield proc, http, grpc, metrics
+    finally:
+        stop(proc)
+        reap_shm(shm_before)
 
 
-def _wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in log.read_bytes().decode(errors="replace"):
-        assert proc.poll() is None and time.monotonic() < deadline, tail(log)
-        time.sleep(0.05)
+# Run in .venv-serve: print "polling", then poll /v2/health/ready every 10 ms; at its first 200,
+# without a pause, one inference on each model. Prints {"ready_s", "refused", "models", "errors"}.
+READY_PROBE = """
+import json, sys, time, urllib.request
+import numpy as np, tritonclient.http as h
+port, image, size = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+i = h.InferInput('image', [1, 1], 'BYTES')
+i.set_data_from_numpy(np.array([[open(image, 'rb').read()]], dtype=object))
+t = h.InferInput('images', [1, 3, size, size], 'FP32')
+t.set_data_from_numpy(np.zeros((1, 3, size, size), np.float32))
+def status(path):
+    try:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}{path}', timeout=5) as r:
+            return r.status
+    except Exception as e:
+        return getattr(e, 'code', 0)
+print('polling', flush=True)
+t0, refused = time.monotonic(), 0
+while status('/v2/health/ready') != 200:
+    refused += 1
+    if time.monotonic() - t0 > 90:
+        sys.exit('not ready after 90 s')
+    time.sleep(0.01)
+ready_s = time.monotonic() - t0
+models = {m: status(f'/v2/models/{m}/ready') for m in ('probres', 'probres_tensor')}
+c = h.InferenceServerClient(f'127.0.0.1:{port}')
+errors = [c.infer('probres', [i]).as_numpy('error')[0, 0].decode(), c.infer('probres_tensor', [t]).as_numpy('error')[0, 0].decode()]
+c.close()
+print(json.dumps({'ready_s': ready_s, 'refused': refused, 'models': models, 'errors': errors}))
+"""
 
 
 @needs_serve_env
-def test_ready_line_and_model_ready_mean_both_models_answer(model, images, tmp_path):
-    """Issue 24 row 8: Triton's /v2/health/ready answers 200 seconds before PyTriton has loaded the models
-    (documented in runtime/serve.py and docs/serving-readiness.md: not a health check). What probres-serve
-    offers instead, its "ready" line and /v2/models/probres/ready, holds: at that moment both models answer."""
+def test_health_ready_only_once_both_models_answer(model, images, tmp_path):
+    """Issue 24 row 8: Triton's own /v2/health/ready answers 200 only once both models are loaded: a
+    client polling it from the server's start sends an inference to each model at its first 200 and
+    both answer (before, it answered 200 seconds before the models, which answered NOT_FOUND)."""
     http, grpc, metrics = free_ports(3)
     shm_before = shm_names()
     log = tmp_path / "server.log"
-    proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1"],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(tmp_path),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    probe = subprocess.Popen([str(SERVE_PY), "-c", READY_PROBE, str(http), str(images[0][0]), str(S)], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = None
     try:
-        _wait_for_log(log, "probres-serve: ready: models probres and probres_tensor loaded", proc)
-        states = {m: http_status(f"http://127.0.0.1:{http}/v2/models/{m}/ready") for m in ("probres", "probres_tensor")}
-        assert states == {"probres": 200, "probres_tensor": 200}, states
-        code = ("import sys, numpy as np, tritonclient.http as h; "
-                f"c = h.InferenceServerClient('127.0.0.1:{http}'); "
-                "i = h.InferInput('image', [1, 1], 'BYTES'); "
-                "i.set_data_from_numpy(np.array([[open(sys.argv[1], 'rb').read()]], dtype=object)); "
-                "t = h.InferInput('images', [1, 3, int(sys.argv[2]), int(sys.argv[2])], 'FP32'); "
-                "t.set_data_from_numpy(np.zeros((1, 3, int(sys.argv[2]), int(sys.argv[2])), np.float32)); "
-                "print(c.infer('probres', [i]).as_numpy('error')[0, 0], c.infer('probres_tensor', [t]).as_numpy('error')[0, 0])")
-        r = serve_py("-c", code, str(images[0][0]), str(S), timeout=60)
-        assert r.returncode == 0 and r.stdout.split() == ["b''", "b''"], r.stderr[-2000:]
+        # the server starts only once the probe polls, so the probe sees it from its first moment
+        ready, _, _ = select.select([probe.stdout], [], [], 60)
+        assert ready and probe.stdout.readline() == "polling\n", "the probe did not start in 60 s"
+        proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model[0]),
+                                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                                 "--threads", "1", "--instances", "2"],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(tmp_path),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        out, err = probe.communicate(timeout=120)
+        assert probe.returncode == 0, (err.strip().splitlines()[-1:], tail(log)[-500:])
+        seen = json.loads(out)
+        assert seen["refused"] > 0, seen                 # it polled before the server was up
+        assert seen["models"] == {"probres": 200, "probres_tensor": 200}, seen
+        assert seen["errors"] == ["", ""], seen
     finally:
-        stop(proc)
+        kill(probe)
+        if proc is not None:
+            stop(proc)
         reap_shm(shm_before)
 
 
@@ -236,6 +262,9 @@ def test_load_and_faults_32_clients(server, model, images, tmp_path):
     assert all(x["answered_id"] == str(x["index"]) for x in recs)               # each answer is its own
     assert all(x["error"] is None for x in recs), [x["error"] for x in recs if x["error"]][:3]
 
+    ref = serve_py("-m", "runtime.infer", "--engine", str(model[0]), *map(str, good))
+    head = json.loads(ref.stdout.splitlines()[0])["probres"]       # probres-infer's provenance header
+    assert all(x["provenance"] == head for x in recs)             # every answer, error items too (issue 24 item 2)
     ref = serve_py("-m", "runtime.infer", "--engine", str(model[0]), "--top-k", "all", *map(str, good))
     want = {}
     for line in ref.stdout.splitlines()[1:]:                # after probres-infer's provenance header
