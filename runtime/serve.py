@@ -219,16 +219,22 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def end_descendants(grace_s: float = STOP_GRACE_S) -> int:
+def end_descendants(grace_s: float = STOP_GRACE_S) -> list[str]:
     """SIGTERM every process still descending from this one, SIGKILL those alive grace_s later; waits
-    at most 2 * grace_s. Returns how many there were (PyTriton's stop leaves stubs when tritonserver
+    at most 2 * grace_s. Returns their names and pids (PyTriton's stop leaves stubs when tritonserver
     runs out its exit timeout). Python's resource tracker, which ignores SIGTERM and ends with this
     process, is left to do that."""
     from multiprocessing import resource_tracker
 
     keep = {getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)}
     left = [p for p in descendants(os.getpid()) if p not in keep]
-    count = len(left)
+    names = []
+    for pid in left:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                names.append(f"{f.read().strip()} ({pid})")
+        except OSError:
+            names.append(str(pid))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in left:
             try:
@@ -245,7 +251,24 @@ def end_descendants(grace_s: float = STOP_GRACE_S) -> int:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
-    return count
+    return names
+
+
+def remove_own_shm(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink the Python backend's shared-memory regions that a stub ended by force left behind: PyTriton
+    names them pytrtion<this pid>-... (its own spelling), so once every descendant is gone they are
+    this server's and unused. Returns the names removed."""
+    prefix = f"pytrtion{os.getpid()}-"
+    try:
+        names = [n for n in os.listdir(shm_dir) if n.startswith(prefix)]
+    except OSError:
+        return []
+    for name in names:
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+        except OSError:
+            pass
+    return names
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -323,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         left = end_descendants()
         if left:
-            print(f"{PROG}: ended {left} process(es) tritonserver's stop left behind", file=sys.stderr)
+            print(f"{PROG}: ended {len(left)} process(es) tritonserver's stop left behind: {', '.join(left)}",
+                  file=sys.stderr)
+        remove_own_shm()
         for m in models:
             m.close()
     if _stopped_by:

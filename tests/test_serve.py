@@ -417,6 +417,8 @@ def test_sigterm_leaves_no_process_behind(model, tmp_path):
             alive = {p: s for p, s in alive.items() if (st := _proc_stat(p)) and st[2] == s and st[1] != "Z"}
             time.sleep(0.2)
         assert not alive, [_cmd(p) for p in alive]
+        # nor shared memory: the Python backend's regions (named after the server's pid) of a stub ended by force
+        assert not {n for n in shm_names() - shm_before if n.startswith(f"pytrtion{proc.pid}-")}
         assert "Traceback" not in tail(tmp_path / "server.log")
     finally:
         kill(proc)
