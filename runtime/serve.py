@@ -20,7 +20,7 @@ log line "probres-serve: ready: ..." says the same.
 A NaN or infinite value in a probres_tensor item is that item's error. Ctrl-C or SIGTERM stops it
 cleanly (exit 130 / 143): PyTriton stops tritonserver (in-flight requests get 5 s), then any process
 still descending from this one (a Python-backend stub, a TensorStore) gets SIGTERM, and SIGKILL
-after STOP_GRACE_S. Safe by default: listens on 127.0.0.1 only (Triton has no
+after 5 s (runtime/serve_stop.py). Safe by default: listens on 127.0.0.1 only (Triton has no
 authentication); an image over --max-request-bytes (64 MiB) or whose header claims more than
 runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
 request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles
@@ -40,18 +40,17 @@ import signal
 import socket
 import sys
 import sysconfig
-import time
 
 import numpy as np
 
 from runtime.backends import DEVICES, BackendError, open_backend
 from runtime.infer import positive_int, probability
 from runtime.serve_model import MAX_REQUEST_BYTES, ServeModel
+from runtime.serve_stop import become_subreaper, end_descendants, remove_own_shm
 
 PROG = "probres-serve"
 BYTES_MODEL, TENSOR_MODEL = "probres", "probres_tensor"
 DEFAULT_MAX_BATCH = 16
-STOP_GRACE_S = 5.0      # after PyTriton's stop: SIGTERM to what is left, SIGKILL this much later
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,96 +178,6 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
     triton.bind(model_name=TENSOR_MODEL, infer_func=[tensor_fn(m) for m in models],
                 inputs=[Tensor(name="images", dtype=m0.backend.input_dtype.type, shape=(3, s, s))],
                 outputs=outputs, config=config)
-
-
-def become_subreaper() -> None:
-    """Have orphaned descendants (a stub whose tritonserver has exited) reparented to this process
-    instead of init, so that descendants() still finds them at the stop (Linux prctl; else nothing)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1)      # PR_SET_CHILD_SUBREAPER, Linux >= 3.4
-    except (OSError, AttributeError):
-        pass
-
-
-def _processes() -> list[tuple[int, int, str]]:
-    """(pid, parent pid, state) of every process, from /proc ([] without /proc)."""
-    procs = []
-    for p in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]   # the name may hold spaces and ')'
-            procs.append((int(p), int(ppid), state))
-        except (OSError, IndexError, ValueError):
-            continue
-    return procs
-
-
-def descendants(pid: int) -> list[int]:
-    """The live (not zombie) processes whose parent chain leads to `pid`."""
-    children: dict[int, list[int]] = {}
-    for p, ppid, state in _processes():
-        if state != "Z":
-            children.setdefault(ppid, []).append(p)
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def end_descendants(grace_s: float = STOP_GRACE_S) -> list[str]:
-    """SIGTERM every process still descending from this one, SIGKILL those alive grace_s later; waits
-    at most 2 * grace_s. Returns their names and pids (PyTriton's stop leaves stubs when tritonserver
-    runs out its exit timeout). Python's resource tracker, which ignores SIGTERM and ends with this
-    process, is left to do that."""
-    from multiprocessing import resource_tracker
-
-    keep = {getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)}
-    left = [p for p in descendants(os.getpid()) if p not in keep]
-    names = []
-    for pid in left:
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                names.append(f"{f.read().strip()} ({pid})")
-        except OSError:
-            names.append(str(pid))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace_s
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = [p for p in descendants(os.getpid()) if p not in keep]
-    for pid, ppid, state in _processes():   # a subreaper reaps its adopted orphans (PID 1 may not)
-        if ppid == os.getpid() and state == "Z":
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-    return names
-
-
-def remove_own_shm(shm_dir: str = "/dev/shm") -> list[str]:
-    """Unlink the Python backend's shared-memory regions that a stub ended by force left behind: PyTriton
-    names them pytrtion<this pid>-... (its own spelling), so once every descendant is gone they are
-    this server's and unused. Returns the names removed."""
-    prefix = f"pytrtion{os.getpid()}-"
-    try:
-        names = [n for n in os.listdir(shm_dir) if n.startswith(prefix)]
-    except OSError:
-        return []
-    for name in names:
-        try:
-            os.unlink(os.path.join(shm_dir, name))
-        except OSError:
-            pass
-    return names
 
 
 def _interrupt(signum: int, frame: object) -> None:
