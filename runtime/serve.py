@@ -17,14 +17,17 @@ Dynamic batching up to --max-batch (at most the engine's own limit) with --max-q
 Readiness: GET /v2/health/ready answers 200 only once both models are loaded and answer (the
 models go into Triton's model store before tritonserver starts; docs/serving-readiness.md); the
 log line "probres-serve: ready: ..." says the same.
-A NaN or infinite value in a probres_tensor item is that item's error. Ctrl-C or SIGTERM stops it cleanly. Safe by default: listens on 127.0.0.1 only (Triton has no
+A NaN or infinite value in a probres_tensor item is that item's error. Ctrl-C or SIGTERM stops it
+cleanly (exit 130 / 143): PyTriton stops tritonserver (in-flight requests get 5 s), then any process
+still descending from this one (a Python-backend stub, a TensorStore) gets SIGTERM, and SIGKILL
+after 5 s (runtime/serve_stop.py). Safe by default: listens on 127.0.0.1 only (Triton has no
 authentication); an image over --max-request-bytes (64 MiB) or whose header claims more than
 runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
 request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles
 the tritonserver binary) pins numpy<2, so it lives in its own environment, .venv-serve (Makefile
 `serve-env`); it is imported lazily.
 Exit status 2 for usage or model errors (one line, before the server starts), 1 when Triton does
-not load the models.
+not load the models (after PyTriton's fixed 120 s start-up wait) or tritonserver exits by itself.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 from runtime.backends import DEVICES, BackendError, open_backend
 from runtime.infer import positive_int, probability
 from runtime.serve_model import MAX_REQUEST_BYTES, ServeModel
+from runtime.serve_stop import become_subreaper, end_descendants, remove_own_shm
 
 PROG = "probres-serve"
 BYTES_MODEL, TENSOR_MODEL = "probres", "probres_tensor"
@@ -177,7 +181,16 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: remember which, ignore a second one (it would cut the stop short), and stop
+    the way PyTriton expects (its serve() catches KeyboardInterrupt and stops tritonserver)."""
+    global _stopped_by
+    _stopped_by = signum
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+_stopped_by = 0         # the signal that stopped the server, 0 while none has
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     # for PyTriton's handshake before instance 1's stub asks (it waits only 1 s); in parallel the
     # second stub loses that race under load (docs/serving-readiness.md).
     os.environ["TRITON_PARALLEL_INSTANCE_LOADING"] = "0"
-    signal.signal(signal.SIGTERM, _interrupt)  # docker stop / systemd: the same clean stop as Ctrl-C
+    global _stopped_by
+    _stopped_by = 0
+    for sig in (signal.SIGINT, signal.SIGTERM):   # docker stop / systemd: the same clean stop as Ctrl-C
+        signal.signal(sig, _interrupt)
+    become_subreaper()
     m0 = models[0]
     print(f"{PROG}: {m0.backend.describe()} x{len(models)} on http://{args.host}:{args.http_port} "
           f"grpc {args.host}:{args.grpc_port} metrics :{args.metrics_port}; models {BYTES_MODEL} (image bytes), "
@@ -232,13 +249,21 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"{PROG}: ready: models {BYTES_MODEL} and {TENSOR_MODEL} loaded; health check: "
                   f"GET /v2/health/ready", file=sys.stderr, flush=True)
-            triton.serve()
+            triton.serve()             # returns after a signal, or when tritonserver exits by itself
     except KeyboardInterrupt:
         pass
     finally:
+        left = end_descendants()
+        if left:
+            print(f"{PROG}: ended {len(left)} process(es) tritonserver's stop left behind: {', '.join(left)}",
+                  file=sys.stderr)
+        remove_own_shm()
         for m in models:
             m.close()
-    return 0
+    if _stopped_by:
+        return 128 + _stopped_by
+    print(f"{PROG}: error: tritonserver exited (its log above says why)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

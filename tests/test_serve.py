@@ -140,7 +140,7 @@ def test_ctrl_c_while_the_instances_load_exits_130_without_a_traceback(model, ca
 
 # ------------------------------------------------------------------------------ the real server
 
-def start_server(model_path: Path, log_dir: Path) -> tuple[subprocess.Popen, int, int, int]:
+def start_server(model_path: Path, log_dir: Path, instances: int = 2) -> tuple[subprocess.Popen, int, int, int]:
     """probres-serve on loopback, waited for (90 s at most) until /v2/health/ready answers 200; on failure
     its process group is killed and the test fails with its log. No retry: Triton loads a model's
     instances one after another, so the stubs' handshake race that once needed one is gone."""
@@ -148,7 +148,7 @@ def start_server(model_path: Path, log_dir: Path) -> tuple[subprocess.Popen, int
     log = log_dir / "server.log"
     proc = subprocess.Popen([str(SERVE_PY), "-m", "runtime.serve", "--engine", str(model_path),
                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                             "--instances", "2", "--threads", "1", "--max-batch", "8",
+                             "--instances", str(instances), "--threads", "1", "--max-batch", "8",
                              "--max-request-bytes", str(CAP)],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=server_log(log_dir),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -364,3 +364,69 @@ def test_serve_benchmark_runs_its_documented_command(tmp_path, images):
     rows = json.loads(out.read_text())["rows"]
     assert [(x["clients"], x["mode"]) for x in rows] == [(1, "bytes"), (1, "tensors"), (2, "bytes"), (2, "tensors")]
     assert all(x["failed"] == 0 and x["requests"] == 2 * x["clients"] and x["p50_ms"] <= x["p99_ms"] for x in rows)
+
+
+def _proc_stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time) of a process from /proc, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _cmd(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")[:100]
+    except OSError:
+        return ""
+
+
+def _tree(root: int) -> dict[int, int]:
+    """{pid: start time} of every process whose parent chain leads to root (the start time tells a
+    reused pid from the original)."""
+    stats = {int(p): s for p in os.listdir("/proc") if p.isdigit() and (s := _proc_stat(int(p)))}
+    found, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _, start) in stats.items():
+            if ppid == parent:
+                found[pid] = start
+                todo.append(pid)
+    return found
+
+
+@needs_serve_env
+def test_sigterm_leaves_no_process_behind(model, tmp_path):
+    """Issue 24 item 5: SIGTERM to probres-serve with 4 instances exits 143, and every process that
+    descended from it (tritonserver, its Python-backend stubs, their TensorStores) is gone within 15 s
+    (before, stubs outlived Triton's 5 s exit timeout for minutes)."""
+    shm_before = shm_names()
+    proc, *_ = start_server(model[0], tmp_path, instances=4)
+    tree: dict[int, int] = {}
+    try:
+        tree = _tree(proc.pid)                        # before the signal: orphans leave the chain
+        assert sum("triton_python_backend_stub" in _cmd(p) for p in tree) == 8, [_cmd(p) for p in tree]
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 143, tail(tmp_path / "server.log")
+        deadline = time.monotonic() + 15
+        alive = tree
+        while alive and time.monotonic() < deadline:
+            alive = {p: s for p, s in alive.items() if (st := _proc_stat(p)) and st[2] == s and st[1] != "Z"}
+            time.sleep(0.2)
+        assert not alive, [_cmd(p) for p in alive]
+        # nor shared memory: the Python backend's regions (named after the server's pid) of a stub ended by force
+        assert not {n for n in shm_names() - shm_before if n.startswith(f"pytrtion{proc.pid}-")}
+        assert "Traceback" not in tail(tmp_path / "server.log")
+    finally:
+        kill(proc)
+        for pid, start in tree.items():               # whatever left the process group too
+            st = _proc_stat(pid)
+            if st and st[2] == start:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        reap_shm(shm_before)
