@@ -19,6 +19,7 @@ written (exit 130). Guide: docs/video.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from runtime.backends import BackendError, open_backend
 from runtime.cli import positive_int
+from runtime.fileio import OutputLock, OutputLocked
 from runtime.inputs import InputError, peek
 from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
 from runtime.pipeline import is_image_name, iter_image_paths
@@ -162,9 +164,18 @@ def check_args(job: "InferJob") -> Iterator[str | int]:
 
 def run_video(job: "InferJob", prog: str = "probres-infer") -> int:
     """probres-infer's main for a run with video in it: same output, exit codes and Ctrl-C behaviour."""
+    with contextlib.ExitStack() as hold:          # the output's lock, held for the whole run
+        return _run_video(job, prog, hold)
+
+
+def _run_video(job: "InferJob", prog: str, hold: contextlib.ExitStack) -> int:
     from runtime.infer import decision_thresholds, default_threads   # here: runtime.infer imports this module
     try:
         sources = check_args(job)
+        try:                                      # before the model loads, as an image run: one line, exit 2
+            hold.enter_context(OutputLock(job.output))
+        except OutputLocked as e:
+            raise OutputError(f"--output {e}") from None
     except (InputError, OutputError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

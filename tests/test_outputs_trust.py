@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from test_output_safety import one_line_error
 from test_pipeline_memory import tiny_onnx, write_images
+from test_video import write_clip
 
 import runtime.infer as infer
 from runtime.fileio import atomic_write_text
@@ -263,6 +264,10 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(data, t
             assert infer.main(["--engine", str(model), *paths, "--output", str(out), *extra]) == 2
             line = one_line_error(capsys.readouterr().err, out)
             assert "being written by another run" in line and f"pid {p.pid}" in line
+        clip = write_clip(Path(model).with_name("clip.avi"), 5, "MJPG")   # a video run: the same check, before the model loads
+        assert infer.main(["--engine", str(model), str(clip), "--output", str(out)]) == 2
+        line = one_line_error(capsys.readouterr().err, out)
+        assert line.startswith("probres-infer: error: --output ") and f"pid {p.pid}" in line
         with pytest.raises(OutputLocked, match="dup.jsonl"):           # every atomic writer: eval --json, exports
             atomic_write_text(out, "x\n")
         p.stdin.write("".join(f"{x}\n" for x in paths[4:]))
