@@ -125,6 +125,8 @@ def test_a_csv_dataset_trains_exports_and_evaluates_end_to_end(toy_root: Path, t
                        "--out", str(run), "--arch", "resnet18", "--image-size", "32", "--epochs", "1",
                        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress",
                        "--holdout-frac", "0.3"]) == 0
+    log = (run / "train.log").read_text()                                    # the log names the CSV's split, not COCO's
+    assert "selected on the --val-frac 0.25 split of --train-csv" in log and "val2014" not in log
     best = load_checkpoint(run / "best.pt")
     assert "calibration" in best.extra and (run / "best_raw.pt").is_file()       # best.pt is the model to ship
     assert best.contract.labels.names == load_csv_split(train_csv, toy_root).labels.names

@@ -47,7 +47,11 @@ REF_GLOBAL_BATCH = 128
 # Deep ResNets at full resolution are not trained from scratch by any published recipe.
 DEEP_ARCHS = ("resnet50", "resnet101", "resnet152")
 
-SELECTION_NOTE = "best.pt is selected on val2014 mAP (raw vs EMA weights), as the published recipes do: not a held-out figure"
+def selection_note(cfg: TrainConfig) -> str:
+    """What best.pt is chosen on, in words, for the log and metrics.json (COCO's val2014, or the CSV's val split)."""
+    val = ("val2014" if cfg.coco_root else f"--val-csv {cfg.val_csv}" if cfg.val_csv
+           else f"the --val-frac {cfg.val_frac} split of --train-csv")
+    return f"best.pt is selected on {val} mAP (raw vs EMA weights), as the published recipes do: not a held-out figure"
 
 
 def init_note(arch: str, image_size: int, pretrained: str | None, resumed: bool) -> tuple[str, str | None]:
@@ -250,7 +254,7 @@ def start_log(run: Run, resume_from: Path | None) -> None:
         log(f"skipped {len(gone)} training images listed in the annotations but not on disk (--skip-bad-images), "
             f"e.g. {gone[0]}")
     log(run.val_split.describe())
-    log(SELECTION_NOTE)
+    log(selection_note(cfg))
     run.resolved = {**cfg.to_dict(), "workers": run.workers, "world_size": info.world_size, "amp_dtype": amp_name,
                     "steps_per_epoch": steps_per_epoch, "torch": str(torch.__version__), "global_batch": run.global_batch,
                     "lr_effective": run.lr, "ema_decay_per_step": ema.decay, "augment_on_resolved": run.augment_on}
@@ -319,7 +323,7 @@ def record_epoch(run: Run, epoch: int, prog: EpochProgress, loss: float, skipped
         save_checkpoint(run.run_dir / "best.pt", Checkpoint(run.cfg.arch, weights, run.contract, run.resolved,
                                                             epoch + 1, sel_m, sel))
     save_last(run, epoch + 1, raw)
-    doc = {"selection": SELECTION_NOTE, "best": run.best, "config": run.resolved, "epochs": run.history}
+    doc = {"selection": selection_note(run.cfg), "best": run.best, "config": run.resolved, "epochs": run.history}
     atomic_write_text(run.run_dir / "metrics.json", json.dumps(doc, indent=1))
     for k in ("train_loss", "lr", "train_images_per_s", "data_wait_frac"):
         run.writer.add_scalar(f"train/{k}", entry[k], epoch + 1)
