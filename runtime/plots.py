@@ -37,7 +37,7 @@ def _pyplot():
 def _save(fig, path: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    fig.clf()
+    _pyplot().close(fig)          # pyplot keeps every figure until closed (clf() only empties it): memory, warnings
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
