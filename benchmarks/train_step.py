@@ -52,6 +52,7 @@ from train.engine import (StepContext, build_optimizer, build_scheduler, make_lo
                           train_step)
 from train.losses import build_loss
 from train.model import ARCHS, build_model
+from train.run_env import resolve_augment_on
 from train.toy_coco import make_toy_coco
 
 
@@ -237,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda: no CUDA device available", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    if args.augment_on == "auto":
-        args.augment_on = "device" if device.type == "cuda" else "worker"
+    args.augment_on = resolve_augment_on(args.augment_on, device)
     if args.workers is None:
         args.workers = max(1, min(12, (os.cpu_count() or 2) - 1))
     if device.type == "cuda":

@@ -26,7 +26,6 @@ import numpy as np
 MIN_SLOPE = 0.05        # a below this is a 20x temperature: no trained net is that over-confident; it is a collapse
 MIN_FIT_LABELS = 10     # pooled held-out positives (and negatives) the tied fit needs
 MAX_AP_CHANGE = 1e-4    # per class, as served; mAP is their mean, so it moves by no more
-SOURCES = ("own", "tied", "identity")
 
 
 def too_small(y_held: np.ndarray) -> str | None:

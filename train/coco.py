@@ -55,14 +55,13 @@ def load_splits(cfg: TrainConfig, labels: LabelSet | None = None) -> tuple[CocoS
                                 missing="drop" if cfg.skip_bad_images else "error")
         return train, load_coco_split(cfg.coco_root, "val2014", keep_empty=keep, labels=train.labels)
     from runtime.csv_labels import load_csv_split
-    from train.holdout import holdout_rows, subset
+    from train.holdout import split_train
 
     train = load_csv_split(cfg.train_csv, cfg.images, keep, labels)
     if cfg.val_csv:
         return train, load_csv_split(cfg.val_csv, cfg.images, keep, train.labels)
-    val_rows = holdout_rows(train.targets, float(cfg.val_frac), 0, stream=VAL_FRAC_STREAM)
-    rest = np.setdiff1d(np.arange(len(train)), val_rows)
-    return subset(train, rest, train.split), subset(train, val_rows, f"{train.split} val part (--val-frac)")
+    return split_train(train, float(cfg.val_frac), 0, stream=VAL_FRAC_STREAM,
+                       held_name=f"{train.split} val part (--val-frac)")
 
 
 class BadImageError(ValueError):

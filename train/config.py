@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import UsageError as _RuntimeUsageError
+from train.holdout import MAX_FRAC
 
 
 class UsageError(_RuntimeUsageError, ValueError):
@@ -104,7 +105,7 @@ class TrainConfig:
         rules = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
                  ("image_size", 32 <= self.image_size <= 4096, "in 32..4096"), ("lr", self.lr > 0, "> 0"),
                  ("weight_decay", self.weight_decay >= 0, ">= 0"), ("ema_epochs", self.ema_epochs > 0, "> 0"),
-                 ("holdout_frac", 0 <= self.holdout_frac <= 0.5, "in [0, 0.5]")]
+                 ("holdout_frac", 0 <= self.holdout_frac <= MAX_FRAC, f"in [0, {MAX_FRAC}]")]
         for key, ok, what in rules:
             if not ok:
                 raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {getattr(self, key)}")
@@ -134,8 +135,8 @@ def check_data_source(cfg: TrainConfig) -> None:
         raise UsageError("--train-csv needs --images DIR (the directory its image names are relative to)")
     if (cfg.val_csv is None) == (cfg.val_frac is None):
         raise UsageError("--train-csv needs exactly one of --val-csv FILE and --val-frac F")
-    if cfg.val_frac is not None and not 0 < cfg.val_frac <= 0.5:
-        raise UsageError(f"--val-frac must be in (0, 0.5], got {cfg.val_frac}")
+    if cfg.val_frac is not None and not 0 < cfg.val_frac <= MAX_FRAC:
+        raise UsageError(f"--val-frac must be in (0, {MAX_FRAC}], got {cfg.val_frac}")
     for flag, path in (("--train-csv", cfg.train_csv), ("--val-csv", cfg.val_csv)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")

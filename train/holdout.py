@@ -26,13 +26,14 @@ HOLDOUT_FORMAT = "probres-holdout/1"
 HOLDOUT_FILE = "holdout.json"
 MIN_TRAIN_POSITIVES = 20
 MAX_FRAC = 0.5
+HOLDOUT_STREAM = 20140      # the random stream of the held-out draw (--val-frac draws from its own)
 
 
 class HoldoutError(ValueError):
     """A bad --holdout-frac or a holdout.json that does not match this run; the message names it."""
 
 
-def holdout_rows(targets: np.ndarray, frac: float, seed: int, stream: int = 20140) -> np.ndarray:
+def holdout_rows(targets: np.ndarray, frac: float, seed: int, stream: int = HOLDOUT_STREAM) -> np.ndarray:
     """Sorted row indices of the held-out images of (N, C) multi-hot `targets`.
 
     frac 0 -> none. Every class with >= MIN_TRAIN_POSITIVES positives has >= 1 held-out positive.
@@ -69,11 +70,13 @@ def subset(split: CocoSplit, rows: np.ndarray, name: str) -> CocoSplit:
                                num_with_objects=with_objects, num_empty=len(rows) - with_objects)
 
 
-def split_train(split: CocoSplit, frac: float, seed: int) -> tuple[CocoSplit, CocoSplit]:
-    """(training part, held-out part) of train2014."""
-    held = holdout_rows(split.targets, frac, seed)
+def split_train(split: CocoSplit, frac: float, seed: int, stream: int = HOLDOUT_STREAM,
+                held_name: str | None = None) -> tuple[CocoSplit, CocoSplit]:
+    """(training part, held-out part) of train2014 (or of a CSV's rows: --val-frac passes its own
+    random stream and name)."""
+    held = holdout_rows(split.targets, frac, seed, stream)
     keep = np.setdiff1d(np.arange(len(split)), held)
-    return subset(split, keep, split.split), subset(split, held, f"{split.split} held-out")
+    return subset(split, keep, split.split), subset(split, held, held_name or f"{split.split} held-out")
 
 
 def write_holdout(run_dir: str | Path, held: CocoSplit, frac: float, seed: int) -> Path:
