@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from export.graph import weight_counts
+
 # Ops kept in FP32: the converter's own default block list (ops without FP16 kernels) plus the head.
 HEAD_OPS = ("Gemm", "MatMul", "Sigmoid")
 
@@ -129,11 +131,7 @@ def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
 
 def fp16_weight_fraction(model: onnx.ModelProto) -> float:
     """Fraction of initializer elements stored as FP16 (0..1)."""
-    n16 = n = 0
-    for init in model.graph.initializer:
-        count = int(np.prod(init.dims)) if init.dims else 1
-        n += count
-        n16 += count if init.data_type == onnx.TensorProto.FLOAT16 else 0
+    n, n16 = weight_counts(model)
     return n16 / max(n, 1)
 
 

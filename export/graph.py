@@ -66,6 +66,16 @@ def _dtype(value_info: onnx.ValueInfoProto) -> str:
         return onnx.TensorProto.DataType.Name(elem).lower()
 
 
+def weight_counts(model: onnx.ModelProto) -> tuple[int, int]:
+    """(initializer elements, of which FP16); dims only: external weight data need not be loaded."""
+    n = n16 = 0
+    for t in model.graph.initializer:
+        count = prod(t.dims)                       # prod(()) == 1: a scalar
+        n += count
+        n16 += count if t.data_type == onnx.TensorProto.FLOAT16 else 0
+    return n, n16
+
+
 def graph_facts(model: onnx.ModelProto, name: str = "model") -> GraphFacts:
     """The facts of an in-memory graph; GraphError (naming `name`) unless it has one input and one output."""
     inits = {i.name for i in model.graph.initializer}
@@ -74,11 +84,7 @@ def graph_facts(model: onnx.ModelProto, name: str = "model") -> GraphFacts:
     if len(ins) != 1 or len(outs) != 1:
         raise GraphError(f"{name}: graph I/O are {[v.name for v in ins]} -> {[v.name for v in outs]}, "
                          f"expected one input and one output (['{INPUT_NAME}'] -> ['{OUTPUT_NAME}'])")
-    n = n16 = 0
-    for t in model.graph.initializer:              # dims only: external weight data need not be loaded
-        count = prod(t.dims)
-        n += count
-        n16 += count if t.data_type == onnx.TensorProto.FLOAT16 else 0
+    n, n16 = weight_counts(model)
     qdq = any(node.op_type in QDQ_OPS for node in model.graph.node)
     precision = "int8" if qdq else ("fp16" if n and n16 / n >= 0.5 else "fp32")
     return GraphFacts(ins[0].name, outs[0].name, _dtype(ins[0]), _dtype(outs[0]), _dims(ins[0]), _dims(outs[0]),

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from export.graph import QDQ_OPS
 from runtime.contract import INPUT_NAME, OUTPUT_NAME
 from runtime.onnx_meta import KEY_INT8_CALIBRATION, KEY_PRECISION, KEY_SOURCE_ONNX, OnnxMetaError, parse_meta
 
@@ -117,7 +118,7 @@ def to_signed(model: onnx.ModelProto) -> int:
     at TensorRT's own resolution for non-negative tensors. No library does this rewrite.
     """
     inits = {i.name: i for i in model.graph.initializer}
-    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) >= 3]
+    qdq = [n for n in model.graph.node if n.op_type in QDQ_OPS and len(n.input) >= 3]
 
     def unsigned(n: onnx.NodeProto) -> bool:
         zp = inits.get(n.input[2])

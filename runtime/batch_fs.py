@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import unquote, urlparse
 
-from runtime.decode import ImageDecodeError, check_path
+from runtime.decode import MAX_FILE_BYTES, ImageDecodeError, check_path
 from runtime.fileio import atomic_open
-from runtime.pipeline import MAX_FILE_BYTES, is_image_name
+from runtime.pipeline import is_image_name
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

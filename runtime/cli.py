@@ -1,23 +1,17 @@
-"""What every probres command shares: argument types, the usage error, exit codes.
+"""What every probres command shares: argument types and the usage error.
 
     probres-infer --engine model.onnx photos/ --threshold 0.4 --top-k 3 --batch-size 8
 
-The command modules (runtime.infer, runtime.eval, ...) parse flags with these types and turn
-a ProbresError into one stderr line and an exit status with `fail`; below this layer nothing
-sees argparse (the library, runtime.api, takes plain keyword arguments).
+The command modules (runtime.infer, runtime.eval, ...) parse flags with these types and turn a
+ProbresError into one stderr line and exit status 2 (runtime.outputs.exit_code for signals);
+below this layer nothing sees argparse (the library, runtime.api, takes plain keyword arguments).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from runtime.errors import ProbresError, UsageError  # noqa: F401  (UsageError: the one usage-error class)
-
-EXIT_OK = 0              # every input classified / the gate passed
-EXIT_FAILED = 1          # some inputs failed / the gate failed
-EXIT_USAGE = 2           # a usage, model or data error: one line, no traceback
-EXIT_INTERRUPTED = 130   # Ctrl-C
+from runtime.errors import UsageError  # noqa: F401  (the one usage-error class, for the commands)
 
 
 def positive_int(text: str) -> int:
@@ -51,8 +45,3 @@ def threshold_arg(text: str) -> str | float:
     """--threshold: 'contract' (the model's per-label thresholds) or one probability for every label."""
     return "contract" if text.strip().lower() == "contract" else probability(text)
 
-
-def fail(prog: str, e: BaseException | str, code: int = EXIT_USAGE) -> int:
-    """Print `prog: error: e` (one line) on stderr; return the exit status `code` for main to return."""
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return code

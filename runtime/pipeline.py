@@ -37,8 +37,7 @@ import numpy as np
 
 from runtime.chunks import Chunks
 from runtime.contract import PreprocessSpec
-from runtime.decode import MAX_FILE_BYTES, ImageDecodeError, ImageSource, check_header  # noqa: F401  (re-exported)
-from runtime.headers import header_size  # noqa: F401  (part of this module's API)
+from runtime.decode import ImageDecodeError, ImageSource
 from runtime.preprocess import OUT_DTYPES, RowFill, aligned_empty, fill_rows
 
 if TYPE_CHECKING:

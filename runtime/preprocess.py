@@ -34,8 +34,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 # runtime.decode first: it sets OpenCV's pixel limit before cv2 is imported.
-from runtime.decode import (MAX_IMAGE_PIXELS, ImageDecodeError, ImageSource,  # noqa: F401  (re-exported)
-                            decode, decode_bgr, decode_source, read_bytes)
+from runtime.decode import (ImageDecodeError, ImageSource, decode, decode_bgr,  # noqa: F401  (re-exported)
+                            decode_source)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -244,7 +244,7 @@ def load_source(src: ImageSource | np.ndarray | BaseException, out: np.ndarray, 
     elif isinstance(src, BaseException):
         raise src
     else:
-        preprocess_array_into(decode_source(src), out, spec, stream=stream)
+        preprocess_into(src, out, spec, stream=stream)
 
 
 def fill_rows(sources: Sequence[ImageSource], out: np.ndarray, spec: PreprocessSpec,

@@ -22,7 +22,7 @@ cleanly (exit 130 / 143): PyTriton stops tritonserver (in-flight requests get 5 
 still descending from this one (a Python-backend stub, a TensorStore) gets SIGTERM, and SIGKILL
 after 5 s (runtime/serve_stop.py). Safe by default: listens on 127.0.0.1 only (Triton has no
 authentication); an image over --max-request-bytes (64 MiB) or whose header claims more than
-runtime.preprocess.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
+runtime.decode.MAX_IMAGE_PIXELS pixels is refused for that item (Triton has already read the
 request by then: this tritonserver has no body-size limit of its own). PyTriton (which bundles
 the tritonserver binary) pins numpy<2, so it lives in its own environment, .venv-serve (Makefile
 `serve-env`); it is imported lazily.
@@ -44,6 +44,7 @@ import sysconfig
 import numpy as np
 
 from runtime.backends import DEVICES, BackendError, open_backend
+from runtime.contract import INPUT_NAME, OUTPUT_NAME
 from runtime.infer import positive_int, probability
 from runtime.serve_model import MAX_REQUEST_BYTES, ServeModel
 from runtime.serve_stop import become_subreaper, end_descendants, remove_own_shm
@@ -152,7 +153,7 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
 
     m0 = models[0]
     s, c = m0.spec.size, m0.labels.num_classes
-    outputs = [Tensor(name="probs", dtype=np.float32, shape=(c,)),
+    outputs = [Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(c,)),
                Tensor(name="labels", dtype=bytes, shape=(1,)),
                Tensor(name="error", dtype=bytes, shape=(1,)),
                Tensor(name="provenance", dtype=bytes, shape=(1,))]
@@ -168,7 +169,7 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
 
     def tensor_fn(model: ServeModel):
         def infer(requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-            items = [r["images"] for r in requests]                  # each (n_r, 3, S, S)
+            items = [r[INPUT_NAME] for r in requests]                  # each (n_r, 3, S, S)
             names = [f"image {j}" for x in items for j in range(len(x))]
             return split(model.from_tensors(np.concatenate(items), names), items)
         return infer
@@ -176,7 +177,7 @@ def bind_models(triton, models: list[ServeModel], max_queue_delay_us: int) -> No
     triton.bind(model_name=BYTES_MODEL, infer_func=[bytes_fn(m) for m in models],
                 inputs=[Tensor(name="image", dtype=bytes, shape=(1,))], outputs=outputs, config=config)
     triton.bind(model_name=TENSOR_MODEL, infer_func=[tensor_fn(m) for m in models],
-                inputs=[Tensor(name="images", dtype=m0.backend.input_dtype.type, shape=(3, s, s))],
+                inputs=[Tensor(name=INPUT_NAME, dtype=m0.backend.input_dtype.type, shape=(3, s, s))],
                 outputs=outputs, config=config)
 
 

@@ -6,7 +6,7 @@ m = ServeModel(open_backend('model.onnx')); print(m.from_bytes([open('a.jpg','rb
 No Triton here (runtime/serve.py binds these calls into PyTriton), so it is tested without a
 server. Every image in a request goes through the runtime's own checks before OpenCV sees it:
 the request-size cap (`max_bytes`), the decompression-bomb guard on the header
-(runtime.pipeline.check_header) and the checked decode + preprocessing of probres-infer
+(runtime.decode.check_header, inside preprocess_into) and the checked decode + preprocessing of probres-infer
 (runtime.preprocess), so a served image gets exactly the pixels probres-infer gives it.
 
 A bad image, or a preprocessed tensor holding NaN or infinite values, becomes an error for that
@@ -30,8 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from runtime.backends import Backend
-from runtime.contract import PreprocessSpec
-from runtime.pipeline import check_header
+from runtime.contract import OUTPUT_NAME, PreprocessSpec
 from runtime.preprocess import ImageDecodeError, preprocess_into
 from runtime.infer import decision_thresholds
 from runtime.provenance import KEY, decision, header
@@ -51,8 +50,7 @@ def decode_item(name: str, data: object, row: np.ndarray, spec: PreprocessSpec, 
     if len(data) > max_bytes:
         return f"{name}: request too large ({len(data)} bytes, limit {max_bytes} bytes)"
     try:
-        check_header(data, name)
-        preprocess_into(data, row, spec, name=name)
+        preprocess_into(data, row, spec, name=name)       # checks the header's pixel count before decoding
         return None
     except ImageDecodeError as e:
         return str(e)
@@ -141,7 +139,7 @@ class ServeModel:
         labels = np.array([[b"[]" if e else self.labels_json(p)] for p, e in zip(probs, errors)], dtype=np.object_)
         err = np.array([[(e or "").encode()] for e in errors], dtype=np.object_)
         prov = np.full((len(errors), 1), self.provenance, dtype=np.object_)
-        return {"probs": probs, "labels": labels.reshape(-1, 1), "error": err.reshape(-1, 1), "provenance": prov}
+        return {OUTPUT_NAME: probs, "labels": labels.reshape(-1, 1), "error": err.reshape(-1, 1), "provenance": prov}
 
     def close(self) -> None:
         if self._pool is not None:

@@ -25,7 +25,9 @@ import pytest
 
 from runtime.contract import LabelSet, ModelContract, PreprocessSpec
 from runtime.infer import main
-from runtime.pipeline import check_header, header_size, iter_image_paths
+from runtime.decode import check_header
+from runtime.headers import header_size
+from runtime.pipeline import iter_image_paths
 from runtime.preprocess import ImageDecodeError, decode_bgr, load_source, preprocess
 
 S = 32
