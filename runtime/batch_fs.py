@@ -24,15 +24,21 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import unquote, urlparse
 
-from runtime.decode import ImageDecodeError, check_path
+from runtime.decode import MAX_FILE_BYTES, ImageDecodeError, check_path
 from runtime.fileio import atomic_open
-from runtime.pipeline import MAX_FILE_BYTES, is_image_name
+from runtime.pipeline import is_image_name
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_uri(spec: str) -> bool:
     return bool(_URI.match(spec))
+
+
+def last_line(e: BaseException) -> str:
+    """The last line of an error's message (pyarrow's and Ray's run to several), or the message when empty."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else str(e)
 
 
 def from_uri(uri: str, cache: dict | None = None) -> tuple[Any, str]:
@@ -178,4 +184,4 @@ def _read_uri(uri: str, fs_cache: dict) -> bytes | ImageDecodeError:
         with fs.open_input_stream(p) as f:
             return f.read()
     except (OSError, ValueError) as e:         # pyarrow's errors (ArrowIOError is an OSError), a bad URI
-        return ImageDecodeError(f"{uri}: cannot read file ({str(e).strip().splitlines()[-1] if str(e).strip() else e})")
+        return ImageDecodeError(f"{uri}: cannot read file ({last_line(e)})")
