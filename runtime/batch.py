@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from runtime import batch_plan
 from runtime.backends import BackendError, open_backend
 from runtime.backends.base import Backend
-from runtime.batch_fs import Location
+from runtime.batch_fs import Location, last_line
 from runtime.fileio import sha256_file
 from runtime.infer import default_threads, positive_int
 from runtime.inputs import InputError
@@ -86,7 +86,7 @@ def plan_job(engine: str, inputs: str, out: Location, chunk_size: int, fmt: str,
     try:
         old = batch_plan.check_out_dir(out, manifest, resume)
     except OSError as e:                       # an object store that cannot be listed (credentials, bucket)
-        raise InputError(f"--output {out.name}: {str(e).strip().splitlines()[-1]}") from None
+        raise InputError(f"--output {out.name}: {last_line(e)}") from None
     if old is not None:
         plan = batch_plan.scan_plan(out, chunk_size)
         if plan.sha256 != old.get("plan_sha256"):
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as e:         # pyarrow: a URI it cannot resolve or reach
-        print(f"{PROG}: error: --output {args.output}: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"{PROG}: error: --output {args.output}: {last_line(e)}", file=sys.stderr)
         return 2
     written = set(out.names())
     if batch_plan.SUCCESS in written:

@@ -35,6 +35,12 @@ def is_uri(spec: str) -> bool:
     return bool(_URI.match(spec))
 
 
+def last_line(e: BaseException) -> str:
+    """The last line of an error's message (pyarrow's and Ray's run to several), or the message when empty."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else str(e)
+
+
 def from_uri(uri: str, cache: dict | None = None) -> tuple[Any, str]:
     """(pyarrow FileSystem, path in it) for `uri`; one FileSystem per scheme://host in `cache` (an S3
     client per input would cost a connection and a region lookup each)."""
@@ -178,4 +184,4 @@ def _read_uri(uri: str, fs_cache: dict) -> bytes | ImageDecodeError:
         with fs.open_input_stream(p) as f:
             return f.read()
     except (OSError, ValueError) as e:         # pyarrow's errors (ArrowIOError is an OSError), a bad URI
-        return ImageDecodeError(f"{uri}: cannot read file ({str(e).strip().splitlines()[-1] if str(e).strip() else e})")
+        return ImageDecodeError(f"{uri}: cannot read file ({last_line(e)})")

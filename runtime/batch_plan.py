@@ -27,7 +27,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Iterator
 
-from runtime.batch_fs import Location, is_uri, iter_uri_dir
+from runtime.batch_fs import Location, is_uri, iter_uri_dir, last_line
 from runtime.inputs import InputError, read_list
 from runtime.pipeline import iter_image_paths
 
@@ -47,7 +47,7 @@ def input_kind(spec: str) -> str:
         try:
             kind = Location.of(spec).kind()
         except (OSError, ValueError) as e:
-            raise InputError(f"--input {spec}: {str(e).strip().splitlines()[-1]}") from None
+            raise InputError(f"--input {spec}: {last_line(e)}") from None
         if kind == "missing":
             raise InputError(f"--input {spec}: no such directory or list file")
         return "list" if kind == "file" else "dir"
@@ -122,8 +122,6 @@ def _read_uri_list(uri: str) -> Iterator[str]:
 class Plan:
     """Chunk i = `counts[i]` lines of the plan file from byte `offsets[i]`; `hashes[i]` names its file."""
 
-    out: Location             # OUT_DIR, which holds the plan file (PLAN)
-    chunk_size: int
     offsets: array            # 'q', one per chunk
     counts: array             # 'l'
     hashes: list[str]         # 12 hex digits per chunk
@@ -141,7 +139,12 @@ class Plan:
                 "hash": self.hashes[i]}
 
     def part_name(self, i: int, fmt: str) -> str:
-        return f"{PART_PREFIX}{i:06d}-{self.hashes[i]}{EXTENSIONS[fmt]}"
+        return part_name(i, self.hashes[i], fmt)
+
+
+def part_name(i: int, digest: str, fmt: str) -> str:
+    """Chunk i's file name: part-IIIIII-HASH.EXT (`digest`: the hash of its lines)."""
+    return f"{PART_PREFIX}{i:06d}-{digest}{EXTENSIONS[fmt]}"
 
 
 def write_plan(paths: Iterator[str], out: Location) -> int:
@@ -178,7 +181,7 @@ def scan_plan(out: Location, chunk_size: int) -> Plan:
     if n:
         counts.append(n)
         hashes.append(h.hexdigest())
-    return Plan(out, chunk_size, offsets, counts, hashes, total, whole.hexdigest(), pos)
+    return Plan(offsets, counts, hashes, total, whole.hexdigest(), pos)
 
 
 def read_chunk(out: Location, offset: int, nbytes: int, count: int, digest: str) -> list[str]:
@@ -192,9 +195,13 @@ def read_chunk(out: Location, offset: int, nbytes: int, count: int, digest: str)
 
 # ---------------------------------------------------------------------------------------------- the job
 
+def _is_temp(name: str) -> bool:
+    """A temp file a write leaves until its rename (runtime.fileio, Location.write)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def _ours(name: str) -> bool:
-    return name in (PLAN, MANIFEST, SUCCESS) or name.startswith(PART_PREFIX) or (
-        name.startswith(".") and name.endswith(".tmp"))
+    return name in (PLAN, MANIFEST, SUCCESS) or name.startswith(PART_PREFIX) or _is_temp(name)
 
 
 def check_out_dir(out: Location, manifest: dict, resume: bool) -> dict | None:
@@ -268,7 +275,7 @@ def finish(out: Location, plan: Plan, fmt: str) -> int:
                              f"again with --resume")
         files.append({"file": name, "records": n})
     for name in names:                     # a killed worker's temp file (its chunk was redone)
-        if name.startswith(".") and name.endswith(".tmp"):
+        if _is_temp(name):
             out.remove(name)
     total = sum(f["records"] for f in files)
     write_manifest(out, {"records": total, "files": files}, SUCCESS)

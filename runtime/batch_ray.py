@@ -7,8 +7,9 @@ A first map_batches stage of plain Ray tasks (read_chunk_files, a fraction of a 
 at a time) reads the chunk's paths from the plan and each file's bytes (an unreadable file: its
 error, worded as probres-infer words it), local paths or URIs (runtime.batch_fs). The second hands
 each chunk to a callable-class actor (ChunkLabeler): it loads the model once, decodes and
-classifies the bytes through probres-infer's own pipeline (runtime.pipeline.classify), formats
-the records with probres-infer's Writer, and writes the chunk's file (whole or not at all).
+classifies the bytes through probres-infer's own pipeline (runtime.pipeline.classify), builds
+probres-infer's records (runtime.report.record, error_record: what its Writer writes), and writes
+the chunk's file (whole or not at all).
 Ray Data restarts a killed actor and retries its chunk (max_restarts / max_task_retries -1 by
 default), and retries a failed read task; a rerun rewrites the same file, so nothing is counted twice.
 Ray is imported only here, and only by probres-batch.
@@ -16,7 +17,6 @@ Ray is imported only here, and only by probres-batch.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Any, Iterator
@@ -94,7 +94,6 @@ class ChunkLabeler:
     def __init__(self, job: dict[str, Any]) -> None:
         from runtime.backends import open_backend
         from runtime.infer import decision_thresholds
-        from runtime.report import Writer
 
         if job["cwd"] and os.path.isdir(job["cwd"]):
             os.chdir(job["cwd"])                 # relative inputs resolve as they did for the driver
@@ -102,50 +101,42 @@ class ChunkLabeler:
         self.out: Location = job["out"]
         self.backend = ReusedBuffers(open_backend(job["model"], device=job["device"], threads=job["threads"]))
         contract = self.backend.contract
-        thresholds, decided = decision_thresholds(contract, None, None)
-        self.text = io.StringIO()
-        self.writer = Writer(self.text, "jsonl", contract.labels, thresholds, None, decided)
+        self.labels = contract.labels
+        self.thresholds, self.decided = decision_thresholds(contract, None, None)     # never None: no --top-k
 
-    def label(self, paths: list[str], sources: list) -> Iterator[tuple[str, bool]]:
-        """(probres-infer's JSONL line, failed) for each of `paths`, in order (plus "probs" with --all-probs).
+    def label(self, paths: list[str], sources: list) -> Iterator[tuple[dict, bool]]:
+        """(probres-infer's JSONL record, failed) for each of `paths`, in order (plus "probs" with --all-probs).
 
         sources[i]: paths[i]'s bytes, or the ImageDecodeError the read stage met."""
         from runtime.pipeline import classify
+        from runtime.report import error_record, record
         job = self.job
         for batch, probs in classify(self.backend, sources, job["batch_size"], job["threads"]):
             row = 0
             for k, err in enumerate(batch.errors):
                 path = paths[batch.start + k]
-                self.text.seek(0)
-                self.text.truncate()
                 if err is None:
-                    self.writer.result(path, probs[row])
-                    line = self.text.getvalue()
+                    rec = record(path, probs[row], self.labels, self.thresholds, None, self.decided)
                     if job["all_probs"]:
-                        rec = json.loads(line)
                         rec["probs"] = [round(float(p), 6) for p in probs[row]]
-                        line = json.dumps(rec) + "\n"
                     row += 1
                 else:
                     if isinstance(sources[batch.start + k], bytes) and err.startswith("<"):   # "<N bytes>: ..."
                         err = path + err[err.index(">") + 1:]
-                    self.writer.error(path.partition("\0")[0], err)
-                    line = self.text.getvalue()
-                yield line, err is not None
+                    rec = error_record(path.partition("\0")[0], err)
+                yield rec, err is not None
 
-    def write(self, name: str, lines: list[str]) -> None:
+    def write(self, name: str, records: list[dict]) -> None:
         """The chunk's file, whole (a rerun of the chunk replaces it with the same)."""
         if self.job["format"] == "jsonl":
             with self.out.write(name, text=True) as f:
-                f.write("".join(lines))
+                f.write("".join(json.dumps(r) + "\n" for r in records))
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
         schema = parquet_schema(self.job["all_probs"])
-        rows = [json.loads(line) for line in lines]
-        for r in rows:                  # "contract", or the number that decided (0.5 without a contract's)
-            if isinstance(r.get("threshold"), (int, float)):
-                r["threshold"] = repr(float(r["threshold"]))
+        rows = [{**r, "threshold": repr(float(r["threshold"]))}        # "contract", or the number that decided
+                if isinstance(r.get("threshold"), (int, float)) else r for r in records]   # (0.5 without a contract's)
         table = pa.Table.from_pylist(rows, schema=schema)
         with self.out.write(name) as f:
             pq.write_table(table, f)
@@ -160,21 +151,14 @@ class ChunkLabeler:
             done = list(self.label(paths, sources))
             if len(done) != len(paths):          # never a short file: fail the chunk (finish --resume redoes it)
                 raise RuntimeError(f"chunk {c['chunk']}: {len(done)} records for {len(paths)} inputs")
-            lines = [line for line, _ in done]
-            name = f"{batch_plan.PART_PREFIX}{c['chunk']:06d}-{c['hash']}{batch_plan.EXTENSIONS[job['format']]}"
-            self.write(name, lines)
+            name = batch_plan.part_name(c["chunk"], c["hash"], job["format"])
+            self.write(name, [rec for rec, _ in done])
             names.append(name)
-            records.append(len(lines))
+            records.append(len(done))
             errors.append(sum(failed for _, failed in done))
         return {"file": np.array(names), "records": np.array(records), "errors": np.array(errors),
                 # the GPUs Ray gave this actor (num_gpus): the driver reports them
                 "gpus": np.array([os.environ.get("CUDA_VISIBLE_DEVICES", "")] * len(names))}
-
-
-def read_tasks(actors: int) -> int:
-    """Read tasks at once: one per actor (each reads READ_THREADS files at a time; a read task is a worker
-    process that imports Ray Data, seconds of a job's start on a small machine)."""
-    return max(1, actors)
 
 
 def cpus_per_actor(total_cpus: float, actors: int, threads: int, gpus: float) -> float:
@@ -182,10 +166,10 @@ def cpus_per_actor(total_cpus: float, actors: int, threads: int, gpus: float) ->
 
     A CPU in Ray is a scheduling token. Actors that reserve every CPU starve the read tasks (the
     issue's deadlock: two 1-CPU actors on num_cpus=2 plus a read task wait for ever), so the
-    read_tasks(actors) tasks of READ_CPUS each always fit beside them; GPU actors reserve one CPU
+    read tasks (one per actor, READ_CPUS each) always fit beside them; GPU actors reserve one CPU
     each for their decode threads, at most what is there."""
     want = 1.0 if gpus else float(threads)
-    room = (total_cpus - READ_CPUS * read_tasks(actors)) / actors
+    room = (total_cpus - READ_CPUS * actors) / actors
     if room <= 0:
         raise ValueError(f"--actors {actors}: the cluster has {total_cpus:g} CPUs")
     return round(min(want, room), 2)
@@ -215,16 +199,19 @@ def dataset(job: dict[str, Any], plan: "batch_plan.Plan", pending: list[int], ac
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.max_consecutive_actor_init_deaths = 2          # a model no actor can load: fail fast, not for ever
-    total = float(ray.cluster_resources().get("CPU", 1.0))
-    have = float(ray.cluster_resources().get("GPU", 0.0))
+    resources = ray.cluster_resources()
+    total = float(resources.get("CPU", 1.0))
+    have = float(resources.get("GPU", 0.0))
     if gpus and have < gpus * actors:           # Ray would wait for them for ever
         raise BackendError(f"--actors {actors} x --gpus-per-actor {gpus:g} needs {gpus * actors:g} GPUs; the "
                          f"cluster has {have:g} (start the GPU workers first)")
     ncpu = cpus_per_actor(total, actors, job["threads"], gpus)
     items = [plan.chunk(i) for i in pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # read tasks at once: one per actor (each reads READ_THREADS files at a time; a read task is a worker
+    # process that imports Ray Data, seconds of a job's start on a small machine)
     ds = ds.map_batches(read_chunk_files, batch_size=1, batch_format="numpy", fn_kwargs={"out": job["out"]},
-                        num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=read_tasks(actors)))
+                        num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=actors))
     ds = ds.map_batches(ChunkLabeler, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs={"job": job}, num_cpus=ncpu, num_gpus=gpus or None)

@@ -70,9 +70,9 @@ def _rows(path: Path) -> list[tuple[int, list[str]]]:
     return out
 
 
-def _file_labels(path: Path, header: list[str], rows: list[tuple[int, list[str]]]) -> list[str]:
-    """The label names a file declares (0/1 form) or uses (list form), in the file's order."""
-    if len(header) == 2 and header[1].lower() == LIST_COLUMN:
+def _file_labels(path: Path, header: list[str], rows: list[tuple[int, list[str]]], listed: bool) -> list[str]:
+    """The label names a file declares (0/1 form) or uses (list form: `listed`), in the file's order."""
+    if listed:
         seen: dict[str, None] = {}
         for _, cells in rows:
             if len(cells) > 1:
@@ -105,7 +105,7 @@ def load_csv_split(csv_path: str | os.PathLike[str], images: str | os.PathLike[s
     if len(header) < 2:
         raise CsvDataError(f"{path}:1: the header needs an image column and a labels column, or one column per label")
     listed = len(header) == 2 and header[1].lower() == LIST_COLUMN
-    names = _file_labels(path, header, rows)
+    names = _file_labels(path, header, rows, listed)
     if labels is None:
         if not names:
             raise CsvDataError(f"{path}: no row has a label (nothing to train on)")
