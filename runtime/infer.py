@@ -37,16 +37,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from runtime.api import default_threads
+from runtime.api import default_threads, job_header, lock_output, open_model, write_failed
 from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
 from runtime.cli import positive_int, probability, threshold_arg, top_k_arg  # noqa: F401  (eval, serve import them here)
-from runtime.fileio import OutputLock, OutputLocked
 from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
 from runtime.outputs import (OutputError, ResultFile, check_outputs, exit_code, interrupted_by, model_inputs,
                              stop_on_signals)
 from runtime.pipeline import classify, is_image_name
-from runtime.provenance import describe, header, header_line, same_run
+from runtime.provenance import describe, header_line, same_run
 from runtime.report import FORMATS, Writer, decision_thresholds
 from runtime.video import VideoOptions, add_video_args, run_video, wants_video
 
@@ -145,14 +144,8 @@ def check_args(job: InferJob, hold: contextlib.ExitStack) -> tuple[Iterator[str]
     source = take_shard(source, *shard)
     if job.output and os.path.isfile(job.output):
         source = refuse_output(source, job.output)           # stdin entries: nothing listed them beforehand
-    try:
-        hold.enter_context(OutputLock(job.output))
-    except OutputLocked as e:
-        raise OutputError(f"--output {e}") from None
-    try:
-        head = header(job.engine, job.threshold, job.top_k)
-    except OSError:
-        head = None
+    lock_output(hold, job.output)
+    head = job_header(job)
     done = read_done(job.output) if job.resume else None
     if done is not None:
         if done.header is None and len(done):
@@ -172,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     job = InferJob.from_args(build_parser().parse_args(argv))
     with stop_on_signals(), contextlib.ExitStack() as hold:     # SIGTERM, SIGHUP: as Ctrl-C
         if wants_video(job.paths, job.video):     # a video, stream or camera in the run (docs/video.md)
-            return run_video(job, PROG)
+            return run_video(job, hold, PROG)
         return run(job, hold)
 
 
@@ -186,14 +179,9 @@ def run(job: InferJob, hold: contextlib.ExitStack) -> int:
     except KeyboardInterrupt as e:
         print(f"{PROG}: interrupted{interrupted_by(e)} before the first input", file=sys.stderr)
         return exit_code(e)
-    try:
-        backend = open_backend(job.engine, device=job.device, threads=job.threads, **job.backend_options)
-    except BackendError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:                # loading can take minutes (--compile, a big plan)
-        print(f"{PROG}: interrupted{interrupted_by(e)} while loading {job.engine}", file=sys.stderr)
-        return exit_code(e)
+    backend = open_model(job, PROG, open_backend)   # this module's name for it: tests spy on it here
+    if isinstance(backend, int):
+        return backend
     top_k = backend.contract.labels.num_classes if job.top_k == "all" else job.top_k
     threads = job.threads or default_threads()
     n_ok = n_bad = 0
@@ -231,12 +219,8 @@ def run(job: InferJob, hold: contextlib.ExitStack) -> int:
                 " (finish with the same command plus --resume)" if job.format == "jsonl" else "")
         print(f"{PROG}: interrupted{interrupted_by(e)} after {n_ok + n_bad} inputs{kept}", file=sys.stderr)
         return exit_code(e)
-    except BrokenPipeError:                       # e.g. `probres-infer ... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except OSError as e:                          # --output not writable
-        print(f"{PROG}: error: cannot write {job.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except OSError as e:                          # a closed pipe (`| head`), --output not writable
+        return write_failed(e, job.output, PROG)
     finally:
         backend.close()
     dt = time.perf_counter() - t0

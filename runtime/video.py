@@ -13,7 +13,7 @@ the engine: runtime.video_frames. Records carry "frame" and "time_s" (JSONL, CSV
 provenance header an image run writes first (runtime.provenance);
 a video that cannot be read gets one error record and the run goes on; a live source ends
 with one stderr line (why, frames classified, skipped, reconnects). Ctrl-C keeps the records
-written (exit 130). Guide: docs/video.md.
+written (exit 130; 143 for SIGTERM, 129 for SIGHUP). Guide: docs/video.md.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from contextlib import closing
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from runtime.backends import BackendError, open_backend
+from runtime.api import default_threads, job_header, lock_output, open_model, write_failed
+from runtime.backends import BackendError
 from runtime.cli import positive_int
-from runtime.fileio import OutputLock, OutputLocked
 from runtime.inputs import InputError, peek
-from runtime.outputs import OutputError, ResultFile, check_outputs, model_inputs
+from runtime.outputs import OutputError, ResultFile, check_outputs, exit_code, interrupted_by, model_inputs
 from runtime.pipeline import is_image_name, iter_image_paths
-from runtime.provenance import header, header_line
-from runtime.report import Writer
+from runtime.provenance import header_line
+from runtime.report import Writer, decision_thresholds
 from runtime.video_frames import (FrameClassifier, LiveStats, frame_fields, no_frame_error, source_error, source_name,
                                   stream_batches)
 from runtime.video_sources import Selector, is_live, is_video_name
@@ -162,35 +162,19 @@ def check_args(job: "InferJob") -> Iterator[str | int]:
     return sources
 
 
-def run_video(job: "InferJob", prog: str = "probres-infer") -> int:
-    """probres-infer's main for a run with video in it: same output, exit codes and Ctrl-C behaviour."""
-    with contextlib.ExitStack() as hold:          # the output's lock, held for the whole run
-        return _run_video(job, prog, hold)
-
-
-def _run_video(job: "InferJob", prog: str, hold: contextlib.ExitStack) -> int:
-    from runtime.infer import decision_thresholds, default_threads   # here: runtime.infer imports this module
+def run_video(job: "InferJob", hold: contextlib.ExitStack, prog: str = "probres-infer") -> int:
+    """probres-infer's main for a run with video in it: same output, exit codes and Ctrl-C behaviour
+    as an image run (runtime.infer.run); the output's lock is held on `hold`."""
     try:
         sources = check_args(job)
-        try:                                      # before the model loads, as an image run: one line, exit 2
-            hold.enter_context(OutputLock(job.output))
-        except OutputLocked as e:
-            raise OutputError(f"--output {e}") from None
+        lock_output(hold, job.output)             # before the model loads, as an image run: one line, exit 2
     except (InputError, OutputError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    try:
-        head = header(job.engine, job.threshold, job.top_k)     # as an image run's: the model and the rule
-    except OSError:
-        head = None                               # the model cannot be read: loading it says why
-    try:
-        backend = open_backend(job.engine, device=job.device, threads=job.threads, **job.backend_options)
-    except BackendError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted while loading {job.engine}", file=sys.stderr)
-        return 130
+    head = job_header(job)                        # as an image run's: the model and the rule
+    backend = open_model(job, prog)
+    if isinstance(backend, int):
+        return backend
     top_k = backend.contract.labels.num_classes if job.top_k == "all" else job.top_k
     threads = job.threads or default_threads()
     select = dict(every=job.video.every or 1, fps=job.video.fps, start=job.video.start or 0.0, end=job.video.end)
@@ -263,16 +247,13 @@ def _run_video(job: "InferJob", prog: str, hold: contextlib.ExitStack) -> int:
     except (BackendError, MemoryError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:               # Ctrl-C, SIGTERM or SIGHUP (runtime.outputs.stop_on_signals)
         kept = f"; {out.kept} records kept in {job.output}" if out is not None and job.output else ""
-        print(f"{prog}: interrupted after {n['ok'] + n['bad']} inputs ({n['frames']} frames){kept}", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except OSError as e:
-        print(f"{prog}: error: cannot write {job.output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        print(f"{prog}: interrupted{interrupted_by(e)} after {n['ok'] + n['bad']} inputs ({n['frames']} frames){kept}",
+              file=sys.stderr)
+        return exit_code(e)
+    except OSError as e:                          # a closed pipe (`| head`), --output not writable
+        return write_failed(e, job.output, prog)
     finally:
         fc.close()
         backend.close()

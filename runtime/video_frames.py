@@ -4,7 +4,7 @@
 stream_batches; fc = FrameClassifier(open_backend('model.onnx')); \
 print(sum(len(f) for f, _ in stream_batches(fc, 'clip.mp4')))"
 
-Frames go through the image path's preprocessing (runtime.preprocess.preprocess_array_into on
+Frames go through the image path's preprocessing (runtime.preprocess.fill_rows, preprocess_array_into on
 the decoded BGR array, straight into the backend's own input buffers), so a frame's
 probabilities are those of the same pixels classified as an image. Files: every selected frame
 in order, in batches; decoding (one thread, the source's) overlaps preprocessing (a pool) and
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from runtime.pipeline import classify
-from runtime.preprocess import STREAM_BYTES, preprocess_array_into
+from runtime.preprocess import fill_rows, preprocess_array_into
 from runtime.video_sources import Frame, LiveSource, Selector, VideoError, describe_error, is_live, iter_file_frames
 
 if TYPE_CHECKING:
@@ -77,13 +77,6 @@ class FrameClassifier:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probres-frames")
         self._workers = threads
 
-    def _fill(self, frames: list[Frame], rows: np.ndarray) -> None:
-        """Preprocess frames into rows (a slice of an input buffer), then let their pixels go."""
-        stream = rows.nbytes >= STREAM_BYTES
-        for f, row in zip(frames, rows):
-            preprocess_array_into(f.image, row, self.spec, stream)
-            f.image = None
-
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -129,15 +122,12 @@ class FrameClassifier:
             batch: list[Frame] = []
 
             def hand_off() -> bool:
-                """Start preprocessing `batch` into a free buffer (one task per worker) and queue it."""
+                """Start preprocessing `batch` into a free buffer (runtime.preprocess.fill_rows) and queue it."""
                 nonlocal batch
                 buf = take_buffer()
                 if buf is None:
                     return False
-                n, k = len(batch), self._workers
-                cuts = [round(i * n / k) for i in range(k + 1)]
-                futs = [self._pool.submit(self._fill, batch[a:b], buf[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
-                put((batch, buf, futs))
+                put((batch, buf, fill_rows([f.image for f in batch], buf, self.spec, self._pool, self._workers)))
                 batch = []
                 return True
 
@@ -170,14 +160,15 @@ class FrameClassifier:
                 item = ready.get()
                 if item is _END or isinstance(item, BaseException):
                     break
-                batch, buf, futs = item
-                try:
-                    for f in futs:
-                        f.result()
-                except Exception as e:              # OpenCV refused a frame: this source's error, in order
+                batch, buf, fill = item
+                error = next((e for e in fill.result() if e is not None), None)
+                for f in batch:                     # preprocessed: let their pixels go
+                    f.image = None
+                item = fill = None
+                if error is not None:               # OpenCV refused a frame: this source's error, in order
                     free.put(buf)
                     item = VideoError(f"{batch[0].source}: frames {batch[0].index}-{batch[-1].index}: "
-                                      f"{describe_error(e)}")
+                                      f"{describe_error(error)}")
                     break
                 pending = self.backend.submit(buf[:len(batch)])
                 if prev is not None:

@@ -354,7 +354,9 @@ def test_live_policy_skips_and_counts_and_never_lags(camera):
     assert max(lags) <= 1, lags                                    # a FIFO would fall behind by dozens
 
 
-def test_ctrl_c_keeps_finished_records(model, camera, tmp_path):
+def interrupt_live_run(model, camera, tmp_path, signum: int):
+    """A probres-infer run on a live loopback camera, sent `signum` once records are being written:
+    (exit code, its stderr after the first per-second line, the output file, the camera's URL)."""
     cam = camera(per_connection=None, interval_s=0.02)
     out = tmp_path / "live.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -369,16 +371,30 @@ def test_ctrl_c_keeps_finished_records(model, camera, tmp_path):
             if "frames/s classified" in line or not line:
                 break
         assert "frames/s classified" in lines[-1], "".join(lines)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(signum)
         _, rest = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(timeout=10)
-    assert p.returncode == 130, rest
+    return p.returncode, rest, out, cam.url
+
+
+def test_ctrl_c_keeps_finished_records(model, camera, tmp_path):
+    code, rest, out, url = interrupt_live_run(model, camera, tmp_path, signal.SIGINT)
+    assert code == 130, rest
     recs = list(records(out.read_text().splitlines()))
-    assert len(recs) >= 5 and all(r["image"] == cam.url and "frame" in r for r in recs)
+    assert len(recs) >= 5 and all(r["image"] == url and "frame" in r for r in recs)
     assert f"{len(recs)} records kept in {out}" in rest
+
+
+def test_sigterm_exits_143_and_keeps_finished_records(model, camera, tmp_path):
+    # as an image run (docs: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); the video route once said 130 for all three
+    code, rest, out, url = interrupt_live_run(model, camera, tmp_path, signal.SIGTERM)
+    assert code == 143, rest
+    recs = list(records(out.read_text().splitlines()))
+    assert len(recs) >= 5 and all(r["image"] == url and "frame" in r for r in recs)
+    assert "interrupted by SIGTERM after " in rest and f"{len(recs)} records kept in {out}" in rest
 
 
 # ------------------------------------------------------------------------------------ smoothing, memory
