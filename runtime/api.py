@@ -19,32 +19,25 @@ others go on, unless raise_errors=True (then an ImageError naming it).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from runtime.backends import Backend, BackendError, open_backend
 from runtime.contract import LabelSet, ModelContract
 from runtime.errors import ImageError, UsageError
-from runtime.fileio import OutputLock, OutputLocked
-from runtime.outputs import OutputError, exit_code, interrupted_by
 from runtime.pipeline import classify, iter_image_paths
 from runtime.preprocess import ImageDecodeError
-from runtime.provenance import header
 from runtime.report import decision_thresholds, error_record, prediction_rows, record, select
 from runtime.video_frames import (FrameClassifier, LiveStats, Smoother, frame_fields, no_frame_error, source_error,
                                   source_name, stream_batches)
 from runtime.video_sources import Selector
 
-if TYPE_CHECKING:
-    from runtime.infer import InferJob
 
 DEFAULT_BATCH_SIZE = 16         # probres-infer's --batch-size default
 
@@ -52,49 +45,6 @@ DEFAULT_BATCH_SIZE = 16         # probres-infer's --batch-size default
 def default_threads() -> int:
     """Decode/preprocess workers: every core, at most 8 (beyond that the engine is the bottleneck)."""
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-# ---------------------------------------------------------------------------------------------- probres-infer's steps
-# Shared by its image route (runtime.infer) and video route (runtime.video); here, not in runtime.infer,
-# because runtime.infer imports runtime.video.
-
-def lock_output(hold: contextlib.ExitStack, output: str | None) -> None:
-    """Hold --output's lock on `hold` for the run; OutputError (one line, exit 2) when another run writes it."""
-    try:
-        hold.enter_context(OutputLock(output))
-    except OutputLocked as e:
-        raise OutputError(f"--output {e}") from None
-
-
-def job_header(job: "InferJob") -> dict | None:
-    """The run's provenance header (the model and the rule); None when the model cannot be read (loading it says why)."""
-    try:
-        return header(job.engine, job.threshold, job.top_k)
-    except OSError:
-        return None
-
-
-def open_model(job: "InferJob", prog: str, load: Callable[..., Backend] = open_backend) -> Backend | int:
-    """The job's backend (`load`: runtime.backends.open_backend, or the caller's), or the exit code after
-    one stderr line (2: cannot load; 130/143/129: interrupted)."""
-    try:
-        return load(job.engine, device=job.device, threads=job.threads, **job.backend_options)
-    except BackendError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:                # loading can take minutes (--compile, a big plan)
-        print(f"{prog}: interrupted{interrupted_by(e)} while loading {job.engine}", file=sys.stderr)
-        return exit_code(e)
-
-
-def write_failed(e: OSError, output: str | None, prog: str) -> int:
-    """The exit code for an output that failed: 1, quietly, for a closed pipe (`probres-infer ... | head`),
-    else 2 after a 'cannot write' line (--output not writable, disk full)."""
-    if isinstance(e, BrokenPipeError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    print(f"{prog}: error: cannot write {output or 'stdout'}: {e.strerror or e}", file=sys.stderr)
-    return 2
 
 
 def check_threshold(threshold: Any) -> None:

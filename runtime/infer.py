@@ -37,9 +37,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from runtime.api import default_threads, job_header, lock_output, open_model, write_failed
+from runtime.api import default_threads
 from runtime.backends import DEVICES, BackendError, add_backend_args, backend_options, open_backend
-from runtime.cli import positive_int, probability, threshold_arg, top_k_arg  # noqa: F401  (eval, serve import them here)
+from runtime.cli import (job_header, lock_output, open_model, positive_int, probability,  # noqa: F401  (eval,
+                         threshold_arg, top_k_arg, write_failed)                      # serve import them here)
 from runtime.inputs import (DoneSet, InputError, check_list, find_in_list, iter_inputs, parse_shard, peek, read_done,
                             refuse_output, take_shard)
 from runtime.outputs import (OutputError, ResultFile, check_outputs, exit_code, interrupted_by, model_inputs,

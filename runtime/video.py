@@ -28,9 +28,9 @@ from contextlib import closing
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from runtime.api import default_threads, job_header, lock_output, open_model, write_failed
+from runtime.api import default_threads
 from runtime.backends import BackendError
-from runtime.cli import positive_int
+from runtime.cli import job_header, lock_output, open_model, positive_int, write_failed
 from runtime.inputs import InputError, peek
 from runtime.outputs import OutputError, ResultFile, check_outputs, exit_code, interrupted_by, model_inputs
 from runtime.pipeline import is_image_name, iter_image_paths
